@@ -1,0 +1,18 @@
+"""blockllm: train and finetune language models in far less memory with BlockLLM.
+
+Only a small, gradient-selected set of parameter tensors is trainable at a time, so gradients and
+Adam state exist only for it; the set is reselected when the loss stops improving.
+"""
+
+from blockllm.errors import BlockLLMError, NoMatchingParamsError, StateDictMismatchError
+from blockllm.optim import BlockLLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLLM",
+    "BlockLLMError",
+    "NoMatchingParamsError",
+    "StateDictMismatchError",
+    "__version__",
+]

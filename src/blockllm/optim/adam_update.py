@@ -1,0 +1,143 @@
+"""The Adam(W) update for the selected blocks, kept apart from any selection logic.
+
+The arithmetic is torch's own: :func:`torch.optim.adam.adam` with decoupled weight decay, the
+same kernels ``torch.optim.AdamW`` runs (fused, foreach or for-loop). BlockLLM only decides
+*which* tensors go in. Three kinds of entries are fed to it:
+
+* a whole tensor in fp32 (or any full-precision dtype): the parameter itself;
+* a whole low-precision tensor (bf16/fp16): its fp32 master copy, written back afterwards;
+* a partial tensor: a compact 1-D vector of its selected coordinates (gathered from the master
+  copy or the parameter), scattered back afterwards. Its moments are compact too, so a partly
+  selected embedding costs state for the selected coordinates only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.adam import adam
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def needs_master(param: torch.Tensor) -> bool:
+    return param.dtype in LOW_PRECISION
+
+
+def init_state(param: torch.Tensor, coordinates: torch.Tensor | None, fused: bool) -> dict[str, Any]:
+    """Fresh state for a block entering the selection: zero moments, step 0, fp32 master."""
+    with torch.no_grad():
+        if coordinates is None:
+            value = param.detach()
+        else:
+            value = param.detach().reshape(-1).index_select(0, coordinates)
+        master = needs_master(param)
+        work = value.float() if master else value
+        state: dict[str, Any] = {
+            # Same placement as torch.optim.AdamW so the bias corrections match bit for bit.
+            "step": torch.zeros((), dtype=torch.float32, device=param.device)
+            if fused
+            else torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(work, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(work, memory_format=torch.preserve_format),
+        }
+        if master:
+            state["master"] = work.clone(memory_format=torch.preserve_format)
+    return state
+
+
+@dataclass
+class UpdateBatch:
+    """Flat lists for one param group, in the shape :func:`torch.optim.adam.adam` takes."""
+
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    # (parameter, coordinates or None, updated tensor) to copy back after the kernel ran.
+    write_back: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=list
+    )
+
+    def add(self, param: torch.Tensor, coordinates: torch.Tensor | None, state: dict) -> None:
+        grad = param.grad
+        if grad.is_sparse:
+            raise RuntimeError("BlockLLM does not support sparse gradients (nn.Embedding(sparse=True))")
+        master = state.get("master")
+        if coordinates is None:
+            target = master if master is not None else param
+            if grad.dtype != target.dtype:
+                grad = grad.to(target.dtype)
+            if master is not None:
+                self.write_back.append((param, None, master))
+        else:
+            grad = grad.reshape(-1).index_select(0, coordinates)
+            if master is not None:
+                target = master
+                grad = grad.to(master.dtype)
+            else:
+                target = param.detach().reshape(-1).index_select(0, coordinates)
+            self.write_back.append((param, coordinates, target))
+        self.params.append(target)
+        self.grads.append(grad)
+        self.exp_avgs.append(state["exp_avg"])
+        self.exp_avg_sqs.append(state["exp_avg_sq"])
+        self.steps.append(state["step"])
+
+    def run(self, group: dict[str, Any]) -> None:
+        if not self.params:
+            return
+        beta1, beta2 = group["betas"]
+        fused, foreach = resolve_implementation(group, self.params)
+        adam(
+            self.params,
+            self.grads,
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            [],
+            self.steps,
+            foreach=foreach,
+            fused=fused,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+        with torch.no_grad():
+            for param, coordinates, updated in self.write_back:
+                if coordinates is None:
+                    param.copy_(updated)
+                else:
+                    scatter_coordinates(param, coordinates, updated)
+
+
+def scatter_coordinates(param: torch.Tensor, coordinates: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` into the flat ``coordinates`` of ``param`` in place."""
+    values = values.to(param.dtype)
+    if param.is_contiguous():
+        param.view(-1).index_copy_(0, coordinates, values)
+    else:
+        flat = param.detach().reshape(-1).clone()
+        flat.index_copy_(0, coordinates, values)
+        param.copy_(flat.view_as(param))
+
+
+def resolve_implementation(group: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[bool, bool]:
+    """Pick (fused, foreach) the way the group asks; ``None`` means the fastest safe choice.
+
+    torch.optim.AdamW defaults to the for-loop on CPU; we default to the fused kernel wherever it
+    exists (CPU and CUDA), since the optimizer step is pure overhead for our users.
+    """
+    fused, foreach = group.get("fused"), group.get("foreach")
+    if fused is None and foreach is None:
+        fused = all(t.device.type in _FUSED_DEVICES and t.is_floating_point() for t in tensors)
+        foreach = False
+    return bool(fused), bool(foreach)

@@ -1,0 +1,658 @@
+"""The BlockLLM optimizer: Adam(W) on a small, gradient-selected set of parameter tensors."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from blockllm.errors import BlockLLMError, StateDictMismatchError
+from blockllm.optim.adam_update import UpdateBatch, init_state, resolve_implementation
+from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
+from blockllm.optim.validation import budget_for, check_arguments
+from blockllm.selection.packing import Coordinates, make_packer
+from blockllm.selection.scoring import ScoringPass
+from blockllm.selection.triggers import make_trigger
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 1
+
+# Which BlockLLM currently drives the hooks of a parameter, by id(param). A parameter can only be
+# collected after every optimizer holding it is, so a live owner always refers to the same tensor.
+_HOOK_OWNERS: dict[int, weakref.ReferenceType] = {}
+
+
+def _remove_hooks(handles: dict[int, Any]) -> None:
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
+
+
+def _as_float(loss: Any) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"Invalid loss: expected a scalar, got a tensor of shape {tuple(loss.shape)}")
+        return float(loss.detach().item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"Invalid loss: expected a float or a scalar tensor, got {type(loss).__name__}")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    if not tensors:
+        return True
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_kind[(tensor.device, tensor.dtype)].append(tensor)
+    # One max-abs per tensor (inf-norm): NaN and inf both survive it, large finite values do not
+    # overflow the way a 2-norm could.
+    peaks = [
+        peak.float().to(tensors[0].device)
+        for group in by_kind.values()
+        for peak in torch._foreach_norm(group, math.inf)
+    ]
+    return bool(torch.isfinite(torch.stack(peaks)).all())
+
+
+class BlockLLM(Optimizer):
+    r"""Adam(W) on a gradient-selected subset of parameter tensors (BlockLLM, arXiv 2406.17296).
+
+    Each parameter tensor is a block. At any time only the selected blocks are trainable: they alone
+    get gradients (``requires_grad`` is switched off for the others, so autograd neither computes
+    nor stores their weight gradients) and they alone hold Adam moments. The selection is made
+    from real gradients and renewed when the loss stops improving::
+
+        k        = floor((1 - sparsity) * N)                 # N: coordinates of all candidates
+        score_l  = ||G_l||_2 / (1 + times l was selected)    # visit frequency spreads the choice
+        select   = whole tensors in score order while they fit into k; the budget left over goes
+                   to the largest-|G| coordinates of the best tensor that did not fit
+                   (selection="mask": the paper's |G| >= tau mask inside a score-ordered prefix)
+        update   = AdamW on the selected coordinates (torch's own kernels)
+        reselect = after >= patience observed losses, when loss_t >= mean(last patience losses)
+
+    Selection gradients come from the user's own backward: on a selection step every candidate is
+    trainable, and a post-accumulate-grad hook on each tensor records its norm and frees every
+    gradient the selection can no longer use, so a full-model gradient never exists. Blocks that
+    leave the selection lose their moments at once, blocks that enter start from zero moments,
+    blocks that stay keep theirs. bf16/fp16 blocks get fp32 master copies and fp32 moments, for the
+    selected coordinates only. With ``sparsity=0`` every block is always selected and the optimizer
+    is ``torch.optim.AdamW`` step for step.
+
+    Unlike BAdam (fixed block order, one layer at a time) the blocks are chosen by gradient and may
+    come from any layer; unlike the authors' code the budget is always used exactly, the loss
+    trigger fires on plateaus, and the whole selection state is checkpointed.
+
+    Args:
+        params: ``model.named_parameters()``, or param groups (dicts) whose ``"params"`` come with a
+            parallel ``"names"`` list. Names key the selection and checkpoints.
+        lr: learning rate (default: 1e-3).
+        betas: Adam coefficients (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: decoupled (AdamW) weight decay (default: 0.0).
+        sparsity: fraction of candidate coordinates that are *not* updated, in [0, 1) (default: 0.9).
+        patience: losses observed since the last selection before the trigger may fire; with
+            ``trigger="interval"``, the number of steps between selections (default: 100).
+        trigger: ``"loss"`` (the paper's plateau rule) or ``"interval"`` (default: ``"loss"``).
+        selection: ``"tensor"`` (whole tensors, remainder on the best leftover) or ``"mask"`` (the
+            paper's coordinate mask) (default: ``"tensor"``).
+        score: ``"grad_norm"``, or ``"random"`` for the ablation baseline (default: ``"grad_norm"``).
+        visit_penalty: divide scores by ``1 + times selected`` (default: True).
+        include: names that may be selected: a regex (fullmatch), or a list of exact names and
+            suffixes (``"lm_head.weight"``, ``".bias"``). Others are frozen. Default: all.
+        exclude: names never selected and frozen, same forms; exclusion wins over inclusion.
+        seed: seed of the generator behind ``score="random"`` (default: 0).
+        skip_nonfinite: skip a step whose loss or gradients are NaN/inf, leaving parameters and
+            state untouched; skips are counted in ``num_skipped_steps`` (default: True).
+        foreach: use torch's foreach Adam kernels (default: None, see ``fused``).
+        fused: use torch's fused Adam kernel; ``None`` with ``foreach=None`` picks fused on CPU and
+            CUDA (default: None).
+
+    Raises:
+        ValueError, TypeError: on any invalid argument, naming it and its value.
+        NoMatchingParamsError: an ``include``/``exclude`` pattern matches no parameter.
+
+    Example:
+        >>> opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9, patience=100)
+        >>> loss = model(**batch).loss
+        >>> loss.backward()
+        >>> opt.step(loss=loss)
+        >>> opt.zero_grad(set_to_none=True)
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        sparsity: float = 0.9,
+        patience: int = 100,
+        trigger: str = "loss",
+        selection: str = "tensor",
+        score: str = "grad_norm",
+        visit_penalty: bool = True,
+        include: Pattern = None,
+        exclude: Pattern = None,
+        seed: int = 0,
+        skip_nonfinite: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        check_arguments(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
+            patience=patience, trigger=trigger, selection=selection, score=score,
+            visit_penalty=visit_penalty, seed=seed, foreach=foreach, fused=fused,
+        )  # fmt: skip
+        groups, aliases = normalize_param_groups(params)
+        self._include = NameMatcher("include", include)
+        self._exclude = NameMatcher("exclude", exclude)
+        every_name = [name for group in groups for name in group["param_names"]]
+        every_name += [alias for names in aliases.values() for alias in names]
+        for matcher in (self._include, self._exclude):
+            if matcher.active:
+                matcher.check_all_used(every_name)
+
+        self.sparsity = float(sparsity)
+        self.patience = int(patience)
+        self.trigger = trigger
+        self.selection_rule = selection
+        self.score = score
+        self.visit_penalty = visit_penalty
+        self.skip_nonfinite = skip_nonfinite
+        self._aliases = aliases
+        self._candidates: list[torch.Tensor] = []
+        self._candidate_names: list[str] = []
+        self._candidate_index: dict[int, int] = {}
+        self._excluded_names: list[str] = []
+        self._visits: list[int] = []
+        self._selection: Coordinates = {}
+        self._scoring: ScoringPass | None = None
+        self._trigger = make_trigger(trigger, self.patience)
+        self._generator = torch.Generator().manual_seed(int(seed))
+        self._hook_handles: dict[int, Any] = {}
+        self._end_of_backward_queued = False
+        self._warned_no_loss = False
+        self._warned_skip = False
+        self._constructed = False
+        self.num_selections = 0
+        self.num_reselections = 0
+        self.num_skipped_steps = 0
+        self.num_steps = 0
+        self.selection_seconds = 0.0
+        self.peak_selection_grad_bytes = 0
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
+
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach,
+            fused=fused,
+        )  # fmt: skip
+        super().__init__(groups, defaults)
+        self._constructed = True
+        if not self._candidates:
+            raise ValueError(
+                "BlockLLM has no candidate tensors: every parameter is frozen or excluded "
+                f"(exclude={exclude!r}, include={include!r})"
+            )
+        self._refresh_budget()
+        logger.info(
+            "BlockLLM: %d candidate tensors, %d coordinates, budget k=%d (sparsity %.4g), "
+            "%d excluded and frozen",
+            len(self._candidates), self._total, self._budget, self.sparsity,
+            len(self._excluded_names),
+        )  # fmt: skip
+        self._start_selection()
+
+    # ------------------------------------------------------------------ public read-only views
+
+    @property
+    def budget(self) -> int:
+        """k: the most coordinates that may change in one step."""
+        return self._budget
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self._candidates)
+
+    @property
+    def candidate_names(self) -> list[str]:
+        return list(self._candidate_names)
+
+    @property
+    def selected(self) -> list[str]:
+        """Names of the tensors selected now (in candidate order)."""
+        return [self._candidate_names[index] for index in sorted(self._selection)]
+
+    @property
+    def num_selected(self) -> int:
+        """Coordinates that may change at the next step (never more than ``budget``)."""
+        return sum(
+            self._candidates[index].numel() if coordinates is None else coordinates.numel()
+            for index, coordinates in self._selection.items()
+        )
+
+    @property
+    def visit_counts(self) -> dict[str, int]:
+        return dict(zip(self._candidate_names, self._visits))
+
+    @property
+    def selection_pending(self) -> bool:
+        """True when the next backward is a selection step (every candidate takes part)."""
+        return self._scoring is not None
+
+    def coordinates(self, name: str) -> torch.Tensor | None:
+        """Flat indices of the selected coordinates of ``name``; ``None`` when it is whole."""
+        index = self._candidate_names.index(name)
+        if index not in self._selection:
+            raise KeyError(f"{name!r} is not selected now")
+        return self._selection[index]
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held now, by category, counted from the tensors that exist.
+
+        ``params``: every parameter in the param groups; ``grads``: their ``.grad`` tensors;
+        ``optimizer_state``: Adam moments, step counters and coordinate lists; ``master_weights``:
+        fp32 copies of low-precision blocks.
+        """
+        report = {"params": 0, "grads": 0, "optimizer_state": 0, "master_weights": 0}
+        for group in self.param_groups:
+            for param in group["params"]:
+                report["params"] += param.numel() * param.element_size()
+                if param.grad is not None:
+                    report["grads"] += param.grad.numel() * param.grad.element_size()
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    category = "master_weights" if key == "master" else "optimizer_state"
+                    report[category] += value.numel() * value.element_size()
+        for coordinates in self._selection.values():
+            if coordinates is not None:
+                report["optimizer_state"] += coordinates.numel() * coordinates.element_size()
+        return report
+
+    # ------------------------------------------------------------------ param groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a named param group. New tensors compete at the next step's selection."""
+        group, aliases = normalize_group(param_group)
+        self._aliases.update(aliases)
+        super().add_param_group(group)
+        self._register_candidates(group)
+        if self._constructed:
+            self._refresh_budget()
+            self._start_selection()
+
+    def _register_candidates(self, group: dict[str, Any]) -> None:
+        for name, param in zip(group["param_names"], group["params"]):
+            if not param.requires_grad:
+                continue  # frozen by the user: never a candidate, never touched
+            names = [name, *self._aliases.get(name, [])]
+            excluded = self._exclude.matches(names)
+            if self._include.active and not self._include.matches(names):
+                excluded = True
+            if excluded:
+                param.requires_grad_(False)
+                self._excluded_names.append(name)
+                continue
+            index = len(self._candidates)
+            self._candidates.append(param)
+            self._candidate_names.append(name)
+            self._candidate_index[id(param)] = index
+            self._visits.append(0)
+            self._claim_hook(param, index)
+
+    def _claim_hook(self, param: torch.Tensor, index: int) -> None:
+        previous = _HOOK_OWNERS.get(id(param))
+        owner = previous() if previous is not None else None
+        if owner is not None and owner is not self:
+            owner._release_hook(param)
+            logger.warning(
+                "a newer BlockLLM now drives parameter %s; the older optimizer no longer selects it",
+                self._candidate_names[index],
+            )
+        _HOOK_OWNERS[id(param)] = weakref.ref(self)
+        owner_ref = weakref.ref(self)
+
+        def on_grad_accumulated(tensor: torch.Tensor, _index: int = index) -> None:
+            optimizer = owner_ref()
+            if optimizer is not None:
+                optimizer._on_grad_ready(_index, tensor)
+
+        self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(
+            on_grad_accumulated
+        )
+
+    def _release_hook(self, param: torch.Tensor) -> None:
+        handle = self._hook_handles.pop(id(param), None)
+        if handle is not None:
+            handle.remove()
+
+    def _refresh_budget(self) -> None:
+        self._total = sum(param.numel() for param in self._candidates)
+        self._budget = budget_for(self.sparsity, self._total)
+        if self._budget < 1:
+            raise ValueError(
+                f"Invalid sparsity: {self.sparsity} leaves a budget of 0 of {self._total} "
+                "coordinates; lower the sparsity"
+            )
+        sizes = [param.numel() for param in self._candidates]
+        self._packer = make_packer(self.selection_rule, sizes, self._budget)
+
+    @property
+    def _selects_everything(self) -> bool:
+        return self._budget >= self._total
+
+    def _start_selection(self) -> None:
+        """Make every candidate trainable so the next backward scores them all."""
+        if self._selects_everything:
+            # sparsity 0: every block is selected for good, exactly AdamW.
+            for index, param in enumerate(self._candidates):
+                if index not in self._selection:
+                    self._selection[index] = None
+                    param.requires_grad_(True)
+            self._scoring = None
+            return
+        self._scoring = ScoringPass(self._candidates, self._packer, self._score_block)
+        for param in self._candidates:
+            param.requires_grad_(True)
+
+    # ------------------------------------------------------------------ selection from hooks
+
+    def _score_block(self, index: int, grad: torch.Tensor) -> float:
+        if self.score == "random":
+            value = float(torch.rand((), generator=self._generator))
+        else:
+            value = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        if self.visit_penalty:
+            value /= 1 + self._visits[index]
+        return value
+
+    def _on_grad_ready(self, index: int, param: torch.Tensor) -> None:
+        scoring = self._scoring
+        if scoring is None:
+            return
+        if not scoring.finished and not self._end_of_backward_queued:
+            try:
+                # Fix the selection when this backward ends, so later micro-batches of a
+                # gradient-accumulation step run with the non-selected blocks frozen.
+                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+                self._end_of_backward_queued = True
+            except RuntimeError:
+                pass  # not inside the autograd engine; step() finishes the selection instead
+        started = time.perf_counter()
+        scoring.observe(index, param)
+        self.selection_seconds += time.perf_counter() - started
+
+    def _on_backward_end(self) -> None:
+        self._end_of_backward_queued = False
+        scoring = self._scoring
+        if scoring is not None and scoring.started and not scoring.finished:
+            started = time.perf_counter()
+            scoring.finish()
+            self.selection_seconds += time.perf_counter() - started
+
+    def _commit(self, chosen: Coordinates) -> None:
+        """Make ``chosen`` the selection: free leaving blocks' state, keep staying blocks'."""
+        for index, coordinates in self._selection.items():
+            stays = index in chosen and _same_coordinates(coordinates, chosen[index])
+            if not stays:
+                self.state.pop(self._candidates[index], None)
+        for index, param in enumerate(self._candidates):
+            if index in chosen:
+                param.requires_grad_(True)
+                self._visits[index] += 1
+            else:
+                param.grad = None
+                param.requires_grad_(False)
+        self._selection = dict(chosen)
+        self.num_selections += 1
+        if self.num_selections > 1:
+            self.num_reselections += 1
+        logger.info(
+            "BlockLLM selection %d at step %d: %d tensors, %d of %d coordinates",
+            self.num_selections, self.num_steps, len(chosen), self.num_selected, self._budget,
+        )  # fmt: skip
+        logger.debug("selected: %s", self.selected)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """Update the selected blocks, observe the loss, and maybe schedule a reselection.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for torch.optim).
+            loss: this step's loss (tensor or float), when no closure is used. The loss trigger
+                needs one of the two.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+            if loss is None:
+                loss = closure_loss
+        observed = None if loss is None else _as_float(loss)
+        if observed is None and self._trigger.needs_loss and not self._warned_no_loss:
+            self._warned_no_loss = True
+            logger.warning(
+                "BlockLLM.step() got no loss: the loss trigger never reselects. Pass "
+                "step(loss=loss) or step(closure), or use trigger='interval'."
+            )
+
+        scoring = self._scoring
+        chosen: Coordinates | None = None
+        if scoring is not None and scoring.started:
+            started = time.perf_counter()
+            chosen = scoring.finish()
+            self.selection_seconds += time.perf_counter() - started
+            self.peak_selection_grad_bytes = max(
+                self.peak_selection_grad_bytes, scoring.peak_held_bytes
+            )
+        selection = chosen if chosen is not None else self._selection
+
+        if self.skip_nonfinite and not self._is_finite(observed, scoring, selection):
+            self._skip_step(discard_selection=chosen is not None)
+            return closure_loss
+
+        if chosen is not None:
+            self._scoring = None
+            self._commit(chosen)
+        self._update()
+        self.num_steps += 1
+        if not self._selects_everything and self._scoring is None:
+            if self._trigger.observe(observed):
+                self._trigger.reset()
+                self._start_selection()
+        return closure_loss
+
+    def _is_finite(
+        self, observed: float | None, scoring: ScoringPass | None, selection: Coordinates
+    ) -> bool:
+        if observed is not None and not math.isfinite(observed):
+            return False
+        if scoring is not None and scoring.saw_nonfinite:
+            return False
+        grads = [
+            self._candidates[index].grad
+            for index in selection
+            if self._candidates[index].grad is not None
+        ]
+        return _all_finite(grads)
+
+    def _skip_step(self, discard_selection: bool) -> None:
+        self.num_skipped_steps += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            logger.warning(
+                "BlockLLM skipped step %d: non-finite loss or gradient; parameters and optimizer "
+                "state are untouched. Later skips are only counted (num_skipped_steps).",
+                self.num_steps,
+            )
+        else:
+            logger.debug("BlockLLM skipped step %d (non-finite)", self.num_steps)
+        if discard_selection:
+            # The scores came from the same bad gradients: keep the old selection and score
+            # again on the next backward.
+            self._start_selection()
+
+    def _update(self) -> None:
+        for group in self.param_groups:
+            batch = UpdateBatch()
+            for param in group["params"]:
+                index = self._candidate_index.get(id(param))
+                if index is None or index not in self._selection or param.grad is None:
+                    continue
+                coordinates = self._selection[index]
+                state = self.state[param]
+                if not state:
+                    fused, _ = resolve_implementation(group, [param])
+                    state.update(init_state(param, coordinates, fused))
+                batch.add(param, coordinates, state)
+            batch.run(group)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus a ``"blockllm"`` section with the selection state.
+
+        Everything is a tensor or a plain Python value, so ``torch.load(weights_only=True)`` reads it.
+        """
+        state_dict = super().state_dict()
+        names = self._candidate_names
+        state_dict["blockllm"] = {
+            "format_version": STATE_FORMAT_VERSION,
+            "candidates": list(names),
+            "numels": [param.numel() for param in self._candidates],
+            "sparsity": self.sparsity,
+            "budget": self._budget,
+            "selection_rule": self.selection_rule,
+            "selected": [names[index] for index in sorted(self._selection)],
+            "coordinates": {
+                names[index]: coordinates.detach().cpu().clone()
+                for index, coordinates in self._selection.items()
+                if coordinates is not None
+            },
+            "visits": list(self._visits),
+            "trigger": self._trigger.state_dict(),
+            "selection_pending": self._scoring is not None,
+            "num_selections": self.num_selections,
+            "num_reselections": self.num_reselections,
+            "num_skipped_steps": self.num_skipped_steps,
+            "num_steps": self.num_steps,
+            "selection_seconds": self.selection_seconds,
+            "generator_state": self._generator.get_state(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, selection included, so training continues bit for bit.
+
+        Raises:
+            StateDictMismatchError: the state_dict was not saved by BlockLLM, by an unknown format
+                version, or for a model with different candidate tensors.
+        """
+        section = state_dict.get("blockllm") if isinstance(state_dict, dict) else None
+        if section is None:
+            raise StateDictMismatchError(
+                "Invalid state_dict: it has no 'blockllm' section, so it was not saved by BlockLLM"
+            )
+        version = section.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise StateDictMismatchError(
+                f"Invalid state_dict: format_version {version!r} cannot be read by this blockllm "
+                f"(it reads format_version {STATE_FORMAT_VERSION})"
+            )
+        self._check_same_model(section)
+
+        saved_state = state_dict["state"]
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
+        # torch casts floating state to the parameter's dtype, which would turn the fp32 moments
+        # and master copies of bf16 blocks into bf16. Restore exact copies instead.
+        params = [param for group in self.param_groups for param in group["params"]]
+        self.state = defaultdict(dict)
+        for key, saved in saved_state.items():
+            param = params[int(key)]
+            self.state[param] = {
+                name: _restore_tensor(name, value, param) for name, value in saved.items()
+            }
+
+        index_of = {name: index for index, name in enumerate(self._candidate_names)}
+        coordinates = section["coordinates"]
+        self._selection = {}
+        for name in section["selected"]:
+            index = index_of[name]
+            saved_coordinates = coordinates.get(name)
+            self._selection[index] = (
+                None
+                if saved_coordinates is None
+                else saved_coordinates.to(self._candidates[index].device).clone()
+            )
+        self._visits = [int(v) for v in section["visits"]]
+        self._trigger.load_state_dict(section["trigger"])
+        self.num_selections = int(section["num_selections"])
+        self.num_reselections = int(section["num_reselections"])
+        self.num_skipped_steps = int(section["num_skipped_steps"])
+        self.num_steps = int(section["num_steps"])
+        self.selection_seconds = float(section["selection_seconds"])
+        self._generator.set_state(section["generator_state"])
+        self._scoring = None
+        for index, param in enumerate(self._candidates):
+            param.requires_grad_(index in self._selection)
+            if index not in self._selection:
+                param.grad = None
+        if section["selection_pending"]:
+            self._start_selection()
+
+    def _check_same_model(self, section: dict[str, Any]) -> None:
+        saved = list(section["candidates"])
+        if saved != self._candidate_names:
+            missing = [n for n in self._candidate_names if n not in set(saved)]
+            unexpected = [n for n in saved if n not in set(self._candidate_names)]
+            detail = f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            if not missing and not unexpected:
+                detail = "same names in a different order"
+            raise StateDictMismatchError(
+                f"Invalid state_dict: it is from a different model ({detail})"
+            )
+        for name, saved_numel, param in zip(saved, section["numels"], self._candidates):
+            if int(saved_numel) != param.numel():
+                raise StateDictMismatchError(
+                    f"Invalid state_dict: it is from a different model ({name!r} has "
+                    f"{saved_numel} elements there, {param.numel()} here)"
+                )
+        if section["budget"] != self._budget:
+            raise StateDictMismatchError(
+                f"Invalid state_dict: it was saved with budget {section['budget']} "
+                f"(sparsity {section['sparsity']}), this optimizer has {self._budget} "
+                f"(sparsity {self.sparsity})"
+            )
+
+
+def _same_coordinates(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
+    if old is None or new is None:
+        return old is None and new is None
+    return old.shape == new.shape and bool(torch.equal(old, new))
+
+
+def _restore_tensor(key: str, value: Any, param: torch.Tensor) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return copy.deepcopy(value)
+    if key == "step":
+        return value.clone()
+    return value.to(device=param.device).clone()
+
+
+__all__ = ["BlockLLM", "BlockLLMError"]

@@ -1,0 +1,147 @@
+"""Budget packing: which blocks (and which of their coordinates) fit a budget of k coordinates.
+
+Two packers share one interface so the optimizer can stream gradients through either:
+
+* :class:`WholeTensorPacker` (our default, ``selection="tensor"``): whole tensors enter in score
+  order while they fit; the budget left over goes to the largest-|G| coordinates of the
+  best-scoring tensor that did not fit. A model whose every tensor is larger than k still trains,
+  and no budget is wasted.
+* :class:`PaperMaskPacker` (``selection="mask"``): the paper's variant. Tensors enter in score order
+  until together they hold at least k coordinates; inside them only coordinates with
+  ``|G| >= tau`` are updated, ``tau`` chosen so that exactly k are.
+
+Both plans are *monotone*: a tensor that is outside the plan built from some of the scores stays
+outside once more scores arrive. Higher-scoring arrivals only shrink the budget left for it;
+lower-scoring ones do not touch it. That is what lets the optimizer free a gradient as soon as
+the plan excludes it, so no full-model gradient ever exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A tentative selection built from the scores seen so far.
+
+    Attributes:
+        whole: candidate indices taken whole.
+        partial: candidate indices that receive only some coordinates.
+        remainder: coordinates to hand out inside ``partial``.
+    """
+
+    whole: tuple[int, ...]
+    partial: tuple[int, ...]
+    remainder: int
+
+    @property
+    def members(self) -> frozenset[int]:
+        return frozenset(self.whole) | frozenset(self.partial)
+
+
+Coordinates = dict[int, torch.Tensor | None]
+"""Candidate index -> sorted flat int64 coordinates, or ``None`` for the whole tensor."""
+
+
+class BudgetPacker(Protocol):
+    def plan(self, scores: dict[int, float]) -> Plan: ...
+
+    def coordinates(self, plan: Plan, grads: dict[int, torch.Tensor]) -> Coordinates: ...
+
+
+def _ranked(scores: dict[int, float]) -> list[int]:
+    # Ties are broken by candidate position so every rank and every rerun agrees.
+    return sorted(scores, key=lambda index: (-scores[index], index))
+
+
+def _top_coordinates(grad: torch.Tensor, count: int) -> torch.Tensor:
+    magnitude = grad.detach().reshape(-1).abs()
+    chosen = torch.topk(magnitude, count, sorted=False).indices
+    return chosen.sort().values
+
+
+class WholeTensorPacker:
+    """Whole tensors in score order while they fit; the remainder on the best one that did not."""
+
+    def __init__(self, sizes: list[int], budget: int) -> None:
+        self.sizes = sizes
+        self.budget = budget
+
+    def plan(self, scores: dict[int, float]) -> Plan:
+        left = self.budget
+        whole: list[int] = []
+        best_skipped: int | None = None
+        for index in _ranked(scores):
+            size = self.sizes[index]
+            if size == 0:
+                continue
+            if size <= left:
+                whole.append(index)
+                left -= size
+            elif best_skipped is None:
+                best_skipped = index
+        # The best skipped tensor stays in the plan even when nothing is left for it: a later,
+        # higher-scoring arrival can push a whole tensor out and free budget for it again.
+        partial = (best_skipped,) if best_skipped is not None else ()
+        return Plan(tuple(whole), partial, left)
+
+    def coordinates(self, plan: Plan, grads: dict[int, torch.Tensor]) -> Coordinates:
+        chosen: Coordinates = {index: None for index in plan.whole}
+        for index in plan.partial:
+            grad = grads.get(index)
+            if grad is not None and plan.remainder > 0:
+                chosen[index] = _top_coordinates(grad, plan.remainder)
+        return chosen
+
+
+class PaperMaskPacker:
+    """The paper's rule: a score-ordered prefix covering k, then a magnitude threshold inside it."""
+
+    def __init__(self, sizes: list[int], budget: int) -> None:
+        self.sizes = sizes
+        self.budget = budget
+
+    def plan(self, scores: dict[int, float]) -> Plan:
+        prefix: list[int] = []
+        covered = 0
+        for index in _ranked(scores):
+            if covered >= self.budget:
+                break
+            if self.sizes[index] == 0:
+                continue
+            prefix.append(index)
+            covered += self.sizes[index]
+        if covered <= self.budget:
+            return Plan(tuple(prefix), (), 0)
+        return Plan((), tuple(prefix), self.budget)
+
+    def coordinates(self, plan: Plan, grads: dict[int, torch.Tensor]) -> Coordinates:
+        chosen: Coordinates = {index: None for index in plan.whole}
+        present = [index for index in plan.partial if grads.get(index) is not None]
+        if not present:
+            return chosen
+        flat = torch.cat([grads[index].detach().reshape(-1).abs().float() for index in present])
+        count = min(plan.remainder, flat.numel())
+        # Exactly `count` coordinates: tau is the count-th largest |G|; topk breaks ties for us.
+        top = torch.topk(flat, count, sorted=False).indices.sort().values
+        start = 0
+        for index in present:
+            stop = start + self.sizes[index]
+            lo, hi = torch.searchsorted(top, torch.tensor([start, stop], device=top.device)).tolist()
+            local = top[lo:hi] - start
+            if local.numel() == self.sizes[index]:
+                chosen[index] = None
+            elif local.numel() > 0:
+                chosen[index] = local
+            start = stop
+        return chosen
+
+
+def make_packer(selection: str, sizes: list[int], budget: int) -> BudgetPacker:
+    if selection == "tensor":
+        return WholeTensorPacker(sizes, budget)
+    return PaperMaskPacker(sizes, budget)

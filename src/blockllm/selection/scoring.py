@@ -1,0 +1,94 @@
+"""One selection in progress, fed by per-tensor gradient hooks during a backward pass.
+
+Every candidate takes part in the backward of a selection step. As each tensor's gradient is
+accumulated, :meth:`ScoringPass.observe` scores it and rebuilds the tentative plan; gradients
+that the plan can no longer use are freed on the spot. So at any moment only the plan's own
+gradients (about k coordinates, plus the one tensor autograd is producing) are held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from blockllm.selection.packing import BudgetPacker, Coordinates, Plan
+
+ScoreFn = Callable[[int, torch.Tensor], float]
+
+
+class ScoringPass:
+    """Streams candidate gradients into a selection.
+
+    Args:
+        params: the candidate tensors, by candidate index.
+        packer: turns scores into a plan and a plan into coordinates.
+        score_fn: ``(candidate index, gradient) -> score``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], packer: BudgetPacker, score_fn: ScoreFn):
+        self.params = params
+        self.packer = packer
+        self.score_fn = score_fn
+        self.scores: dict[int, float] = {}
+        self.plan = Plan((), (), 0)
+        self.chosen: Coordinates | None = None
+        self.saw_nonfinite = False
+        self.peak_held_bytes = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self.scores)
+
+    @property
+    def finished(self) -> bool:
+        return self.chosen is not None
+
+    def observe(self, index: int, param: torch.Tensor) -> None:
+        """Score one candidate whose gradient has just been accumulated."""
+        if self.chosen is not None:
+            # A later micro-batch of the same step: only the chosen tensors may keep gradients.
+            if index not in self.chosen:
+                param.grad = None
+            return
+        if index in self.scores or param.grad is None:
+            if index not in self.plan.members:
+                param.grad = None
+            return
+        score = float(self.score_fn(index, param.grad))
+        if not math.isfinite(score):
+            # The step will be skipped; rank the tensor last so the plan stays well defined.
+            self.saw_nonfinite = True
+            score = -math.inf
+        self.scores[index] = score
+        previous = self.plan.members
+        self.plan = self.packer.plan(self.scores)
+        members = self.plan.members
+        for dropped in previous - members:
+            self.params[dropped].grad = None
+        if index not in members:
+            param.grad = None
+        held = sum(
+            self.params[i].grad.numel() * self.params[i].grad.element_size()
+            for i in members
+            if self.params[i].grad is not None
+        )
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
+
+    def finish(self) -> Coordinates:
+        """Fix the selection and freeze every candidate outside it."""
+        if self.chosen is not None:
+            return self.chosen
+        grads = {
+            index: self.params[index].grad
+            for index in self.plan.partial
+            if self.params[index].grad is not None
+        }
+        chosen = self.packer.coordinates(self.plan, grads)
+        self.chosen = {i: c for i, c in chosen.items() if self.params[i].grad is not None}
+        for index, param in enumerate(self.params):
+            if index not in self.chosen:
+                param.grad = None
+                param.requires_grad_(False)
+        return self.chosen
