@@ -182,6 +182,7 @@ class BlockLLM(Optimizer):
         self._generator = torch.Generator().manual_seed(int(seed))
         self._hook_handles: dict[int, Any] = {}
         self._end_of_backward_queued = False
+        self._recorded_losses: list[float] = []
         self._warned_no_loss = False
         self._warned_skip = False
         self._constructed = False
@@ -249,6 +250,19 @@ class BlockLLM(Optimizer):
     def selection_pending(self) -> bool:
         """True when the next backward is a selection step (every candidate takes part)."""
         return self._scoring is not None
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Selected coordinates over all candidate coordinates."""
+        return self.num_selected / self._total
+
+    def record_loss(self, loss: Any) -> None:
+        """Note a (micro-batch) loss for the next :meth:`step` that is called without one.
+
+        For training loops that call ``step()`` themselves (Hugging Face Trainer, accelerate): the
+        mean of the losses recorded since the last step feeds the reselection trigger.
+        """
+        self._recorded_losses.append(_as_float(loss))
 
     def coordinates(self, name: str) -> torch.Tensor | None:
         """Flat indices of the selected coordinates of ``name``; ``None`` when it is whole."""
@@ -444,6 +458,9 @@ class BlockLLM(Optimizer):
                 closure_loss = closure()
             if loss is None:
                 loss = closure_loss
+        if loss is None and self._recorded_losses:
+            loss = math.fsum(self._recorded_losses) / len(self._recorded_losses)
+        self._recorded_losses.clear()
         observed = None if loss is None else _as_float(loss)
         if observed is None and self._trigger.needs_loss and not self._warned_no_loss:
             self._warned_no_loss = True
