@@ -185,6 +185,7 @@ class BlockLLM(Optimizer):
         self._recorded_losses: list[float] = []
         self._warned_no_loss = False
         self._warned_skip = False
+        self._warned_taken_over = False
         self._constructed = False
         self.num_selections = 0
         self.num_reselections = 0
@@ -330,10 +331,13 @@ class BlockLLM(Optimizer):
         owner = previous() if previous is not None else None
         if owner is not None and owner is not self:
             owner._release_hook(param)
-            logger.warning(
-                "a newer BlockLLM now drives parameter %s; the older optimizer no longer selects it",
-                self._candidate_names[index],
-            )
+            if not owner._warned_taken_over:
+                owner._warned_taken_over = True
+                logger.warning(
+                    "a newer BlockLLM now drives parameters of an older one (first: %s); the "
+                    "older optimizer no longer selects them",
+                    self._candidate_names[index],
+                )
         _HOOK_OWNERS[id(param)] = weakref.ref(self)
         owner_ref = weakref.ref(self)
 
@@ -395,7 +399,7 @@ class BlockLLM(Optimizer):
         scoring = self._scoring
         if scoring is None:
             return
-        if not scoring.finished and not self._end_of_backward_queued:
+        if not scoring.closed and not self._end_of_backward_queued:
             try:
                 # Fix the selection when this backward ends, so later micro-batches of a
                 # gradient-accumulation step run with the non-selected blocks frozen.
@@ -410,9 +414,9 @@ class BlockLLM(Optimizer):
     def _on_backward_end(self) -> None:
         self._end_of_backward_queued = False
         scoring = self._scoring
-        if scoring is not None and scoring.started and not scoring.finished:
+        if scoring is not None and scoring.started and not scoring.closed:
             started = time.perf_counter()
-            scoring.finish()
+            scoring.close()
             self.selection_seconds += time.perf_counter() - started
 
     def _commit(self, chosen: Coordinates) -> None:
@@ -462,7 +466,12 @@ class BlockLLM(Optimizer):
             loss = math.fsum(self._recorded_losses) / len(self._recorded_losses)
         self._recorded_losses.clear()
         observed = None if loss is None else _as_float(loss)
-        if observed is None and self._trigger.needs_loss and not self._warned_no_loss:
+        if (
+            observed is None
+            and self._trigger.needs_loss
+            and not self._selects_everything
+            and not self._warned_no_loss
+        ):
             self._warned_no_loss = True
             logger.warning(
                 "BlockLLM.step() got no loss: the loss trigger never reselects. Pass "

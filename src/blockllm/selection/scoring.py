@@ -4,6 +4,10 @@ Every candidate takes part in the backward of a selection step. As each tensor's
 accumulated, :meth:`ScoringPass.observe` scores it and rebuilds the tentative plan; gradients
 that the plan can no longer use are freed on the spot. So at any moment only the plan's own
 gradients (about k coordinates, plus the one tensor autograd is producing) are held.
+
+Under gradient accumulation the ranking comes from the first backward of the selection step (the
+scores cannot wait for later micro-batches without holding every gradient); the coordinates of a
+partly selected tensor and the update itself use the step's whole accumulated gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class ScoringPass:
         self.score_fn = score_fn
         self.scores: dict[int, float] = {}
         self.plan = Plan((), (), 0)
+        self.closed = False
         self.chosen: Coordinates | None = None
         self.saw_nonfinite = False
         self.peak_held_bytes = 0
@@ -47,12 +52,9 @@ class ScoringPass:
 
     def observe(self, index: int, param: torch.Tensor) -> None:
         """Score one candidate whose gradient has just been accumulated."""
-        if self.chosen is not None:
-            # A later micro-batch of the same step: only the chosen tensors may keep gradients.
-            if index not in self.chosen:
-                param.grad = None
-            return
-        if index in self.scores or param.grad is None:
+        if self.closed or index in self.scores or param.grad is None:
+            # A later micro-batch of the same step: the plan's tensors keep accumulating (the
+            # coordinates and the update use the whole step's gradient), the rest are dropped.
             if index not in self.plan.members:
                 param.grad = None
             return
@@ -76,10 +78,21 @@ class ScoringPass:
         )
         self.peak_held_bytes = max(self.peak_held_bytes, held)
 
+    def close(self) -> None:
+        """End of the first backward: the ranking is fixed; freeze what the plan cannot use.
+
+        Later micro-batches of a gradient-accumulation step then skip the frozen tensors.
+        """
+        if self.closed or not self.started:
+            return
+        self.closed = True
+        self._freeze_all_but(self.plan.members)
+
     def finish(self) -> Coordinates:
-        """Fix the selection and freeze every candidate outside it."""
+        """Fix the selection from the step's (accumulated) gradients and freeze the rest."""
         if self.chosen is not None:
             return self.chosen
+        self.close()
         grads = {
             index: self.params[index].grad
             for index in self.plan.partial
@@ -87,8 +100,11 @@ class ScoringPass:
         }
         chosen = self.packer.coordinates(self.plan, grads)
         self.chosen = {i: c for i, c in chosen.items() if self.params[i].grad is not None}
+        self._freeze_all_but(self.chosen)
+        return self.chosen
+
+    def _freeze_all_but(self, keep) -> None:
         for index, param in enumerate(self.params):
-            if index not in self.chosen:
+            if index not in keep:
                 param.grad = None
                 param.requires_grad_(False)
-        return self.chosen

@@ -1,0 +1,45 @@
+"""Errors of the training loop that mean "the user's input is wrong", not "the code is wrong".
+
+The CLI turns each of them into one line on stderr and exit code 2. They also derive from the
+builtin they specialise, so ``except ValueError`` keeps working for callers of the library.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from blockllm.errors import BlockLLMError
+
+
+class ConfigError(BlockLLMError, ValueError):
+    """A run configuration holds an unknown name or an out-of-range value."""
+
+
+class RunDirError(BlockLLMError, RuntimeError):
+    """The output directory cannot take this run without losing or mixing files."""
+
+
+class CheckpointError(BlockLLMError, RuntimeError):
+    """A checkpoint is missing, unreadable, or was saved by a different run."""
+
+
+class TrainingInterrupted(BlockLLMError, RuntimeError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved.
+
+    Attributes:
+        signal_number: The signal that stopped the run.
+        step: The last completed step (the checkpoint's step).
+        checkpoint: Path of the checkpoint written on the way out.
+    """
+
+    def __init__(self, signal_number: int, step: int, checkpoint: str) -> None:
+        self.signal_number = signal_number
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__(
+            f"interrupted by {signal.Signals(signal_number).name} after step {step}; checkpoint saved to "
+            f"{checkpoint}; continue with --resume"
+        )
+
+
+__all__ = ["CheckpointError", "ConfigError", "RunDirError", "TrainingInterrupted"]

@@ -1,0 +1,142 @@
+"""Adam state lifecycle, checkpoints and resume equivalence."""
+
+import io
+
+import pytest
+import torch
+
+from blockllm import BlockLLM, StateDictMismatchError
+from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot, train_steps
+
+
+def one_step(model, opt, batch, loss_value=None):
+    opt.zero_grad(set_to_none=True)
+    loss = loss_of(model, batch)
+    loss.backward()
+    opt.step(loss=loss if loss_value is None else loss_value)
+    return loss
+
+
+def test_state_exists_only_for_selected_tensors_and_follows_the_selection():
+    model = TinyNet(width=24, depth=4)
+    opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.85, trigger="interval", patience=3)
+    params = dict(model.named_parameters())
+    batches = make_batches(30)
+    previous_selected: set[str] = set()
+    for batch in batches:
+        reselecting = opt.selection_pending
+        one_step(model, opt, batch)
+        selected = set(opt.selected)
+        with_state = {n for n, p in params.items() if opt.state.get(p)}
+        assert with_state == selected  # leaving tensors lost their state at once
+        for name in selected - previous_selected:
+            assert reselecting
+            assert opt.state[params[name]]["step"].item() == 1  # entering: fresh zero moments
+        previous_selected = selected
+    assert opt.num_reselections >= 8
+
+
+def test_staying_tensor_keeps_moments_across_a_reselection():
+    model = TinyNet(width=16)
+    # score by random draws but with sparsity low enough that the same big tensors stay
+    opt = BlockLLM(model.named_parameters(), sparsity=0.05, trigger="interval", patience=2)
+    batches = make_batches(6)
+    for batch in batches[:2]:
+        one_step(model, opt, batch)
+    params = dict(model.named_parameters())
+    steps_before = {n: opt.state[params[n]]["step"].item() for n in opt.selected}
+    one_step(model, opt, batches[2])  # the reselection step
+    assert opt.num_reselections == 1
+    kept = [n for n in opt.selected if n in steps_before and opt.coordinates(n) is None]
+    assert kept
+    for name in kept:
+        assert opt.state[params[name]]["step"].item() == steps_before[name] + 1
+
+
+def save_load(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("selection", ["tensor", "mask"])
+@pytest.mark.parametrize("trigger", ["loss", "interval"])
+def test_resume_is_bit_for_bit_across_a_reselection(selection, trigger):
+    torch.manual_seed(0)
+    model = TinyNet(width=24)
+    kwargs = dict(lr=1e-2, weight_decay=0.01, sparsity=0.9, patience=4, trigger=trigger,
+                  selection=selection, score="grad_norm")  # fmt: skip
+    opt = BlockLLM(model.named_parameters(), **kwargs)
+    batches = make_batches(40)
+    losses = [10.0 - 0.01 * i for i in range(6)] + [5.0] * 34  # the loss trigger fires too
+    for batch, value in zip(batches[:7], losses[:7]):
+        one_step(model, opt, batch, value)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = save_load(opt.state_dict())
+
+    clone = TinyNet(width=24)
+    clone.load_state_dict(saved_model)
+    resumed = BlockLLM(clone.named_parameters(), **kwargs)
+    resumed.load_state_dict(saved_opt)
+    assert resumed.selected == opt.selected
+    assert resumed.selection_pending == opt.selection_pending
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        assert a.requires_grad == b.requires_grad, name
+
+    for batch, value in zip(batches[7:], losses[7:]):
+        one_step(model, opt, batch, value)
+        one_step(clone, resumed, batch, value)
+        assert resumed.selected == opt.selected
+    assert opt.num_reselections >= 3
+    assert resumed.num_reselections == opt.num_reselections
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_random_scoring_resumes_with_the_same_generator_state():
+    model = TinyNet()
+    kwargs = dict(sparsity=0.9, score="random", trigger="interval", patience=2, seed=5)
+    opt = BlockLLM(model.named_parameters(), **kwargs)
+    batches = make_batches(12)
+    train_steps(model, opt, batches[:5])
+    clone = TinyNet()
+    clone.load_state_dict(model.state_dict())
+    resumed = BlockLLM(clone.named_parameters(), **kwargs)
+    resumed.load_state_dict(save_load(opt.state_dict()))
+    train_steps(model, opt, batches[5:])
+    train_steps(clone, resumed, batches[5:])
+    assert opt.selected == resumed.selected
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clone.parameters()))
+
+
+def test_state_dict_from_a_different_model_is_refused():
+    opt = BlockLLM(TinyNet(width=16).named_parameters(), sparsity=0.9)
+    other = BlockLLM(TinyNet(width=16, depth=2).named_parameters(), sparsity=0.9)
+    with pytest.raises(StateDictMismatchError, match="different model"):
+        other.load_state_dict(opt.state_dict())
+    wider = BlockLLM(TinyNet(width=20).named_parameters(), sparsity=0.9)
+    with pytest.raises(ValueError, match=r"'embed.weight' has 512 elements there, 640 here"):
+        wider.load_state_dict(opt.state_dict())
+    adamw = torch.optim.AdamW(TinyNet().parameters())
+    with pytest.raises(ValueError, match="no 'blockllm' section"):
+        opt.load_state_dict(adamw.state_dict())
+    bad_version = opt.state_dict()
+    bad_version["blockllm"]["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version 99"):
+        opt.load_state_dict(bad_version)
+    sparser = BlockLLM(TinyNet(width=16).named_parameters(), sparsity=0.95)
+    with pytest.raises(ValueError, match="budget"):
+        sparser.load_state_dict(opt.state_dict())
+
+
+def test_frozen_tensors_are_bitwise_unchanged_over_training():
+    model = TinyNet(width=24)
+    opt = BlockLLM(model.named_parameters(), lr=5e-2, weight_decay=0.5, sparsity=0.9,
+                   trigger="interval", patience=1000)  # fmt: skip
+    one_step(model, opt, make_batches(1)[0])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in opt.selected}
+    train_steps(model, opt, make_batches(25))
+    for name, value in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name], value)
+    assert snapshot(model)  # sanity: the model still exists
