@@ -48,11 +48,11 @@ def test_selection_follows_gradient_norms_and_fills_budget_exactly():
     # The documented rule, written out independently of the packer.
     left, whole, skipped = opt.budget, [], []
     for name in sorted(names, key=lambda n: -norms[n]):
-        if sizes[name] <= left:
-            whole.append(name)
-            left -= sizes[name]
-        else:
+        if sizes[name] > left:
             skipped.append(name)
+            break
+        whole.append(name)
+        left -= sizes[name]
     opt.step(loss=loss)
     expected = set(whole) | ({skipped[0]} if left > 0 else set())
     assert set(opt.selected) == expected

@@ -511,11 +511,14 @@ class BlockLLM(Optimizer):
             return False
         if scoring is not None and scoring.saw_nonfinite:
             return False
-        grads = [
-            self._candidates[index].grad
-            for index in selection
-            if self._candidates[index].grad is not None
-        ]
+        grads = []
+        for index, coordinates in selection.items():
+            grad = self._candidates[index].grad
+            if grad is None:
+                continue
+            # Only the coordinates that will be updated matter (and a partly selected embedding
+            # gradient is far larger than its selected part).
+            grads.append(grad if coordinates is None else grad.reshape(-1).index_select(0, coordinates))
         return _all_finite(grads)
 
     def _skip_step(self, discard_selection: bool) -> None:

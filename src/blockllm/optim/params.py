@@ -34,7 +34,7 @@ def normalize_param_groups(params: Any) -> tuple[list[dict[str, Any]], dict[str,
     if isinstance(params, torch.Tensor):
         raise TypeError(
             "BlockLLM needs parameter names: pass model.named_parameters() or param groups with a "
-            f"'names' key, got a single {torch.typename(params)}"
+            f"'names' key, got a single {type(params).__name__}"
         )
     if isinstance(params, (set, frozenset)):
         raise TypeError(

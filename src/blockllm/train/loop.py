@@ -1,0 +1,471 @@
+"""The training recipe behind ``blockllm pretrain`` and ``blockllm finetune``.
+
+:class:`Trainer` follows torchtune's recipe shape (``setup / train / evaluate / save_checkpoint /
+cleanup``). One optimizer step is::
+
+    for micro in range(grad_accum):              # batches are a pure function of the step
+        loss = workload.loss(model, batch)       # under bf16 autocast when asked
+        (loss / grad_accum).backward()
+    clip_grad_norm_(params with a grad, grad_clip)
+    optimizer.step(loss=mean loss)               # BlockLLM's trigger sees every step's loss
+    scheduler.step(); optimizer.zero_grad(set_to_none=True)
+
+then a metrics line, an evaluation every ``eval_every`` steps, and a checkpoint every
+``save_every`` steps. Everything random is seeded and checkpointed (model, optimizer with the
+BlockLLM selection state, scheduler, RNGs, running counters), so ``--resume`` reproduces an
+uninterrupted run's losses bit for bit on the same hardware and thread count.
+
+SIGINT/SIGTERM do not kill a step half-way: the step finishes, a checkpoint is written, and
+:class:`~blockllm.train.errors.TrainingInterrupted` is raised. A second signal aborts at once (the
+last complete checkpoint stays valid, since checkpoints are written atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blockllm.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from blockllm.train.config import RunConfig
+from blockllm.train.errors import CheckpointError, TrainingInterrupted
+from blockllm.train.memory import MemoryTracker
+from blockllm.train.metrics import MetricsWriter
+from blockllm.train.optimizers import get_optimizer_spec
+from blockllm.train.progress import LogProgress, Progress
+from blockllm.train.rundir import SUMMARY_FILE, check_run_dir, init_run_dir, write_text_atomic
+from blockllm.train.schedule import build_scheduler
+from blockllm.train.workload import Workload, build_workload, default_cache_dir, to_device
+
+logger = logging.getLogger(__name__)
+
+_MB = 1e6
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU.
+
+    Raises:
+        ValueError: a CUDA/MPS device was asked for and is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {name!r} (torch sees no CUDA device; use --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Invalid device: {name!r} (MPS is not available; use --device cpu)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's RNGs (every device); numpy's too when it is loaded."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed)
+
+
+class Trainer:
+    """Train one run end to end: ``Trainer(config, output_dir).run()``.
+
+    Args:
+        config: What to train.
+        output_dir: The run directory (see :mod:`blockllm.train.rundir` for what it may hold).
+        resume: Continue from the directory's last checkpoint.
+        cache_dir: Tokenizer and converted-model cache (default: :func:`default_cache_dir`).
+        progress: Receives each metrics record (default: a few log lines).
+        threads: ``torch.set_num_threads`` for this run (default: leave torch's choice).
+        handle_signals: Turn SIGINT/SIGTERM into "finish the step, checkpoint, stop" (only
+            possible in the main thread).
+
+    Raises:
+        RunDirError: the output directory cannot take this run (checked before anything loads).
+        CheckpointError: the checkpoint to resume from is corrupt or from another run.
+        TrainingInterrupted: a signal stopped training; a checkpoint was saved.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        output_dir: str | Path,
+        *,
+        resume: bool = False,
+        cache_dir: str | Path | None = None,
+        progress: Progress | None = None,
+        threads: int | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.run_dir = check_run_dir(output_dir, config, resume=resume)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.progress: Progress = progress if progress is not None else LogProgress()
+        self.threads = threads
+        self.handle_signals = handle_signals
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.initial_eval: dict[str, float] | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.summary: dict[str, Any] = {}
+        self._window = _Window()
+        self._saved_rss = 0
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._metrics: MetricsWriter | None = None
+        self._last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ recipe
+
+    def run(self) -> dict[str, Any]:
+        """setup, train, cleanup; returns the summary also written to ``summary.json``."""
+        try:
+            self.setup()
+            self.train()
+            return self.summary
+        finally:
+            self.cleanup()
+
+    def setup(self) -> None:
+        """Load data and model, build optimizer and schedule, restore a checkpoint if resuming."""
+        config = self.config
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        seed_everything(config.seed)
+
+        self.workload: Workload = build_workload(config, self.cache_dir)
+        self.spec = get_optimizer_spec(config.optimizer)
+        model = self.workload.model
+        if self.spec.prepare_model is not None:
+            model = self.spec.prepare_model(model, config)
+            self.workload.model = model
+        self.model = model.to(self.device)
+        self.model.train()
+        self.optimizer = self.spec.build(self.model, config)
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=config.resolved_warmup_steps, max_steps=config.max_steps,
+            min_ratio=config.min_lr_ratio,
+        )  # fmt: skip
+        self.memory = MemoryTracker(self.device)
+
+        if self.run_dir.resume_from is not None:
+            self._restore(self.run_dir.resume_from)
+        init_run_dir(self.run_dir, config)
+        resumed = self.run_dir.resume_from is not None
+        self._metrics = MetricsWriter(
+            self.run_dir.path,
+            resume_step=self.step if resumed else None,
+            tensorboard=config.tensorboard,
+        )
+        logger.info(
+            "Run %s: %s %s with %s on %s (%s, %d threads), %d steps of %d tokens",
+            self.run_dir.path, config.command, config.model, config.optimizer, self.device,
+            self.precision, torch.get_num_threads(), config.max_steps, config.tokens_per_step_hint,
+        )  # fmt: skip
+        if config.eval_at_start and not resumed:
+            self.initial_eval = self.evaluate()
+            self._metrics.log_scalars(0, self.initial_eval)
+            logger.info("Before training: %s", _format_eval(self.initial_eval))
+        self._install_signal_handlers()
+
+    def train(self) -> None:
+        """Run the remaining steps; evaluate, log and checkpoint on the way."""
+        config = self.config
+        self.progress.start(config.max_steps, self.step)
+        if self.step >= config.max_steps:
+            logger.info("The run is already complete (step %d of %d)", self.step, config.max_steps)
+        while self.step < config.max_steps:
+            started = time.perf_counter()
+            loss, tokens, lr, grad_norm = self._train_step()
+            seconds = time.perf_counter() - started
+            self.step += 1
+            self.tokens += tokens
+            self.elapsed += seconds
+            self._window.add(loss, tokens, seconds)
+
+            evaluating = self.step == config.max_steps or (
+                config.eval_every > 0 and self.step % config.eval_every == 0
+            )
+            if evaluating or self.step % config.log_every == 0:
+                record = self._record(lr, grad_norm)
+                if evaluating:
+                    eval_started = time.perf_counter()
+                    self.last_eval = self.evaluate()
+                    record.update(self.last_eval)
+                    record["eval_seconds"] = round(time.perf_counter() - eval_started, 4)
+                assert self._metrics is not None
+                self._metrics.log(record)
+                self.progress.update(record)
+
+            stopping = self._stop_signal is not None
+            if (
+                stopping
+                or self.step == config.max_steps
+                or (config.save_every > 0 and self.step % config.save_every == 0)
+            ):
+                self.save_checkpoint()
+            if stopping and self.step < config.max_steps:
+                assert self._stop_signal is not None and self._last_checkpoint is not None
+                raise TrainingInterrupted(self._stop_signal, self.step, str(self._last_checkpoint))
+        self.summary = self._summary()
+        write_text_atomic(self.run_dir.path / SUMMARY_FILE, _json(self.summary))
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current model (``eval_loss`` and friends)."""
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.workload.evaluate(self.model, self.device, self._autocast)
+        finally:
+            self.model.train()
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (atomically) and return its path."""
+        assert self._metrics is not None
+        self._metrics.sync()  # metrics on disk always reach at least the checkpoint's step
+        payload = {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "window": self._window.state_dict(),
+            "memory": self.memory.state_dict(),
+            "peak_rss_bytes": max(self._saved_rss, self.memory.summary()["peak_rss_bytes"]),
+            "initial_eval": self.initial_eval,
+            "last_eval": self.last_eval,
+        }
+        self._last_checkpoint = save_checkpoint(
+            self.run_dir.checkpoints, self.step, payload, keep=self.config.keep_checkpoints
+        )
+        return self._last_checkpoint
+
+    def cleanup(self) -> None:
+        """Restore signal handlers, close metrics and progress (also after an error)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self.progress.close()
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> tuple[float, int, float, float | None]:
+        """One optimizer step; returns (mean loss, tokens, lr used, grad norm before clipping)."""
+        config = self.config
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        tokens = 0
+        for micro in range(config.grad_accum):
+            batch = to_device(
+                self.workload.train_batch(self.step * config.grad_accum + micro), self.device
+            )
+            with self._autocast():
+                loss, count = self.workload.loss(self.model, batch)
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            tokens += count
+        loss_value = float(loss_sum) / config.grad_accum  # the one host sync of the step
+
+        grad_norm = None
+        if config.grad_clip > 0:
+            with_grad = [param for param in self.model.parameters() if param.grad is not None]
+            if with_grad:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
+        lr = float(self.scheduler.get_last_lr()[0])
+        if self.spec.takes_loss:
+            self.optimizer.step(loss=loss_value)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        # Gradients and optimizer state both exist here: their peak is measured now.
+        self.memory.sample(self.model, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, tokens, lr, grad_norm
+
+    def _record(self, lr: float, grad_norm: float | None) -> dict[str, Any]:
+        loss, tokens, seconds = self._window.take()
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "tokens": self.tokens,
+            "elapsed_s": round(self.elapsed, 4),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        record["peak_rss_mb"] = round(
+            max(self._saved_rss, self.memory.summary()["peak_rss_bytes"]) / _MB, 1
+        )
+        if self.device.type == "cuda":
+            record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(self.device) / _MB, 1)
+        for category, value in self.memory.peak.items():
+            record[f"{category}_mb"] = round(value / _MB, 3)
+        record.update(self.spec.stats(self.optimizer))
+        return record
+
+    # ------------------------------------------------------------------ resume
+
+    def _restore(self, path: Path) -> None:
+        record = load_checkpoint(path)
+        try:
+            saved = RunConfig.from_dict(record["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} holds no valid run config ({exc})") from exc
+        changed = self.config.differences(saved)
+        if changed:
+            names = ", ".join(sorted(changed))
+            raise CheckpointError(
+                f"checkpoint {path} was saved by a different run (differs in: {names})"
+            )
+        try:
+            self.model.load_state_dict(record["model"])
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model ({_first_line(exc)})"
+            ) from exc
+        try:
+            self.optimizer.load_state_dict(record["optimizer"])
+            self.scheduler.load_state_dict(record["scheduler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the optimizer ({_first_line(exc)})"
+            ) from exc
+        restore_rng_state(record["rng"])
+        self.step = int(record["step"])
+        self.tokens = int(record["tokens"])
+        self.elapsed = float(record["elapsed_s"])
+        self._window.load_state_dict(record["window"])
+        self.memory.load_state_dict(record["memory"])
+        self._saved_rss = int(record["peak_rss_bytes"])
+        self.initial_eval = record["initial_eval"]
+        self.last_eval = record["last_eval"]
+        logger.info("Resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only set a flag here: logging or saving from inside a signal handler can re-enter
+        # code the main thread is in the middle of. The loop acts at the end of the step.
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            # A second signal is not ignored: it gets the previous behaviour (KeyboardInterrupt
+            # for SIGINT, termination for SIGTERM).
+            previous = self._previous_handlers.get(signum)
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+    # ------------------------------------------------------------------ summary
+
+    def _summary(self) -> dict[str, Any]:
+        from blockllm import __version__
+
+        memory = self.memory.summary()
+        memory["peak_rss_bytes"] = max(memory["peak_rss_bytes"], self._saved_rss)
+        return {
+            "command": self.config.command,
+            "model": self.config.model,
+            "optimizer": self.config.optimizer,
+            "steps": self.step,
+            "tokens": self.tokens,
+            "train_seconds": round(self.elapsed, 3),
+            "tokens_per_s": self.tokens / self.elapsed if self.elapsed > 0 else 0.0,
+            "initial_eval": self.initial_eval,
+            "final_eval": self.last_eval,
+            "memory": memory,
+            "optimizer_stats": self.spec.stats(self.optimizer),
+            "info": self.workload.info,
+            "device": str(self.device),
+            "precision": self.precision,
+            "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "blockllm_version": __version__,
+        }
+
+
+class _Window:
+    """Losses, tokens and seconds since the last metrics line (checkpointed for exact resumes)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def take(self) -> tuple[float, int, float]:
+        loss = math.fsum(self.losses) / len(self.losses) if len(self.losses) > 1 else self.losses[0]
+        taken = (loss, self.tokens, self.seconds)
+        self.reset()
+        return taken
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "tokens": self.tokens, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = [float(value) for value in state["losses"]]
+        self.tokens = int(state["tokens"])
+        self.seconds = float(state["seconds"])
+
+
+def _format_eval(values: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in values.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _json(values: dict[str, Any]) -> str:
+    return json.dumps(values, indent=2) + "\n"
+
+
+__all__ = ["Trainer", "resolve_device", "resolve_precision", "seed_everything"]

@@ -1,0 +1,185 @@
+"""The optimizers the training loop can run, by name: one registry entry per method.
+
+Adding a method (GaLore, BAdam, LoRA, 8-bit AdamW ...) is one :class:`OptimizerSpec` passed to
+:func:`register_optimizer`: a builder ``(model, config) -> Optimizer``, and, only when needed, a
+``prepare_model`` hook (LoRA wraps the model), ``takes_loss`` (the optimizer wants
+``step(loss=...)``) and ``stats`` (numbers for the metrics and the progress bar). The loop never
+branches on the optimizer's name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from blockllm.train.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+Builder = Callable[[nn.Module, "RunConfig"], torch.optim.Optimizer]
+
+
+def _no_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build and drive one optimizer.
+
+    Attributes:
+        name: The ``--optimizer`` value.
+        build: Makes the optimizer for a model (after ``prepare_model``) and a run config.
+        description: One line for ``--help`` and the docs.
+        takes_loss: Pass the step's loss as ``optimizer.step(loss=...)`` (BlockLLM's trigger).
+        prepare_model: Optional ``(model, config) -> model`` run before ``build`` (adapters).
+        stats: ``optimizer -> {name: number}`` logged with every metrics line.
+    """
+
+    name: str
+    build: Builder
+    description: str
+    takes_loss: bool = False
+    prepare_model: Callable[[nn.Module, RunConfig], nn.Module] | None = None
+    stats: Callable[[torch.optim.Optimizer], dict[str, float]] = field(default=_no_stats)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
+    """Add ``spec`` to :data:`OPTIMIZERS`.
+
+    Raises:
+        ValueError: the name is taken and ``replace`` is False.
+    """
+    if spec.name in OPTIMIZERS and not replace:
+        raise ValueError(f"Invalid optimizer name: {spec.name!r} is already registered")
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    """The registered spec called ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        listed = ", ".join(repr(known) for known in OPTIMIZERS)
+        raise ValueError(f"Invalid optimizer: {name!r} (choose from {listed})") from None
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into weight-decayed matrices and undecayed vectors.
+
+    Matrices and embeddings (``ndim >= 2``) decay; norms' scales and biases do not: decaying them
+    only pulls activations towards zero (the nanoGPT/GaLore convention). Each group carries the
+    parameter names under ``"names"``, which BlockLLM needs and torch optimizers ignore.
+
+    Args:
+        model: The model whose ``named_parameters()`` with ``requires_grad`` are grouped.
+        weight_decay: Decay of the matrix group.
+
+    Returns:
+        One or two param groups (an empty group is left out).
+    """
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append((name, param))
+    groups = []
+    for members, rate in ((decay, weight_decay), (no_decay, 0.0)):
+        if members:
+            groups.append(
+                {
+                    "params": [param for _, param in members],
+                    "names": [name for name, _ in members],
+                    "weight_decay": rate,
+                }
+            )
+    logger.info(
+        "Param groups: %d tensors with weight decay %.3g, %d without",
+        len(decay), weight_decay, len(no_decay),
+    )  # fmt: skip
+    return groups
+
+
+# ---------------------------------------------------------------------- AdamW
+
+
+def _build_adamw(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    groups = decay_groups(model, config.weight_decay)
+    for group in groups:
+        group.pop("names")  # torch.optim keeps unknown keys in every state_dict; keep it lean
+    params = [param for group in groups for param in group["params"]]
+    # The fused kernel is the fastest AdamW on CPU and CUDA alike (one kernel for all tensors).
+    fused = all(
+        param.device.type in ("cpu", "cuda") and param.is_floating_point() for param in params
+    )
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+        weight_decay=config.weight_decay, fused=fused or None,
+    )  # fmt: skip
+
+
+register_optimizer(
+    OptimizerSpec(
+        name="adamw",
+        build=_build_adamw,
+        description="torch.optim.AdamW (fused), every parameter trained: the baseline",
+    )
+)
+
+
+# ---------------------------------------------------------------------- BlockLLM
+
+
+def _build_blockllm(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    from blockllm.optim import BlockLLM
+
+    return BlockLLM(
+        decay_groups(model, config.weight_decay),
+        lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+        weight_decay=config.weight_decay, sparsity=config.sparsity, patience=config.patience,
+        trigger=config.trigger, selection=config.selection, seed=config.seed,
+    )  # fmt: skip
+
+
+def _blockllm_stats(optimizer: Any) -> dict[str, float]:
+    return {
+        "num_reselections": optimizer.num_reselections,
+        "num_selected": optimizer.num_selected,
+        "trainable_fraction": optimizer.trainable_fraction,
+        "selection_seconds": optimizer.selection_seconds,
+        "num_skipped_steps": optimizer.num_skipped_steps,
+    }
+
+
+register_optimizer(
+    OptimizerSpec(
+        name="blockllm",
+        build=_build_blockllm,
+        description="BlockLLM: Adam on a gradient-selected (1 - sparsity) share of coordinates",
+        takes_loss=True,
+        stats=_blockllm_stats,
+    )
+)
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "decay_groups",
+    "get_optimizer_spec",
+    "register_optimizer",
+]

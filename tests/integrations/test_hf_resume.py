@@ -1,0 +1,100 @@
+"""Trainer checkpoint -> resume -> continue gives the parameters of an uninterrupted run."""
+
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blockllm.integrations import BlockLLMCallback, create_blockllm_optimizer  # noqa: E402
+
+MAX_STEPS = 40
+SAVE_AT = 20
+
+
+class SelectionProbe(transformers.TrainerCallback):
+    """Records which candidates are trainable when a run starts and at each checkpoint."""
+
+    def __init__(self, optimizer, trainable_candidates):
+        self.optimizer = optimizer
+        self.trainable = trainable_candidates
+        self.at_begin = None
+        self.at_save = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at_begin = {
+            "step": state.global_step,
+            "trainable": self.trainable(self.optimizer),
+            "selected": self.optimizer.selected,
+            "pending": self.optimizer.selection_pending,
+        }
+
+    def on_save(self, args, state, control, **kwargs):
+        self.at_save[state.global_step] = {
+            "trainable": self.trainable(self.optimizer),
+            "selected": self.optimizer.selected,
+            "num_reselections": self.optimizer.num_reselections,
+        }
+
+
+def _trainer(make_llama, make_args, dataset, trainable_candidates, output_dir):
+    model = make_llama()
+    args = make_args(
+        output_dir=str(output_dir),
+        max_steps=MAX_STEPS,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        logging_steps=10,
+    )
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=5)
+    probe = SelectionProbe(optimizer, trainable_candidates)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        optimizers=(optimizer, None),
+        callbacks=[BlockLLMCallback(optimizer), probe],
+    )
+    return trainer, optimizer, probe
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(
+    make_llama, make_args, dataset, trainable_candidates, tmp_path, caplog
+):
+    full, full_opt, full_probe = _trainer(
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full"
+    )
+    full.train()
+    checkpoint = tmp_path / "full" / f"checkpoint-{SAVE_AT}"
+    saved = full_probe.at_save[SAVE_AT]
+
+    # The window after the checkpoint crosses at least one reselection, so the restored trigger
+    # window, visit counts and selection all matter for the result.
+    assert full_opt.num_reselections > saved["num_reselections"]
+
+    # Trainer's own save/load path: torch.save, then torch.load(weights_only=True).
+    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    assert state["blockllm"]["selected"] == saved["selected"]
+
+    resumed, resumed_opt, resumed_probe = _trainer(
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed"
+    )
+    # A fresh optimizer scores every candidate on its first backward...
+    assert trainable_candidates(resumed_opt) == set(resumed_opt.candidate_names)
+    with caplog.at_level(logging.INFO, logger="blockllm.integrations"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    # ...the resumed one starts from the checkpoint's selection instead.
+    begin = resumed_probe.at_begin
+    assert begin["step"] == SAVE_AT
+    assert begin["selected"] == saved["selected"]
+    assert begin["trainable"] == saved["trainable"]
+    assert begin["trainable"] != set(resumed_opt.candidate_names)
+    assert any("selection restored at global step 20" in r.getMessage() for r in caplog.records)
+
+    assert resumed_opt.num_reselections == full_opt.num_reselections
+    assert resumed_opt.selected == full_opt.selected
+    full_params = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, full_params[name], rtol=0, atol=0, msg=name)

@@ -1,0 +1,176 @@
+"""BlockLLM under transformers.Trainer: training, the loss trigger, logging, wrong optimizers."""
+
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blockllm import BlockLLM  # noqa: E402
+from blockllm.integrations import (  # noqa: E402
+    BlockLLMCallback,
+    create_blockllm_optimizer,
+    unwrap_blockllm,
+)
+
+
+def _train(make_llama, make_args, dataset, callbacks, **blockllm_kwargs):
+    model = make_llama()
+    args = make_args()
+    options = {"sparsity": 0.8, "patience": 5, **blockllm_kwargs}
+    optimizer = create_blockllm_optimizer(model, args, **options)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer, optimizer
+
+
+def test_trainer_lowers_loss_and_reselects_on_plateau(make_llama, make_args, dataset, caplog):
+    callback = BlockLLMCallback()
+    with caplog.at_level(logging.INFO, logger="blockllm"):
+        trainer, optimizer = _train(make_llama, make_args, dataset, [callback])
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.5
+
+    # The paper's loss trigger fired under Trainer, and the reselection really happened.
+    assert optimizer.trigger == "loss"
+    assert optimizer.num_reselections >= 1
+    assert callback.reselection_steps, "the callback saw no plateau"
+    assert any("loss plateau at step" in record.getMessage() for record in caplog.records)
+    # Still within budget, and only selected tensors are trainable.
+    assert 0 < optimizer.num_selected <= optimizer.budget
+    assert trainer.state.global_step == 40
+
+
+def test_without_the_callback_the_loss_trigger_never_fires(make_llama, make_args, dataset):
+    # The control for the test above: Trainer calls step() without a loss, so only the
+    # callback's loss feed can fire the trigger.
+    _, optimizer = _train(make_llama, make_args, dataset, [])
+    assert optimizer.num_reselections == 0
+    assert optimizer.num_selections == 1
+
+
+def test_blockllm_values_reach_trainer_logs(make_llama, make_args, dataset):
+    callback = BlockLLMCallback()
+    trainer, optimizer = _train(make_llama, make_args, dataset, [callback])
+    training_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    expected = {
+        "blockllm/num_reselections",
+        "blockllm/num_selected",
+        "blockllm/budget",
+        "blockllm/trainable_fraction",
+        "blockllm/selection_seconds",
+        "blockllm/num_skipped_steps",
+        "blockllm/memory/params_bytes",
+        "blockllm/memory/grads_bytes",
+        "blockllm/memory/optimizer_state_bytes",
+        "blockllm/memory/master_weights_bytes",
+    }
+    for entry in training_logs:
+        assert expected <= entry.keys()
+    last = training_logs[-1]
+    assert last["blockllm/num_reselections"] == optimizer.num_reselections
+    assert last["blockllm/trainable_fraction"] == pytest.approx(optimizer.trainable_fraction)
+    # Taken right after the optimizer step: the selected tensors' gradients and moments exist.
+    assert last["blockllm/memory/grads_bytes"] > 0
+    assert last["blockllm/memory/optimizer_state_bytes"] > 0
+    counts = [entry["blockllm/num_reselections"] for entry in training_logs]
+    assert counts == sorted(counts)
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary and "blockllm/num_reselections" in summary
+
+
+def test_trigger_sees_the_loss_trainer_logs_with_accumulation(make_llama, make_args, dataset):
+    # Gradient accumulation: Llama accepts num_items_in_batch, so each micro-batch loss is a share
+    # of the step loss. The trigger must see the same per-step loss as Trainer's log, and
+    # evaluation forwards must not reach it.
+    model = make_llama()
+    args = make_args(
+        max_steps=6,
+        logging_steps=1,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=8,
+    )
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=1000)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        optimizers=(optimizer, None),
+        callbacks=[BlockLLMCallback()],
+    )
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    window = optimizer.state_dict()["blockllm"]["trigger"]["window"]
+    assert len(window) == 6
+    assert window == pytest.approx(logged, abs=1e-3)
+
+
+def test_callback_with_given_optimizer_and_accelerated_wrapper(make_llama, make_args, dataset):
+    callback = BlockLLMCallback(None)
+    trainer, optimizer = _train(make_llama, make_args, dataset, [callback], patience=3)
+    # Trainer wraps the optimizer in accelerate's AcceleratedOptimizer; both views agree.
+    assert unwrap_blockllm(trainer.optimizer) is optimizer
+    assert callback.optimizer is optimizer
+
+
+def test_callback_rejects_a_trainer_without_blockllm(make_llama, make_args, dataset):
+    model = make_llama()
+    args = make_args(max_steps=2)
+    # Trainer builds its own AdamW at train(): the callback refuses before the first step.
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[BlockLLMCallback()]
+    )
+    with pytest.raises(TypeError, match="BlockLLMCallback needs the Trainer to train with BlockLLM"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+    # An optimizer handed to Trainer(...) is checked at construction already.
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match="got AdamW"):
+        transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            optimizers=(adamw, None),
+            callbacks=[BlockLLMCallback()],
+        )
+
+
+def test_callback_rejects_a_different_blockllm(make_llama, make_args, dataset):
+    model = make_llama()
+    args = make_args(max_steps=2)
+    used = create_blockllm_optimizer(model, args)
+    other = BlockLLM(make_llama().named_parameters())
+    with pytest.raises(ValueError, match="different BlockLLM"):
+        transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            optimizers=(used, None),
+            callbacks=[BlockLLMCallback(other)],
+        )
+
+
+def test_callback_removes_its_hook_after_training(make_llama, make_args, dataset):
+    callback = BlockLLMCallback()
+    trainer, optimizer = _train(make_llama, make_args, dataset, [callback])
+    model = trainer.model
+    before = optimizer.state_dict()["blockllm"]["trigger"]
+    output = model(**{key: value[None] for key, value in dataset[0].items()})
+    output.loss.backward()
+    optimizer.step()  # no loss reaches the trigger any more: the forward hook is gone
+    after = optimizer.state_dict()["blockllm"]["trigger"]
+    assert after["window"] == before["window"]

@@ -1,0 +1,81 @@
+"""Budget packers and the fast top-coordinates routine."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockllm.selection.packing import PaperMaskPacker, WholeTensorPacker, top_coordinates
+
+
+def test_top_coordinates_matches_topk_on_large_inputs():
+    generator = torch.Generator().manual_seed(0)
+    for total, count in [(1_000_000, 1), (1_000_000, 123_457), (1_000_000, 999_999), (300_000, 150_000)]:
+        values = torch.randn(total, generator=generator).abs()
+        ours = top_coordinates(values, count)
+        reference = torch.topk(values, count).indices.sort().values
+        assert torch.equal(ours, reference)
+        assert torch.all(ours[1:] > ours[:-1])
+
+
+def test_top_coordinates_falls_back_when_the_sample_misleads():
+    # The strided sample sees only zeros; the large values sit between the sampled positions.
+    values = torch.zeros(1_000_000)
+    values[1::7] = torch.arange(1, len(values[1::7]) + 1, dtype=torch.float32)
+    ours = top_coordinates(values, 5000)
+    assert torch.equal(ours, torch.topk(values, 5000).indices.sort().values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=12),
+    budget=st.integers(min_value=1, max_value=200),
+    data=st.data(),
+)
+def test_plans_are_monotone_as_scores_stream_in(sizes, budget, data):
+    """A tensor excluded from a plan built on part of the scores is never needed later."""
+    scores = data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(sizes), max_size=len(sizes)))
+    order = data.draw(st.permutations(range(len(sizes))))
+    for packer in (WholeTensorPacker(sizes, budget), PaperMaskPacker(sizes, budget)):
+        seen: dict[int, float] = {}
+        dropped: set[int] = set()
+        for index in order:
+            seen[index] = scores[index]
+            members = packer.plan(seen).members
+            assert not (members & dropped)
+            dropped |= set(seen) - members
+        final = packer.plan(seen)
+        used = sum(sizes[i] for i in final.whole)
+        assert used <= budget
+        if isinstance(packer, WholeTensorPacker):
+            assert used + final.remainder == budget
+            # the partly selected tensor is the first in score order that did not fit
+            if final.partial:
+                assert sizes[final.partial[0]] > final.remainder
+
+
+def test_whole_tensor_packer_uses_the_whole_budget():
+    sizes = [100, 30, 15, 5]
+    packer = WholeTensorPacker(sizes, budget=50)
+    plan = packer.plan({0: 1.0, 1: 8.0, 2: 7.0, 3: 9.0})
+    assert plan.whole == (3, 1, 2) and plan.partial == (0,) and plan.remainder == 0
+    plan = packer.plan({0: 9.0, 1: 8.0, 2: 7.0, 3: 1.0})
+    assert plan.whole == () and plan.partial == (0,) and plan.remainder == 50
+    plan = packer.plan({0: 2.0, 1: 8.0, 2: 7.0, 3: 1.0})
+    assert plan.whole == (1,) and plan.partial == (2,) and plan.remainder == 20
+    grads = {2: torch.arange(15, dtype=torch.float32)}
+    chosen = packer.coordinates(packer.plan({1: 8.0, 2: 7.0}), grads)
+    assert chosen[1] is None and chosen[2] is None  # 30 + 15 <= 50: both whole
+    plan = WholeTensorPacker([30, 40], budget=50).plan({0: 2.0, 1: 1.0})
+    chosen = WholeTensorPacker([30, 40], 50).coordinates(plan, {1: torch.arange(40.0)})
+    assert chosen[0] is None and torch.equal(chosen[1], torch.arange(20, 40))
+
+
+def test_paper_mask_packer_thresholds_inside_the_prefix():
+    sizes = [4, 4, 4]
+    packer = PaperMaskPacker(sizes, budget=5)
+    plan = packer.plan({0: 3.0, 1: 2.0, 2: 1.0})
+    assert plan.partial == (0, 1) and plan.remainder == 5
+    grads = {0: torch.tensor([1.0, 9.0, 2.0, 8.0]), 1: torch.tensor([7.0, 0.5, 6.0, 5.0])}
+    chosen = packer.coordinates(plan, grads)
+    assert torch.equal(chosen[0], torch.tensor([1, 3]))
+    assert torch.equal(chosen[1], torch.tensor([0, 2, 3]))
