@@ -121,9 +121,24 @@ def test_checkpointing_does_not_change_selection_or_training(make_llama, dataset
         torch.testing.assert_close(param, plain_params[name], msg=name)
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
+class StripInputGrads(transformers.TrainerCallback):
+    """Leaves the model as transformers 4.x does: reentrant checkpointing, no input-grad hooks."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.disable_input_require_grads()
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize(
+    ("use_reentrant", "manage", "learns"),
+    [
+        (False, True, True),  # our default path
+        (True, True, True),  # the callback restores the input-grad hooks reentrant mode needs
+        (True, False, False),  # the control: without them the low tensor silently never moves
+    ],
+)
 def test_trainer_with_checkpointing_updates_a_tensor_below_frozen_layers(
-    make_llama, make_args, dataset, use_reentrant
+    make_llama, make_args, dataset, use_reentrant, manage, learns
 ):
     model = make_llama(num_layers=4)
     # TrainingArguments renamed gradient_checkpointing to activation_checkpointing in v5.
@@ -137,14 +152,16 @@ def test_trainer_with_checkpointing_updates_a_tensor_below_frozen_layers(
         },
     )
     optimizer = create_blockllm_optimizer(model, args, sparsity=0.0, include=[LOW, TOP])
-    before = model.get_parameter(LOW).detach().clone()
+    low_before = model.get_parameter(LOW).detach().clone()
+    top_before = model.get_parameter(TOP).detach().clone()
     trainer = transformers.Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         optimizers=(optimizer, None),
-        callbacks=[BlockLLMCallback()],
+        callbacks=[StripInputGrads(), BlockLLMCallback(manage_checkpointing=manage)],
     )
     trainer.train()
     assert checkpointing_mode(model) == ("reentrant" if use_reentrant else "non_reentrant")
-    assert not torch.equal(model.get_parameter(LOW), before)
+    assert not torch.equal(model.get_parameter(TOP), top_before)
+    assert (not torch.equal(model.get_parameter(LOW), low_before)) is learns

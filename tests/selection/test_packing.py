@@ -61,7 +61,7 @@ def test_whole_tensor_packer_uses_the_whole_budget():
     plan = packer.plan({0: 9.0, 1: 8.0, 2: 7.0, 3: 1.0})
     assert plan.whole == () and plan.partial == (0,) and plan.remainder == 50
     plan = packer.plan({0: 2.0, 1: 8.0, 2: 7.0, 3: 1.0})
-    assert plan.whole == (1,) and plan.partial == (2,) and plan.remainder == 20
+    assert plan.whole == (1, 2) and plan.partial == (0,) and plan.remainder == 5
     grads = {2: torch.arange(15, dtype=torch.float32)}
     chosen = packer.coordinates(packer.plan({1: 8.0, 2: 7.0}), grads)
     assert chosen[1] is None and chosen[2] is None  # 30 + 15 <= 50: both whole
