@@ -26,7 +26,9 @@ def _rows(tensor):
 
 def test_packing_appends_eos_and_drops_the_tail():
     splits = build_lm_splits(_docs(30), CountingTokenizer(), seq_len=7, eval_fraction=0.1)
-    stream = torch.cat([torch.tensor(list(range(10 * i + 1, 10 * i + 11)) + [0]) for i in range(30)])
+    stream = torch.cat(
+        [torch.tensor(list(range(10 * i + 1, 10 * i + 11)) + [0]) for i in range(30)]
+    )
     blocks = stream[: (330 // 8) * 8].view(-1, 8)
     assert isinstance(splits, LMSplits)
     assert splits.train.dtype == splits.eval.dtype == torch.int64
@@ -48,7 +50,9 @@ def test_split_is_deterministic_and_seeded():
 
 
 def test_at_least_one_eval_block_and_max_tokens():
-    splits = build_lm_splits(_docs(10), CountingTokenizer(), seq_len=9, eval_fraction=0.01, max_tokens=40)
+    splits = build_lm_splits(
+        _docs(10), CountingTokenizer(), seq_len=9, eval_fraction=0.01, max_tokens=40
+    )
     assert len(splits.eval) == 1 and len(splits.train) == 3
 
 
@@ -112,7 +116,9 @@ def test_every_block_once_per_epoch_and_epochs_reshuffle():
     blocks = _blocks(24)
     epochs = []
     for epoch in range(3):
-        seen = [i for s in range(epoch * 6, epoch * 6 + 6) for i in _ids(batch_for_step(blocks, s, 4))]
+        seen = [
+            i for s in range(epoch * 6, epoch * 6 + 6) for i in _ids(batch_for_step(blocks, s, 4))
+        ]
         assert sorted(seen) == list(range(24))
         epochs.append(seen)
     assert epochs[0] != epochs[1] != epochs[2]
@@ -130,11 +136,16 @@ def test_ranks_get_disjoint_shards_of_the_global_batch():
     blocks = _blocks(48)
     world = 3
     for step in range(8):  # two epochs of 4 steps
-        shards = [_ids(batch_for_step(blocks, step, 4, rank=r, world_size=world)) for r in range(world)]
+        shards = [
+            _ids(batch_for_step(blocks, step, 4, rank=r, world_size=world)) for r in range(world)
+        ]
         flat = [i for shard in shards for i in shard]
         assert len(flat) == len(set(flat)) == 12
     per_epoch = [
-        i for step in range(4) for r in range(world) for i in _ids(batch_for_step(blocks, step, 4, rank=r, world_size=world))
+        i
+        for step in range(4)
+        for r in range(world)
+        for i in _ids(batch_for_step(blocks, step, 4, rank=r, world_size=world))
     ]
     assert sorted(per_epoch) == list(range(48))
 

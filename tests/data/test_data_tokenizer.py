@@ -1,6 +1,7 @@
 """train_or_load_tokenizer: byte-level BPE, exact round trips, content-hash cache."""
 
 import pytest
+import transformers
 
 from blockllm.data import EOS_TOKEN, train_or_load_tokenizer
 from blockllm.data import tokenizer as tokenizer_mod
@@ -76,7 +77,7 @@ def test_failed_write_leaves_no_cache(tmp_path, monkeypatch):
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(train_or_load_tokenizer(DOCS, 300, tmp_path / "warm")), "save_pretrained", broken_save)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
         train_or_load_tokenizer(DOCS, 300, tmp_path / "cold")
     # Neither a final folder nor a leftover staging folder.

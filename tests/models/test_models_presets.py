@@ -20,7 +20,12 @@ def test_preset_names_and_shapes():
     assert list(PRESETS) == list(EXPECTED_SHAPES)
     for name, (hidden, inter, layers, heads) in EXPECTED_SHAPES.items():
         p = PRESETS[name]
-        assert (p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"], p["num_attention_heads"]) == (
+        assert (
+            p["hidden_size"],
+            p["intermediate_size"],
+            p["num_hidden_layers"],
+            p["num_attention_heads"],
+        ) == (
             hidden,
             inter,
             layers,
@@ -58,9 +63,13 @@ def test_init_is_seeded_and_leaves_global_rng_alone(tiny):
     before = torch.get_rng_state()
     again = build_llama("tiny", 8192, max_seq_len=128)
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), again.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(tiny.parameters(), again.parameters(), strict=True)
+    )
     other = build_llama("tiny", 8192, max_seq_len=128, seed=1)
-    assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, tiny.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(
+        other.model.layers[0].mlp.up_proj.weight, tiny.model.layers[0].mlp.up_proj.weight
+    )
 
 
 def test_dtype_is_applied():

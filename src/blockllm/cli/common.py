@@ -61,7 +61,9 @@ def _parse_type(annotation: str) -> Any:
     return {"int": int, "float": float, "str": str}.get(base, str)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, command: str, groups: dict[str, list[str]]) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, command: str, groups: dict[str, list[str]]
+) -> None:
     """Add one flag per config field in ``groups``, with the command's default in the help."""
     defaults = defaults_for(command)
     for title, names in groups.items():
@@ -82,7 +84,9 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, groups: dict
                 continue
             if name in _CHOICES:
                 kwargs["choices"] = _CHOICES[name]
-            metavar = {"model": "NAME", "data": "SOURCE", "task": "TASK", "optimizer": "NAME"}.get(name)
+            metavar = {"model": "NAME", "data": "SOURCE", "task": "TASK", "optimizer": "NAME"}.get(
+                name
+            )
             if metavar:
                 kwargs["metavar"] = metavar
             group.add_argument(_flag(name), type=_parse_type(annotation), **kwargs)
@@ -124,7 +128,9 @@ def add_runtime_flags(group: Any) -> None:
     )
 
 
-def config_from_args(command: str, args: argparse.Namespace, fields: dict[str, list[str]]) -> RunConfig:
+def config_from_args(
+    command: str, args: argparse.Namespace, fields: dict[str, list[str]]
+) -> RunConfig:
     """The run config: defaults or the saved config (with --resume), then the typed flags.
 
     Raises:
@@ -135,7 +141,9 @@ def config_from_args(command: str, args: argparse.Namespace, fields: dict[str, l
 
     names = [name for group in fields.values() for name in group]
     typed = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    saved = saved_config(args.output_dir) if args.resume and Path(args.output_dir).is_dir() else None
+    saved = (
+        saved_config(args.output_dir) if args.resume and Path(args.output_dir).is_dir() else None
+    )
     if saved is not None and saved.command == command:
         return RunConfig.from_dict({**saved.to_dict(), **typed})
     return RunConfig.create(command, typed.pop("model", None), **typed)

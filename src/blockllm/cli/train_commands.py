@@ -86,7 +86,9 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
     """A few lines for the terminal at the end of a run."""
-    lines = [f"{summary['command']} {summary['model']} with {summary['optimizer']}: done, {summary['steps']} steps"]
+    lines = [
+        f"{summary['command']} {summary['model']} with {summary['optimizer']}: done, {summary['steps']} steps"
+    ]
     initial, final = summary.get("initial_eval"), summary.get("final_eval") or {}
     for key in ("eval_loss", "eval_ppl", "eval_accuracy"):
         if key in final:

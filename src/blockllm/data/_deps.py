@@ -33,7 +33,9 @@ def require_module(module: str, pip_line: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{purpose} needs the package {module!r}, install it with:\n{pip_line}") from exc
+        raise ImportError(
+            f"{purpose} needs the package {module!r}, install it with:\n{pip_line}"
+        ) from exc
 
 
 def package_dir(module: str, pip_line: str, purpose: str) -> Path:

@@ -25,7 +25,9 @@ DEFAULT_SOURCE = "stdlib"
 
 # Folder names never read from the standard library: the test suites (huge, repetitive and full of
 # deliberately broken code), third-party packages, and bytecode caches.
-_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+_EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
 
 # pydoc_data/topics.py is one huge dict literal of English text; it is read as prose (one document
 # per topic) instead of as a Python file, so it is not counted twice.
@@ -33,14 +35,16 @@ _TOPICS_FILE = Path("pydoc_data") / "topics.py"
 
 _VALID_FORMS = (
     f"{DEFAULT_SOURCE!r} (the Python standard library), a path to a .txt file (documents separated "
-    "by blank lines), or a path to a .jsonl file (one JSON object with a \"text\" field per line)"
+    'by blank lines), or a path to a .jsonl file (one JSON object with a "text" field per line)'
 )
 
 # One or more blank (or whitespace-only) lines end a document.
 _BLANK_LINES = re.compile(r"\n(?:[ \t\f\v]*\n)+")
 
 
-def load_documents(source: str = DEFAULT_SOURCE, *, max_chars: int | None = None) -> list[str]:
+def load_documents(
+    source: str | os.PathLike[str] = DEFAULT_SOURCE, *, max_chars: int | None = None
+) -> list[str]:
     """Load a list of text documents for language-model pretraining.
 
     Args:
@@ -86,13 +90,17 @@ def load_documents(source: str = DEFAULT_SOURCE, *, max_chars: int | None = None
         suffix = path.suffix.lower()
         if suffix in (".txt", ".jsonl"):
             if not path.is_file():
-                raise FileNotFoundError(f"Text source {str(path)!r} does not exist (or is not a file)")
+                raise FileNotFoundError(
+                    f"Text source {str(path)!r} does not exist (or is not a file)"
+                )
             reader = _txt_documents if suffix == ".txt" else _jsonl_documents
             documents = _take(reader(path), max_chars)
             if not documents:
                 raise ValueError(f"Text source {str(path)!r} contains no text")
         elif path.exists():
-            raise ValueError(f"Invalid source: {source!r} is neither a .txt nor a .jsonl file (use {_VALID_FORMS})")
+            raise ValueError(
+                f"Invalid source: {source!r} is neither a .txt nor a .jsonl file (use {_VALID_FORMS})"
+            )
         else:
             documents = _take(_hf_documents(source, streaming=max_chars is not None), max_chars)
             if not documents:
@@ -100,7 +108,10 @@ def load_documents(source: str = DEFAULT_SOURCE, *, max_chars: int | None = None
         origin = repr(source)
 
     logger.info(
-        "Loaded %d documents (%d characters) from %s", len(documents), sum(map(len, documents)), origin
+        "Loaded %d documents (%d characters) from %s",
+        len(documents),
+        sum(map(len, documents)),
+        origin,
     )
     return documents
 
@@ -174,7 +185,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 raise ValueError(f"{str(path)!r} line {number}: invalid JSON ({exc.msg})") from exc
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(
-                    f"{str(path)!r} line {number}: expected a JSON object with a string \"text\" field, "
+                    f'{str(path)!r} line {number}: expected a JSON object with a string "text" field, '
                     f"got {line.strip()[:80]!r}"
                 )
             yield record["text"]

@@ -103,7 +103,11 @@ def build_lm_splits(
     splits = LMSplits(train=blocks[train_idx], eval=blocks[eval_idx])
     logger.info(
         "Packed %d tokens into %d train and %d eval blocks of %d tokens (%d tail tokens dropped)",
-        stream.numel(), len(train_idx), n_eval, width, stream.numel() - n_blocks * width,
+        stream.numel(),
+        len(train_idx),
+        n_eval,
+        width,
+        stream.numel() - n_blocks * width,
     )
     return splits
 
@@ -166,7 +170,9 @@ def batch_for_step(
         TypeError: An argument has the wrong type.
     """
     if not isinstance(blocks, torch.Tensor) or blocks.dim() < 1:
-        raise TypeError(f"Invalid blocks: expected a tensor with a block dimension, got {type(blocks).__name__}")
+        raise TypeError(
+            f"Invalid blocks: expected a tensor with a block dimension, got {type(blocks).__name__}"
+        )
     step = check_int("step", step, minimum=0)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     seed = check_int("seed", seed, minimum=0)

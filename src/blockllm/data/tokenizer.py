@@ -67,7 +67,9 @@ def train_or_load_tokenizer(
     """
     vocab_size = check_int("vocab_size", vocab_size, minimum=_MIN_VOCAB)
     if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
-        raise TypeError(f"Invalid documents: expected a list of str, got {type(documents).__name__}")
+        raise TypeError(
+            f"Invalid documents: expected a list of str, got {type(documents).__name__}"
+        )
     if not any(documents):
         raise ValueError("Invalid documents: the list contains no text")
     transformers = require_module("transformers", HF_PIP_LINE, "Building a tokenizer")
@@ -84,11 +86,14 @@ def train_or_load_tokenizer(
     if learned < vocab_size:
         logger.warning(
             "The corpus only supports %d tokens, fewer than vocab_size=%d; using %d",
-            learned, vocab_size, learned,
+            learned,
+            vocab_size,
+            learned,
         )
     _save_atomically(tokenizer, target)
     logger.info("Cached tokenizer in %s", target)
-    return tokenizer
+    # Reload what was saved, so a cache miss returns exactly the object a cache hit would.
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(target))
 
 
 def _cache_key(documents: list[str], vocab_size: int) -> str:

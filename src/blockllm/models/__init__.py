@@ -8,6 +8,7 @@
 ``transformers`` and the model packages are imported only when a function needs them.
 """
 
+from blockllm.models.presets import PRESETS, build_llama, count_parameters
 from blockllm.models.pretrained import (
     FINETUNE_MODELS,
     TASK_KINDS,
@@ -15,7 +16,6 @@ from blockllm.models.pretrained import (
     load_gemma_causal_lm,
     load_minilm_classifier,
 )
-from blockllm.models.presets import PRESETS, build_llama, count_parameters
 
 __all__ = [
     "FINETUNE_MODELS",

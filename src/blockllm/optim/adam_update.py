@@ -30,10 +30,7 @@ def needs_master(param: torch.Tensor) -> bool:
 def init_state(param: torch.Tensor, coordinates: torch.Tensor | None, fused: bool) -> dict[str, Any]:
     """Fresh state for a block entering the selection: zero moments, step 0, fp32 master."""
     with torch.no_grad():
-        if coordinates is None:
-            value = param.detach()
-        else:
-            value = param.detach().reshape(-1).index_select(0, coordinates)
+        value = param.detach() if coordinates is None else gather(param.detach(), coordinates)
         master = needs_master(param)
         work = value.float() if master else value
         state: dict[str, Any] = {
@@ -63,25 +60,24 @@ class UpdateBatch:
         default_factory=list
     )
 
-    def add(self, param: torch.Tensor, coordinates: torch.Tensor | None, state: dict) -> None:
-        grad = param.grad
-        if grad.is_sparse:
-            raise RuntimeError("BlockLLM does not support sparse gradients (nn.Embedding(sparse=True))")
+    def add(
+        self,
+        param: torch.Tensor,
+        coordinates: torch.Tensor | None,
+        grad: torch.Tensor,
+        state: dict,
+    ) -> None:
+        """Queue one block; ``grad`` is already gathered to ``coordinates`` when they are set."""
         master = state.get("master")
         if coordinates is None:
             target = master if master is not None else param
-            if grad.dtype != target.dtype:
-                grad = grad.to(target.dtype)
             if master is not None:
                 self.write_back.append((param, None, master))
         else:
-            grad = grad.reshape(-1).index_select(0, coordinates)
-            if master is not None:
-                target = master
-                grad = grad.to(master.dtype)
-            else:
-                target = param.detach().reshape(-1).index_select(0, coordinates)
+            target = master if master is not None else gather(param.detach(), coordinates)
             self.write_back.append((param, coordinates, target))
+        if grad.dtype != target.dtype:
+            grad = grad.to(target.dtype)
         self.params.append(target)
         self.grads.append(grad)
         self.exp_avgs.append(state["exp_avg"])
@@ -119,9 +115,16 @@ class UpdateBatch:
                     scatter_coordinates(param, coordinates, updated)
 
 
+def gather(tensor: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+    """The entries of ``tensor`` at the flat ``coordinates``, as a new 1-D tensor."""
+    return tensor.reshape(-1).index_select(0, coordinates)
+
+
 def scatter_coordinates(param: torch.Tensor, coordinates: torch.Tensor, values: torch.Tensor) -> None:
     """Write ``values`` into the flat ``coordinates`` of ``param`` in place."""
     values = values.to(param.dtype)
+    # Coordinates are stored as int32 when they fit (half the bytes); index_copy_ wants int64.
+    coordinates = coordinates.long()
     if param.is_contiguous():
         param.view(-1).index_copy_(0, coordinates, values)
     else:

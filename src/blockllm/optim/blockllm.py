@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from blockllm.errors import BlockLLMError, StateDictMismatchError
-from blockllm.optim.adam_update import UpdateBatch, init_state, resolve_implementation
+from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_implementation
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
 from blockllm.optim.validation import budget_for, check_arguments
 from blockllm.selection.packing import Coordinates, make_packer
@@ -48,19 +48,17 @@ def _as_float(loss: Any) -> float:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity.
+
+    One fp32 sum per tensor: NaN and inf survive a sum, and it is the cheapest full pass (an
+    inf-norm is several times slower on CPU). A sum that overflows fp32 (|sum| > 3e38) also
+    reads as non-finite; a gradient that large is not worth applying either.
+    """
     if not tensors:
         return True
-    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for tensor in tensors:
-        by_kind[(tensor.device, tensor.dtype)].append(tensor)
-    # One max-abs per tensor (inf-norm): NaN and inf both survive it, large finite values do not
-    # overflow the way a 2-norm could.
-    peaks = [
-        peak.float().to(tensors[0].device)
-        for group in by_kind.values()
-        for peak in torch._foreach_norm(group, math.inf)
-    ]
-    return bool(torch.isfinite(torch.stack(peaks)).all())
+    device = tensors[0].device
+    sums = torch.stack([tensor.sum(dtype=torch.float32).to(device) for tensor in tensors])
+    return bool(torch.isfinite(sums).all())
 
 
 class BlockLLM(Optimizer):
@@ -489,14 +487,15 @@ class BlockLLM(Optimizer):
             )
         selection = chosen if chosen is not None else self._selection
 
-        if self.skip_nonfinite and not self._is_finite(observed, scoring, selection):
+        grads = self._gather_grads(selection)
+        if self.skip_nonfinite and not self._is_finite(observed, scoring, grads):
             self._skip_step(discard_selection=chosen is not None)
             return closure_loss
 
         if chosen is not None:
             self._scoring = None
             self._commit(chosen)
-        self._update()
+        self._update(grads)
         self.num_steps += 1
         if not self._selects_everything and self._scoring is None:
             if self._trigger.observe(observed):
@@ -504,22 +503,32 @@ class BlockLLM(Optimizer):
                 self._start_selection()
         return closure_loss
 
+    def _gather_grads(self, selection: Coordinates) -> dict[int, torch.Tensor]:
+        """The gradient each selected block is updated with: whole, or its selected coordinates."""
+        grads: dict[int, torch.Tensor] = {}
+        for index, coordinates in selection.items():
+            grad = self._candidates[index].grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "BlockLLM does not support sparse gradients (nn.Embedding(sparse=True)); "
+                    f"{self._candidate_names[index]!r} has one"
+                )
+            grads[index] = grad if coordinates is None else gather(grad, coordinates)
+        return grads
+
     def _is_finite(
-        self, observed: float | None, scoring: ScoringPass | None, selection: Coordinates
+        self,
+        observed: float | None,
+        scoring: ScoringPass | None,
+        grads: dict[int, torch.Tensor],
     ) -> bool:
         if observed is not None and not math.isfinite(observed):
             return False
         if scoring is not None and scoring.saw_nonfinite:
             return False
-        grads = []
-        for index, coordinates in selection.items():
-            grad = self._candidates[index].grad
-            if grad is None:
-                continue
-            # Only the coordinates that will be updated matter (and a partly selected embedding
-            # gradient is far larger than its selected part).
-            grads.append(grad if coordinates is None else grad.reshape(-1).index_select(0, coordinates))
-        return _all_finite(grads)
+        return _all_finite(list(grads.values()))
 
     def _skip_step(self, discard_selection: bool) -> None:
         self.num_skipped_steps += 1
@@ -537,19 +546,19 @@ class BlockLLM(Optimizer):
             # again on the next backward.
             self._start_selection()
 
-    def _update(self) -> None:
+    def _update(self, grads: dict[int, torch.Tensor]) -> None:
         for group in self.param_groups:
             batch = UpdateBatch()
             for param in group["params"]:
                 index = self._candidate_index.get(id(param))
-                if index is None or index not in self._selection or param.grad is None:
+                if index is None or index not in grads:
                     continue
                 coordinates = self._selection[index]
                 state = self.state[param]
                 if not state:
                     fused, _ = resolve_implementation(group, [param])
                     state.update(init_state(param, coordinates, fused))
-                batch.add(param, coordinates, state)
+                batch.add(param, coordinates, grads[index], state)
             batch.run(group)
 
     # ------------------------------------------------------------------ checkpoints

@@ -46,7 +46,15 @@ class Plan:
 
 
 Coordinates = dict[int, torch.Tensor | None]
-"""Candidate index -> sorted flat int64 coordinates, or ``None`` for the whole tensor."""
+"""Candidate index -> sorted flat coordinates, or ``None`` for the whole tensor.
+
+Coordinates are int32 when the tensor has fewer than 2**31 entries (they are optimizer state,
+kept for as long as the selection lasts, so their bytes count), int64 otherwise.
+"""
+
+
+def compact_index(index: torch.Tensor, numel: int) -> torch.Tensor:
+    return index.to(torch.int32) if numel < 2**31 else index.to(torch.int64)
 
 
 class BudgetPacker(Protocol):
@@ -128,7 +136,7 @@ class WholeTensorPacker:
         for index in plan.partial:
             grad = grads.get(index)
             if grad is not None and plan.remainder > 0:
-                chosen[index] = _top_coordinates(grad, plan.remainder)
+                chosen[index] = compact_index(_top_coordinates(grad, plan.remainder), grad.numel())
         return chosen
 
 
@@ -170,7 +178,7 @@ class PaperMaskPacker:
             if local.numel() == self.sizes[index]:
                 chosen[index] = None
             elif local.numel() > 0:
-                chosen[index] = local
+                chosen[index] = compact_index(local, self.sizes[index])
             start = stop
         return chosen
 

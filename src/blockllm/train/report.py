@@ -74,7 +74,9 @@ class RunRecord:
             "steps": summary.get("steps", self.last("step")),
             "peak_rss_bytes": pick(memory.get("peak_rss_bytes"), "peak_rss_mb", _MB),
             "peak_cuda_bytes": pick(memory.get("peak_cuda_bytes"), "peak_cuda_mb", _MB),
-            "optimizer_state_bytes": pick(memory.get("peak_optimizer_state_bytes"), "optimizer_state_mb", _MB),
+            "optimizer_state_bytes": pick(
+                memory.get("peak_optimizer_state_bytes"), "optimizer_state_mb", _MB
+            ),
             "grads_bytes": pick(memory.get("peak_grads_bytes"), "grads_mb", _MB),
             "tokens_per_s": summary.get("tokens_per_s", fallback_speed),
             "eval_loss": final.get("eval_loss", self.last("eval_loss")),
@@ -99,11 +101,17 @@ def load_run(path: str | Path) -> RunRecord:
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         summary_path = path / SUMMARY_FILE
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        summary = (
+            json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        )
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: a JSON file is damaged ({exc})") from exc
     return RunRecord(
-        name=path.resolve().name, path=path, config=config, metrics=read_metrics(path), summary=summary
+        name=path.resolve().name,
+        path=path,
+        config=config,
+        metrics=read_metrics(path),
+        summary=summary,
     )
 
 
@@ -114,7 +122,9 @@ def comparison_table(runs: list[RunRecord], *, baseline: str = "adamw") -> str:
     use_cuda = any(run.headline()["peak_cuda_bytes"] for run in runs)
     memory_key = "peak_cuda_bytes" if use_cuda else "peak_rss_bytes"
     has_accuracy = any(run.headline()["eval_accuracy"] is not None for run in runs)
-    metric_key, metric_title = ("eval_accuracy", "eval accuracy") if has_accuracy else ("eval_ppl", "eval ppl")
+    metric_key, metric_title = (
+        ("eval_accuracy", "eval accuracy") if has_accuracy else ("eval_ppl", "eval ppl")
+    )
     header = [
         "run", "optimizer", "steps", "peak CUDA" if use_cuda else "peak RSS", "optimizer state",
         "gradients", "tokens/s", "eval loss", metric_title, "reselections",
@@ -124,34 +134,40 @@ def comparison_table(runs: list[RunRecord], *, baseline: str = "adamw") -> str:
         values = run.headline()
         ref = base_values if run is not base else None
 
-        def ratio(key: str, formatted: str) -> str:
-            if ref is None or not ref.get(key) or values.get(key) is None:
-                return formatted
-            return f"{formatted} ({values[key] / ref[key]:.2f}×)"
-
-        def delta(key: str, digits: int) -> str:
-            if values.get(key) is None:
-                return "n/a"
-            text = f"{values[key]:.{digits}f}"
-            if ref is not None and ref.get(key) is not None and math.isfinite(values[key]):
-                text += f" ({values[key] - ref[key]:+.{digits}f})"
-            return text
-
         speed = values["tokens_per_s"]
         cells = [
             run.name,
             run.optimizer,
             str(values["steps"]),
-            ratio(memory_key, format_bytes(values[memory_key])),
-            ratio("optimizer_state_bytes", format_bytes(values["optimizer_state_bytes"])),
-            ratio("grads_bytes", format_bytes(values["grads_bytes"])),
-            ratio("tokens_per_s", f"{speed:,.0f}" if speed is not None else "n/a"),
-            delta("eval_loss", 4),
-            delta(metric_key, 4 if metric_key == "eval_accuracy" else 2),
+            _ratio(values, ref, memory_key, format_bytes(values[memory_key])),
+            _ratio(
+                values, ref, "optimizer_state_bytes", format_bytes(values["optimizer_state_bytes"])
+            ),
+            _ratio(values, ref, "grads_bytes", format_bytes(values["grads_bytes"])),
+            _ratio(values, ref, "tokens_per_s", f"{speed:,.0f}" if speed is not None else "n/a"),
+            _delta(values, ref, "eval_loss", 4),
+            _delta(values, ref, metric_key, 4 if metric_key == "eval_accuracy" else 2),
             "n/a" if values["num_reselections"] is None else str(values["num_reselections"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(values: dict[str, Any], ref: dict[str, Any] | None, key: str, formatted: str) -> str:
+    """``formatted`` followed by ``(value / baseline×)`` when there is a baseline value."""
+    if ref is None or not ref.get(key) or values.get(key) is None:
+        return formatted
+    return f"{formatted} ({values[key] / ref[key]:.2f}×)"
+
+
+def _delta(values: dict[str, Any], ref: dict[str, Any] | None, key: str, digits: int) -> str:
+    """The value, followed by its signed difference to the baseline when there is one."""
+    if values.get(key) is None:
+        return "n/a"
+    text = f"{values[key]:.{digits}f}"
+    if ref is not None and ref.get(key) is not None and math.isfinite(values[key]):
+        text += f" ({values[key] - ref[key]:+.{digits}f})"
+    return text
 
 
 __all__ = ["RunRecord", "comparison_table", "load_run"]

@@ -1,0 +1,99 @@
+"""Lazy optional imports, the optimizer factory and the unwrap helper."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blockllm import BlockLLM  # noqa: E402
+from blockllm.integrations import create_blockllm_optimizer, unwrap_blockllm  # noqa: E402
+
+_IMPORT_CHECK = """
+import sys
+import blockllm, blockllm.integrations
+assert "transformers" not in sys.modules, "import blockllm.integrations pulled in transformers"
+assert "BlockLLMCallback" in dir(blockllm.integrations)
+try:
+    blockllm.integrations.no_such_name
+except AttributeError:
+    pass
+else:
+    raise SystemExit("unknown names must raise AttributeError")
+sys.modules["transformers"] = None  # as if it were not installed
+try:
+    from blockllm.integrations import BlockLLMCallback
+except ImportError as err:
+    print(err)
+else:
+    raise SystemExit("expected ImportError")
+"""
+
+
+def test_integrations_import_lazily_and_name_the_install_line():
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_CHECK], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'blockllm[hf]'" in done.stdout
+
+
+def test_param_groups_match_trainer_adamw(make_llama, make_args):
+    model = make_llama()
+    args = make_args(learning_rate=2e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    args.weight_decay = 0.1
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.9)
+
+    reference = transformers.Trainer(model=model, args=args).create_optimizer()
+    expected = [[id(p) for p in group["params"]] for group in reference.param_groups]
+    got = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+    assert got == expected
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    no_decay = optimizer.param_groups[1]["param_names"]
+    assert no_decay and all("norm" in name for name in no_decay)
+    for group in optimizer.param_groups:
+        assert group["lr"] == 2e-4
+        assert group["betas"] == (0.8, 0.95)
+        assert group["eps"] == 1e-6
+    assert optimizer.sparsity == 0.9
+
+
+def test_factory_keywords_win_and_frozen_params_stay_out(make_llama, make_args):
+    model = make_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    optimizer = create_blockllm_optimizer(model, make_args(), lr=1e-2, weight_decay=0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-2]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+    assert "model.embed_tokens.weight" not in optimizer.candidate_names
+
+
+def test_factory_rejects_bad_arguments(make_llama, make_args):
+    model = make_llama()
+    with pytest.raises(TypeError, match="training_args"):
+        create_blockllm_optimizer(model, {"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="sparsity"):
+        create_blockllm_optimizer(model, make_args(), sparsity=1.5)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        create_blockllm_optimizer(model, make_args())
+
+
+def test_unwrap_blockllm():
+    model = torch.nn.Linear(4, 4)
+    optimizer = BlockLLM(model.named_parameters())
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert unwrap_blockllm(optimizer) is optimizer
+    assert unwrap_blockllm(Wrapper(Wrapper(optimizer))) is optimizer
+    with pytest.raises(TypeError, match="got AdamW"):
+        unwrap_blockllm(torch.optim.AdamW(model.parameters()))
+    with pytest.raises(TypeError, match="Wrapper wrapping SGD"):
+        unwrap_blockllm(Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    with pytest.raises(TypeError, match="got None"):
+        unwrap_blockllm(None)
