@@ -68,7 +68,7 @@ probe.register_forward_hook(lambda module, inputs, output: compute_dtypes.add(st
 
 model.train()
 step_losses, micro_losses = [], []
-for epoch in range(args.epochs):
+for _ in range(args.epochs):
     for batch in loader:
         with accelerator.accumulate(model):
             loss = model(**batch).loss

@@ -39,7 +39,9 @@ def _low_and_top_only(model):
 
 
 def _backward(model, dataset):
-    batch = {key: torch.stack([dataset[i][key] for i in range(4)]) for key in ("input_ids", "labels")}
+    batch = {
+        key: torch.stack([dataset[i][key] for i in range(4)]) for key in ("input_ids", "labels")
+    }
     model(**batch).loss.backward()
     return dict(model.named_parameters())
 

@@ -98,3 +98,32 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(
     full_params = dict(full.model.named_parameters())
     for name, param in resumed.model.named_parameters():
         torch.testing.assert_close(param, full_params[name], rtol=0, atol=0, msg=name)
+
+
+class MakeEverythingTrainable(transformers.TrainerCallback):
+    """User code that flips requires_grad on after the optimizer state was loaded."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for param in model.parameters():
+            param.requires_grad_(True)
+
+
+def test_callback_reapplies_the_restored_selection(
+    make_llama, make_args, dataset, trainable_candidates, tmp_path, caplog
+):
+    full, full_opt, full_probe = _trainer(
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full"
+    )
+    full.train()
+    resumed, resumed_opt, resumed_probe = _trainer(
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed"
+    )
+    # Runs before BlockLLMCallback (callbacks are called in order).
+    resumed.callback_handler.callbacks.insert(0, MakeEverythingTrainable())
+    with caplog.at_level(logging.WARNING, logger="blockllm.integrations"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{SAVE_AT}"))
+    assert any("re-applying it" in record.getMessage() for record in caplog.records)
+    assert resumed_probe.at_begin["trainable"] == full_probe.at_save[SAVE_AT]["trainable"]
+    full_params = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, full_params[name], rtol=0, atol=0, msg=name)

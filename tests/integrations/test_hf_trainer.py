@@ -133,7 +133,9 @@ def test_callback_rejects_a_trainer_without_blockllm(make_llama, make_args, data
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=dataset, callbacks=[BlockLLMCallback()]
     )
-    with pytest.raises(TypeError, match="BlockLLMCallback needs the Trainer to train with BlockLLM"):
+    with pytest.raises(
+        TypeError, match="BlockLLMCallback needs the Trainer to train with BlockLLM"
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
 

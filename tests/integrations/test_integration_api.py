@@ -6,10 +6,8 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from blockllm import BlockLLM  # noqa: E402
-from blockllm.integrations import create_blockllm_optimizer, unwrap_blockllm  # noqa: E402
+from blockllm import BlockLLM
+from blockllm.integrations import unwrap_blockllm  # needs neither transformers nor accelerate
 
 _IMPORT_CHECK = """
 import sys
@@ -41,6 +39,9 @@ def test_integrations_import_lazily_and_name_the_install_line():
 
 
 def test_param_groups_match_trainer_adamw(make_llama, make_args):
+    transformers = pytest.importorskip("transformers")
+    from blockllm.integrations import create_blockllm_optimizer
+
     model = make_llama()
     args = make_args(learning_rate=2e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
     args.weight_decay = 0.1
@@ -61,6 +62,8 @@ def test_param_groups_match_trainer_adamw(make_llama, make_args):
 
 
 def test_factory_keywords_win_and_frozen_params_stay_out(make_llama, make_args):
+    from blockllm.integrations import create_blockllm_optimizer
+
     model = make_llama()
     model.model.embed_tokens.weight.requires_grad_(False)
     optimizer = create_blockllm_optimizer(model, make_args(), lr=1e-2, weight_decay=0.5)
@@ -70,6 +73,8 @@ def test_factory_keywords_win_and_frozen_params_stay_out(make_llama, make_args):
 
 
 def test_factory_rejects_bad_arguments(make_llama, make_args):
+    from blockllm.integrations import create_blockllm_optimizer
+
     model = make_llama()
     with pytest.raises(TypeError, match="training_args"):
         create_blockllm_optimizer(model, {"learning_rate": 1e-3})

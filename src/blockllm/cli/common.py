@@ -24,7 +24,7 @@ _COMMON_GROUPS: dict[str, list[str]] = {
         "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio",
         "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision", "seed",
     ],
-    "BlockLLM": ["sparsity", "patience", "trigger", "selection"],
+    "BlockLLM": ["sparsity", "patience", "trigger", "selection", "exclude"],
     "evaluation, logging and checkpoints": [
         "eval_every", "eval_at_start", "log_every", "save_every", "keep_checkpoints", "tensorboard",
     ],

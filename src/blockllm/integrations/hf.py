@@ -311,9 +311,9 @@ class BlockLLMCallback(TrainerCallback):
             ``on_train_begin`` (default: True).
 
     Raises:
-        TypeError: on ``Trainer(...)`` or ``train()``, when the Trainer's optimizer is not a
-            BlockLLM.
-        ValueError: on ``train()``, when ``optimizer`` was given and the Trainer uses another one.
+        TypeError: when the Trainer's optimizer is not a BlockLLM: at ``Trainer(...)`` if it was
+            passed in ``optimizers=``, else at ``train()`` before the first step.
+        ValueError: ``optimizer`` was given and the Trainer steps another one (same timing).
 
     Note:
         Trainer calls user callbacks after its reporting integrations (``report_to``), so the

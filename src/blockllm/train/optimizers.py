@@ -152,6 +152,7 @@ def _build_blockllm(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
         weight_decay=config.weight_decay, sparsity=config.sparsity, patience=config.patience,
         trigger=config.trigger, selection=config.selection, seed=config.seed,
+        exclude=config.exclude,
     )  # fmt: skip
 
 
