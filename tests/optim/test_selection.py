@@ -249,3 +249,28 @@ def test_second_optimizer_takes_over_the_hooks():
     second.step(loss=loss)
     assert second.num_selected == second.budget
     assert first.num_selections == 0
+
+
+def test_reentrant_checkpointing_scores_every_segment():
+    """Inner backward passes of reentrant checkpointing must not end the scoring early."""
+    from torch.utils.checkpoint import checkpoint
+
+    class TwoSegments(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8)
+
+        def forward(self, x, reentrant):
+            x = checkpoint(self.a, x.requires_grad_(), use_reentrant=reentrant)
+            return checkpoint(self.b, x, use_reentrant=reentrant)
+
+    for reentrant in (False, True):
+        torch.manual_seed(0)
+        net = TwoSegments()
+        opt = BlockLLM(net.named_parameters(), sparsity=0.25)  # budget 108 of 144
+        loss = net(torch.randn(4, 8), reentrant).square().mean()
+        loss.backward()
+        opt.step(loss=loss)
+        assert opt.num_selected == opt.budget == 108, reentrant
+        assert "a.weight" in opt.selected

@@ -179,7 +179,6 @@ class BlockLLM(Optimizer):
         self._trigger = make_trigger(trigger, self.patience)
         self._generator = torch.Generator().manual_seed(int(seed))
         self._hook_handles: dict[int, Any] = {}
-        self._end_of_backward_queued = False
         self._recorded_losses: list[float] = []
         self._warned_no_loss = False
         self._warned_skip = False
@@ -397,25 +396,9 @@ class BlockLLM(Optimizer):
         scoring = self._scoring
         if scoring is None:
             return
-        if not scoring.closed and not self._end_of_backward_queued:
-            try:
-                # Fix the selection when this backward ends, so later micro-batches of a
-                # gradient-accumulation step run with the non-selected blocks frozen.
-                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-                self._end_of_backward_queued = True
-            except RuntimeError:
-                pass  # not inside the autograd engine; step() finishes the selection instead
         started = time.perf_counter()
         scoring.observe(index, param)
         self.selection_seconds += time.perf_counter() - started
-
-    def _on_backward_end(self) -> None:
-        self._end_of_backward_queued = False
-        scoring = self._scoring
-        if scoring is not None and scoring.started and not scoring.closed:
-            started = time.perf_counter()
-            scoring.close()
-            self.selection_seconds += time.perf_counter() - started
 
     def _commit(self, chosen: Coordinates) -> None:
         """Make ``chosen`` the selection: free leaving blocks' state, keep staying blocks'."""
@@ -645,7 +628,8 @@ class BlockLLM(Optimizer):
         self.num_skipped_steps = int(section["num_skipped_steps"])
         self.num_steps = int(section["num_steps"])
         self.selection_seconds = float(section["selection_seconds"])
-        self._generator.set_state(section["generator_state"])
+        # A CPU generator takes only a CPU state; loaders may have moved every tensor to a GPU.
+        self._generator.set_state(section["generator_state"].cpu())
         self._scoring = None
         for index, param in enumerate(self._candidates):
             param.requires_grad_(index in self._selection)

@@ -7,7 +7,9 @@ gradients (about k coordinates, plus the one tensor autograd is producing) are h
 
 Under gradient accumulation the ranking comes from the first backward of the selection step (the
 scores cannot wait for later micro-batches without holding every gradient); the coordinates of a
-partly selected tensor and the update itself use the step's whole accumulated gradient.
+partly selected tensor and the update itself use the step's whole accumulated gradient. The first
+backward is known to be over when a tensor reports a second time (or at ``step()``); from then on
+tensors outside the plan are frozen and their gradients dropped as they arrive.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class ScoringPass:
 
     def observe(self, index: int, param: torch.Tensor) -> None:
         """Score one candidate whose gradient has just been accumulated."""
+        if index in self.scores and not self.closed:
+            # A tensor seen before: the first backward is over and this is a later micro-batch.
+            # (Closing here rather than from an end-of-backward callback keeps reentrant
+            # activation checkpointing, whose inner backward passes end early, scoring everything.)
+            self.close()
         if self.closed or index in self.scores or param.grad is None:
             # A later micro-batch of the same step: the plan's tensors keep accumulating (the
             # coordinates and the update use the whole step's gradient), the rest are dropped.
@@ -79,10 +86,7 @@ class ScoringPass:
         self.peak_held_bytes = max(self.peak_held_bytes, held)
 
     def close(self) -> None:
-        """End of the first backward: the ranking is fixed; freeze what the plan cannot use.
-
-        Later micro-batches of a gradient-accumulation step then skip the frozen tensors.
-        """
+        """The first backward is over: the ranking is fixed; freeze what the plan cannot use."""
         if self.closed or not self.started:
             return
         self.closed = True

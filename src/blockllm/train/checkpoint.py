@@ -161,8 +161,11 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
+    """The first sentence of an exception's message (torch's can run to several lines)."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return ""
+    return lines[0].split(". ")[0].rstrip(".")[:200]
 
 
 __all__ = [

@@ -122,6 +122,12 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = check_run_dir(output_dir, config, resume=resume)
+        # Read and check the checkpoint now: a corrupt or foreign one is reported in a second,
+        # not after minutes of loading data and model.
+        self._checkpoint: dict[str, Any] | None = None
+        if self.run_dir.resume_from is not None:
+            self._checkpoint = load_checkpoint(self.run_dir.resume_from)
+            _check_checkpoint_config(self._checkpoint, config, self.run_dir.resume_from)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress: Progress = progress if progress is not None else LogProgress()
         self.threads = threads
@@ -174,8 +180,9 @@ class Trainer:
         )  # fmt: skip
         self.memory = MemoryTracker(self.device)
 
-        if self.run_dir.resume_from is not None:
-            self._restore(self.run_dir.resume_from)
+        if self._checkpoint is not None:
+            self._restore(self._checkpoint, self.run_dir.resume_from)
+            self._checkpoint = None  # the model and optimizer own the tensors now
         init_run_dir(self.run_dir, config)
         resumed = self.run_dir.resume_from is not None
         self._metrics = MetricsWriter(
@@ -341,18 +348,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
 
-    def _restore(self, path: Path) -> None:
-        record = load_checkpoint(path)
-        try:
-            saved = RunConfig.from_dict(record["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} holds no valid run config ({exc})") from exc
-        changed = self.config.differences(saved)
-        if changed:
-            names = ", ".join(sorted(changed))
-            raise CheckpointError(
-                f"checkpoint {path} was saved by a different run (differs in: {names})"
-            )
+    def _restore(self, record: dict[str, Any], path: Path) -> None:
         try:
             self.model.load_state_dict(record["model"])
         except (KeyError, RuntimeError) as exc:
@@ -455,13 +451,25 @@ class _Window:
         self.seconds = float(state["seconds"])
 
 
+def _check_checkpoint_config(record: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint written by a run with different settings (e.g. copied in by hand)."""
+    try:
+        saved = RunConfig.from_dict(record["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} holds no valid run config ({exc})") from exc
+    changed = config.differences(saved)
+    if changed:
+        names = ", ".join(sorted(changed))
+        raise CheckpointError(f"checkpoint {path} was saved by a different run (differs in: {names})")
+
+
 def _format_eval(values: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in values.items())
 
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
+    return lines[0].split(". ")[0][:300] if lines else type(exc).__name__
 
 
 def _json(values: dict[str, Any]) -> str:

@@ -95,9 +95,10 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
                 f"{name}: {theirs!r} there, {mine!r} now"
                 for name, (mine, theirs) in changed.items()
             )
+            hint = "" if resume else ", or --resume alone to continue it with its saved settings"
             raise RunDirError(
                 f"output directory {path} holds a different run ({shown}); choose another "
-                "--output-dir, or repeat the saved settings"
+                f"--output-dir{hint}"
             )
 
     checkpoint = latest_checkpoint(path / CHECKPOINTS_DIR)
