@@ -31,6 +31,23 @@ def test_subcommand_help_shows_defaults(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    result = subprocess.run([sys.executable, "-m", "blockllm", "--version"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "blockllm", "--version"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     assert __version__ in result.stdout
+
+
+def test_progress_bar_shows_step_loss_speed_memory_and_reselections(capsys):
+    from blockllm.cli.progress import TqdmProgress, make_progress
+
+    assert isinstance(make_progress("bar", "tiny/blockllm"), TqdmProgress)
+    bar = make_progress("bar", "tiny/blockllm")
+    bar.start(total=4, initial=1)
+    for step in (2, 3, 4):
+        bar.update({"step": step, "loss": 5.4321, "tokens_per_s": 4100.0, "peak_rss_mb": 912.0,
+                    "num_reselections": 2})  # fmt: skip
+    bar.close()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss 5.4321" in err and "4,100 tok/s" in err
+    assert "rss 912 MB" in err and "resel 2" in err

@@ -26,13 +26,21 @@ def test_pretrain_writes_every_output(tmp_path, cache_dir, capsys):
     )  # fmt: skip
     assert code == 0
     config = json.loads((out_dir / "config.json").read_text())
-    assert (config["command"], config["model"], config["optimizer"], config["lr"]) == ("pretrain", "tiny", "blockllm", 2e-3)
+    assert (config["command"], config["model"], config["optimizer"], config["lr"]) == (
+        "pretrain",
+        "tiny",
+        "blockllm",
+        2e-3,
+    )
     records = metrics(out_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in records)
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == [
+        "step_00000002.pt",
+        "step_00000004.pt",
+    ]
     assert json.loads((out_dir / "summary.json").read_text())["steps"] == 4
     assert "eval_loss" in out and "reselections" in out
 
@@ -102,7 +110,9 @@ ERRORS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("prepare", "extra", "message"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(
+    ("prepare", "extra", "message"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS]
+)
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     prepare, extra, message, finished_runs, tmp_path, cache_dir, capsys
 ):
@@ -111,7 +121,10 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     before = snapshot(out_dir)
     flags = [] if "--resume" in extra and "--lr" not in extra else [*TINY_FLAGS, "--max-steps", "4", "--eval-every", "2",
                                                                     "--save-every", "2", "--patience", "1"]  # fmt: skip
-    code, _, err = run(["pretrain", *flags, *extra, "--output-dir", str(out_dir), "--cache-dir", str(cache_dir)], capsys)
+    code, _, err = run(
+        ["pretrain", *flags, *extra, "--output-dir", str(out_dir), "--cache-dir", str(cache_dir)],
+        capsys,
+    )
     assert code == 2
     lines = err.strip().splitlines()
     # One error line, last; anything before it is ordinary INFO logging of the setup.

@@ -12,7 +12,17 @@ from blockllm.cli.main import main
 from blockllm.train.checkpoint import latest_checkpoint, load_checkpoint
 from tests.train.tiny import TINY_FLAGS, metrics
 
-FLAGS = [*TINY_FLAGS, "--max-steps", "60", "--eval-every", "20", "--save-every", "1000", "--patience", "3"]
+FLAGS = [
+    *TINY_FLAGS,
+    "--max-steps",
+    "60",
+    "--eval-every",
+    "20",
+    "--save-every",
+    "1000",
+    "--patience",
+    "3",
+]
 EXACT_KEYS = ("step", "loss", "lr", "grad_norm", "eval_loss", "num_reselections")
 
 
@@ -35,7 +45,9 @@ def _wait_for_lines(path, count, process, timeout=120.0):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_run_leaves_a_checkpoint_that_resumes_exactly(signum, tmp_path, cache_dir, capsys):
+def test_signal_mid_run_leaves_a_checkpoint_that_resumes_exactly(
+    signum, tmp_path, cache_dir, capsys
+):
     out_dir = tmp_path / "run"
     process = _start(out_dir, cache_dir)
     _wait_for_lines(out_dir / "metrics.jsonl", 3, process)

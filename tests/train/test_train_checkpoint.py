@@ -1,3 +1,4 @@
+import pickle
 import random
 
 import pytest
@@ -35,7 +36,7 @@ def test_keeps_the_last_few_and_leaves_no_temp_files(tmp_path):
 def test_failed_save_keeps_previous_checkpoints(tmp_path):
     save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)}, keep=1)
     before = (tmp_path / "step_00000001.pt").read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # by Python version
         save_checkpoint(tmp_path, 2, {"x": lambda: None}, keep=1)  # not picklable
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
     assert (tmp_path / "step_00000001.pt").read_bytes() == before

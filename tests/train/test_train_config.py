@@ -42,7 +42,9 @@ def test_every_field_has_help():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(TypeError, match=r"Unknown config keys \['learning_rate'\].*valid keys: .*lr"):
+    with pytest.raises(
+        TypeError, match=r"Unknown config keys \['learning_rate'\].*valid keys: .*lr"
+    ):
         RunConfig.from_dict({**defaults_for("pretrain"), "learning_rate": 1})
     with pytest.raises(TypeError, match="valid keys"):
         RunConfig.create("pretrain", learning_rate=1)
@@ -51,11 +53,27 @@ def test_unknown_key_lists_valid_keys():
 @pytest.mark.parametrize(
     ("command", "changes", "message"),
     [
-        ("pretrain", {"model": "llama-7b"}, r"Invalid preset: 'llama-7b' \(choose from 'tiny', 'llama-20m', 'llama-60m'"),
-        ("pretrain", {"optimizer": "sgd"}, r"Invalid optimizer: 'sgd' \(choose from .*'adamw'.*'blockllm'"),
-        ("finetune", {"model": "bert-large"}, r"Invalid model: 'bert-large' \(choose from 'minilm', 'gemma-270m'"),
+        (
+            "pretrain",
+            {"model": "llama-7b"},
+            r"Invalid preset: 'llama-7b' \(choose from 'tiny', 'llama-20m', 'llama-60m'",
+        ),
+        (
+            "pretrain",
+            {"optimizer": "sgd"},
+            r"Invalid optimizer: 'sgd' \(choose from .*'adamw'.*'blockllm'",
+        ),
+        (
+            "finetune",
+            {"model": "bert-large"},
+            r"Invalid model: 'bert-large' \(choose from 'minilm', 'gemma-270m'",
+        ),
         ("finetune", {"task": "mnli"}, r"Invalid task: 'mnli' \(choose from 'tweet-sentiment'"),
-        ("pretrain", {"precision": "fp8"}, r"Invalid precision: 'fp8' \(choose from 'auto', 'fp32', 'bf16'\)"),
+        (
+            "pretrain",
+            {"precision": "fp8"},
+            r"Invalid precision: 'fp8' \(choose from 'auto', 'fp32', 'bf16'\)",
+        ),
         ("pretrain", {"device": "tpu"}, r"Invalid device: 'tpu'"),
         ("pretrain", {"max_steps": 0}, r"Invalid max_steps: 0 \(must be >= 1\)"),
         ("pretrain", {"sparsity": 1.0}, r"Invalid sparsity: 1.0 \(must be < 1.0\)"),
@@ -86,7 +104,10 @@ def test_differences_skip_resumable_fields():
     moved = base.replace(save_every=7, keep_checkpoints=5, device="cpu", tensorboard=False)
     assert base.differences(moved) == {}
     assert set(base.differences(moved, include_resumable=True)) == {
-        "save_every", "keep_checkpoints", "device", "tensorboard",
+        "save_every",
+        "keep_checkpoints",
+        "device",
+        "tensorboard",
     }
     assert base.differences(base.replace(lr=2e-3)) == {"lr": (1e-3, 2e-3)}
 

@@ -22,7 +22,13 @@ def test_resume_truncates_to_the_checkpoint_step(tmp_path):
     writer = MetricsWriter(tmp_path, resume_step=4, tensorboard=False)
     writer.log({"step": 5, "loss": 50})
     writer.close()
-    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 50)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (4, 4),
+        (5, 50),
+    ]
 
 
 def test_truncated_last_line_is_ignored(tmp_path):

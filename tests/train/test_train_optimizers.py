@@ -3,7 +3,13 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.train import OPTIMIZERS, OptimizerSpec, RunConfig, get_optimizer_spec, register_optimizer
+from blockllm.train import (
+    OPTIMIZERS,
+    OptimizerSpec,
+    RunConfig,
+    get_optimizer_spec,
+    register_optimizer,
+)
 from blockllm.train.optimizers import decay_groups
 
 
@@ -22,7 +28,9 @@ def test_registry_holds_the_baseline_and_blockllm():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"Invalid optimizer: 'sgd' \(choose from 'adamw', 'blockllm'"):
+    with pytest.raises(
+        ValueError, match=r"Invalid optimizer: 'sgd' \(choose from 'adamw', 'blockllm'"
+    ):
         get_optimizer_spec("sgd")
 
 
@@ -64,7 +72,9 @@ def test_adding_an_optimizer_is_one_entry():
     register_optimizer(spec)
     try:
         config = RunConfig.create("pretrain", optimizer="sgd-test")
-        assert isinstance(get_optimizer_spec(config.optimizer).build(Net(), config), torch.optim.SGD)
+        assert isinstance(
+            get_optimizer_spec(config.optimizer).build(Net(), config), torch.optim.SGD
+        )
         with pytest.raises(ValueError, match="already registered"):
             register_optimizer(spec)
     finally:

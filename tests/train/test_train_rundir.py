@@ -31,7 +31,9 @@ def test_different_run_is_refused_and_untouched(tmp_path):
     _finished_run(tmp_path, tiny_config())
     before = snapshot(tmp_path)
     for resume in (False, True):
-        with pytest.raises(RunDirError, match=r"holds a different run \(lr: 0.001 there, 0.002 now\)"):
+        with pytest.raises(
+            RunDirError, match=r"holds a different run \(lr: 0.001 there, 0.002 now\)"
+        ):
             check_run_dir(tmp_path, tiny_config(lr=2e-3), resume=resume)
     assert snapshot(tmp_path) == before
 

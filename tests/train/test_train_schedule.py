@@ -26,7 +26,12 @@ def test_no_warmup_and_single_step():
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [((5, 0), "max_steps"), ((-1, 10), "warmup_steps"), ((11, 10), "warmup_steps"), ((0, 10, 1.5), "min_ratio")],
+    [
+        ((5, 0), "max_steps"),
+        ((-1, 10), "warmup_steps"),
+        ((11, 10), "warmup_steps"),
+        ((0, 10, 1.5), "min_ratio"),
+    ],
 )
 def test_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
@@ -47,7 +52,9 @@ def test_scheduler_drives_lr_and_round_trips_weights_only():
     torch.save(scheduler.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = build_scheduler(torch.optim.AdamW([param], lr=1.0), warmup_steps=2, max_steps=6, min_ratio=0.1)
+    fresh = build_scheduler(
+        torch.optim.AdamW([param], lr=1.0), warmup_steps=2, max_steps=6, min_ratio=0.1
+    )
     fresh.load_state_dict(state)
     assert fresh.get_last_lr() == scheduler.get_last_lr()
     assert not math.isnan(fresh.get_last_lr()[0])

@@ -50,6 +50,15 @@ _CHOICES = {
     "task_kind": ("auto", "classification", "causal-lm"),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
+_METAVARS = {
+    "model": "NAME", "data": "SOURCE", "task": "TASK", "optimizer": "NAME", "exclude": "REGEX",
+    "lr": "LR", "seed": "SEED", "device": "DEVICE",
+}  # fmt: skip
+# The model flag means different things per command.
+_MODEL_HELP = {
+    "pretrain": "Llama preset: tiny, llama-20m, llama-60m, llama-130m, llama-350m, llama-1b",
+    "finetune": "minilm, gemma-270m, or the path of a saved Hugging Face model",
+}
 
 
 def _flag(name: str) -> str:
@@ -70,11 +79,11 @@ def add_config_flags(
         group = parser.add_argument_group(title)
         for name in names:
             annotation = str(_FIELD_TYPES[name])
-            help_text = field_help(name).replace("%", "%%")
+            help_text = (_MODEL_HELP[command] if name == "model" else field_help(name)).replace(
+                "%", "%%"
+            )
             default = defaults[name]
-            if name == "model" and command == "finetune":
-                help_text += " (default: minilm)"
-            elif default is not None and annotation == "bool":
+            if default is not None and annotation == "bool":
                 help_text += f" (default: {'on' if default else 'off'})"
             elif default is not None:
                 help_text += f" (default: {default})"
@@ -84,11 +93,10 @@ def add_config_flags(
                 continue
             if name in _CHOICES:
                 kwargs["choices"] = _CHOICES[name]
-            metavar = {"model": "NAME", "data": "SOURCE", "task": "TASK", "optimizer": "NAME"}.get(
-                name
-            )
-            if metavar:
-                kwargs["metavar"] = metavar
+            else:
+                kwargs["metavar"] = _METAVARS.get(name) or {int: "N", float: "X"}.get(
+                    _parse_type(annotation), "VALUE"
+                )
             group.add_argument(_flag(name), type=_parse_type(annotation), **kwargs)
 
 

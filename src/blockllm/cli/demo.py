@@ -10,6 +10,7 @@ with) tokenizer training. The comparison goes to the terminal, ``DIR/demo.md`` a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import signal
@@ -128,9 +129,16 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         "preparing the corpus slice and the tokenizer (cached after the first run) ...", flush=True
     )
-    documents = load_documents("stdlib", max_chars=size.max_chars)
-    train_or_load_tokenizer(documents, size.vocab_size, cache_dir / "tokenizers")
-    del documents
+    data_logger = logging.getLogger("blockllm.data")
+    previous_level = data_logger.level
+    if data_logger.getEffectiveLevel() >= logging.INFO:
+        data_logger.setLevel(logging.WARNING)  # the line above already says what happens
+    try:
+        documents = load_documents("stdlib", max_chars=size.max_chars)
+        train_or_load_tokenizer(documents, size.vocab_size, cache_dir / "tokenizers")
+        del documents
+    finally:
+        data_logger.setLevel(previous_level)
 
     durations = {}
     for number, method in enumerate(METHODS, start=1):
@@ -153,13 +161,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
     runs = [load_run(output / method) for method in METHODS]
     table = comparison_table(runs)
+    verdict = _verdict(runs[0].headline(), runs[1].headline())
     plot_demo(runs, output / "demo.png")
     total = time.perf_counter() - started
     (output / "demo.md").write_text(
-        _markdown(table, size, args, durations, total, runs), encoding="utf-8"
+        _markdown(table, verdict, size, args, durations, total, runs), encoding="utf-8"
     )
     print()
     print(table)
+    print()
+    print(verdict)
     print()
     print(f"demo finished in {total:.0f} s; wrote {output / 'demo.md'} and {output / 'demo.png'}")
     return 0
@@ -188,8 +199,28 @@ def _run_child(command: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _verdict(adamw: dict[str, Any], blockllm: dict[str, Any]) -> str:
+    """One sentence with the headline ratios, worded from the measured numbers."""
+
+    def ratio(key: str) -> str:
+        if not adamw.get(key) or blockllm.get(key) is None:
+            return "n/a"
+        return f"{blockllm[key] / adamw[key]:.2f}x"
+
+    where = "n/a"
+    if adamw.get("eval_loss") is not None and blockllm.get("eval_loss") is not None:
+        gap = blockllm["eval_loss"] - adamw["eval_loss"]
+        where = f"{abs(gap):.2f} nats {'above' if gap > 0 else 'below'} AdamW's"
+    return (
+        f"BlockLLM held {ratio('optimizer_state_bytes')} the optimizer state and "
+        f"{ratio('grads_bytes')} the gradient bytes of AdamW, processed {ratio('tokens_per_s')} "
+        f"the tokens per second, and after the same number of steps its eval loss was {where}."
+    )
+
+
 def _markdown(
     table: str,
+    verdict: str,
     size: DemoSize,
     args: argparse.Namespace,
     durations: dict[str, float],
@@ -214,6 +245,8 @@ seed 0. BlockLLM: sparsity {args.sparsity}, patience {size.patience}. Each metho
 Ratios in parentheses are against AdamW; eval loss differences are absolute.
 
 {table}
+
+{verdict}
 
 Peak RSS includes the Python interpreter, torch and transformers (about 0.4 GB before any model);
 the optimizer-state and gradient columns are exact byte counts of those tensors.

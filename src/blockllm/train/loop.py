@@ -342,7 +342,7 @@ class Trainer:
         if self.device.type == "cuda":
             record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(self.device) / _MB, 1)
         for category, value in self.memory.peak.items():
-            record[f"{category}_mb"] = round(value / _MB, 3)
+            record[f"peak_{category}_mb"] = round(value / _MB, 3)
         record.update(self.spec.stats(self.optimizer))
         return record
 
@@ -460,7 +460,9 @@ def _check_checkpoint_config(record: dict[str, Any], config: RunConfig, path: Pa
     changed = config.differences(saved)
     if changed:
         names = ", ".join(sorted(changed))
-        raise CheckpointError(f"checkpoint {path} was saved by a different run (differs in: {names})")
+        raise CheckpointError(
+            f"checkpoint {path} was saved by a different run (differs in: {names})"
+        )
 
 
 def _format_eval(values: dict[str, float]) -> str:

@@ -16,11 +16,12 @@ from blockllm.train.report import RunRecord
 logger = logging.getLogger(__name__)
 
 _MB = 1e6
+# Category colours stay clear of the per-run colours (C0, C1, ...) used by the other panels.
 _CATEGORIES = (
-    ("params", "parameters"),
-    ("grads", "gradients"),
-    ("optimizer_state", "optimizer state"),
-    ("master_weights", "master weights"),
+    ("params", "parameters", "#7f7f7f"),
+    ("grads", "gradients", "#bcbd22"),
+    ("optimizer_state", "optimizer state", "#9467bd"),
+    ("master_weights", "master weights", "#8c564b"),
 )
 
 
@@ -63,16 +64,16 @@ def _loss_axes(axes: Any, runs: list[RunRecord], x: str, xlabel: str) -> None:
 def _memory_axes(tensor_axes: Any, process_axes: Any, runs: list[RunRecord]) -> None:
     names = [run.name for run in runs]
     width = 0.8 / len(_CATEGORIES)
-    for offset, (key, label) in enumerate(_CATEGORIES):
+    for offset, (key, label, color) in enumerate(_CATEGORIES):
         values = []
         for run in runs:
             memory = (run.summary or {}).get("memory", {})
             value = memory.get(f"peak_{key}_bytes")
             if value is None:
-                value = (run.last(f"{key}_mb") or 0.0) * _MB
+                value = (run.last(f"peak_{key}_mb") or 0.0) * _MB
             values.append(value / _MB)
         positions = [i + (offset - (len(_CATEGORIES) - 1) / 2) * width for i in range(len(runs))]
-        tensor_axes.bar(positions, values, width=width, label=label, color=f"C{offset}")
+        tensor_axes.bar(positions, values, width=width, label=label, color=color)
     tensor_axes.set_xticks(range(len(runs)), names)
     tensor_axes.set_ylabel("MB (peak, counted from tensors)")
     tensor_axes.set_title("tensor memory by category")

@@ -75,9 +75,9 @@ class RunRecord:
             "peak_rss_bytes": pick(memory.get("peak_rss_bytes"), "peak_rss_mb", _MB),
             "peak_cuda_bytes": pick(memory.get("peak_cuda_bytes"), "peak_cuda_mb", _MB),
             "optimizer_state_bytes": pick(
-                memory.get("peak_optimizer_state_bytes"), "optimizer_state_mb", _MB
+                memory.get("peak_optimizer_state_bytes"), "peak_optimizer_state_mb", _MB
             ),
-            "grads_bytes": pick(memory.get("peak_grads_bytes"), "grads_mb", _MB),
+            "grads_bytes": pick(memory.get("peak_grads_bytes"), "peak_grads_mb", _MB),
             "tokens_per_s": summary.get("tokens_per_s", fallback_speed),
             "eval_loss": final.get("eval_loss", self.last("eval_loss")),
             "eval_ppl": final.get("eval_ppl", self.last("eval_ppl")),
