@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from blockllm.errors import BlockLLMError, StateDictMismatchError
 from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_implementation
+from blockllm.optim.distributed import GradientAverager
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
 from blockllm.optim.validation import budget_for, check_arguments
 from blockllm.selection.packing import Coordinates, make_packer
@@ -121,6 +122,11 @@ class BlockLLM(Optimizer):
         foreach: use torch's foreach Adam kernels (default: None, see ``fused``).
         fused: use torch's fused Adam kernel; ``None`` with ``foreach=None`` picks fused on CPU and
             CUDA (default: None).
+        process_group: a ``torch.distributed`` process group for data parallelism without DDP:
+            parameters are broadcast from the group's first rank at construction, the selected
+            gradients (every candidate's on a selection step) and the loss are averaged over
+            the group, so all ranks select the same blocks and stay identical. ``None`` (default):
+            no communication.
 
     Raises:
         ValueError, TypeError: on any invalid argument, naming it and its value.
@@ -154,6 +160,7 @@ class BlockLLM(Optimizer):
         skip_nonfinite: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         check_arguments(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
@@ -212,6 +219,12 @@ class BlockLLM(Optimizer):
                 f"(exclude={exclude!r}, include={include!r})"
             )
         self._refresh_budget()
+        self._averager = None if process_group is None else GradientAverager(process_group)
+        if self._averager is not None:
+            with torch.no_grad():
+                self._averager.broadcast_(
+                    [p.detach() for group in self.param_groups for p in group["params"]]
+                )
         logger.info(
             "BlockLLM: %d candidate tensors, %d coordinates, budget k=%d (sparsity %.4g), "
             "%d excluded and frozen",
@@ -390,7 +403,14 @@ class BlockLLM(Optimizer):
                     param.requires_grad_(True)
             self._scoring = None
             return
-        self._scoring = ScoringPass(self._candidates, self._packer, self._score_block)
+        reduce_fn = None
+        if self._averager is not None:
+            averager = self._averager
+
+            def reduce_fn(grad: torch.Tensor) -> None:
+                averager.average_([grad])
+
+        self._scoring = ScoringPass(self._candidates, self._packer, self._score_block, reduce_fn)
         for param in self._candidates:
             param.requires_grad_(True)
 
@@ -460,6 +480,9 @@ class BlockLLM(Optimizer):
             loss = math.fsum(self._recorded_losses) / len(self._recorded_losses)
         self._recorded_losses.clear()
         observed = None if loss is None else _as_float(loss)
+        if observed is not None and self._averager is not None:
+            # Every rank must see the same loss, or their triggers would disagree.
+            observed = self._averager.average_scalar(observed, self._candidates[0].device)
         if (
             observed is None
             and self._trigger.needs_loss
@@ -484,6 +507,9 @@ class BlockLLM(Optimizer):
         selection = chosen if chosen is not None else self._selection
 
         grads = self._gather_grads(selection)
+        if self._averager is not None:
+            done = scoring.reduced if chosen is not None else set()
+            self._averager.average_([g for i, g in grads.items() if i not in done])
         if self.skip_nonfinite and not self._is_finite(observed, scoring, grads):
             self._skip_step(discard_selection=chosen is not None)
             return closure_loss

@@ -33,10 +33,20 @@ class ScoringPass:
         score_fn: ``(candidate index, gradient) -> score``.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], packer: BudgetPacker, score_fn: ScoreFn):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        packer: BudgetPacker,
+        score_fn: ScoreFn,
+        reduce_fn: Callable[[torch.Tensor], None] | None = None,
+    ):
         self.params = params
         self.packer = packer
         self.score_fn = score_fn
+        # Data parallel: average each gradient over the ranks before it is scored, so that every
+        # rank ranks the same numbers and selects the same blocks.
+        self.reduce_fn = reduce_fn
+        self.reduced: set[int] = set()
         self.scores: dict[int, float] = {}
         self.plan = Plan((), (), 0)
         self.closed = False
@@ -59,12 +69,17 @@ class ScoringPass:
             # (Closing here rather than from an end-of-backward callback keeps reentrant
             # activation checkpointing, whose inner backward passes end early, scoring everything.)
             self.close()
-        if self.closed or index in self.scores or param.grad is None:
+        if param.grad is None:
+            return
+        if self.closed:
             # A later micro-batch of the same step: the plan's tensors keep accumulating (the
             # coordinates and the update use the whole step's gradient), the rest are dropped.
             if index not in self.plan.members:
                 param.grad = None
+            else:
+                self._reduce(index, param.grad)
             return
+        self._reduce(index, param.grad)
         score = float(self.score_fn(index, param.grad))
         if not math.isfinite(score):
             # The step will be skipped; rank the tensor last so the plan stays well defined.
@@ -84,6 +99,13 @@ class ScoringPass:
             if self.params[i].grad is not None
         )
         self.peak_held_bytes = max(self.peak_held_bytes, held)
+
+    def _reduce(self, index: int, grad: torch.Tensor) -> None:
+        # Averaging again after a later micro-batch is still right: the part averaged before is
+        # the same on every rank, so its mean is itself.
+        if self.reduce_fn is not None:
+            self.reduce_fn(grad)
+            self.reduced.add(index)
 
     def close(self) -> None:
         """The first backward is over: the ranking is fixed; freeze what the plan cannot use."""

@@ -1,0 +1,67 @@
+"""Worker functions run in spawned processes (they must be importable by module path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from blockllm import BlockLLM
+from tests.optim.helpers import TinyNet, loss_of, make_batches
+
+STEPS = 14
+OPTIMIZER_KWARGS = dict(lr=1e-2, weight_decay=0.01, sparsity=0.85, trigger="interval", patience=3)
+
+
+def _train(model, opt, halves, rank, world_size):
+    history = []
+    for tokens, labels in halves:
+        rows = slice(rank * len(tokens) // world_size, (rank + 1) * len(tokens) // world_size)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model, (tokens[rows], labels[rows]))
+        loss.backward()
+        opt.step(loss=loss)
+        history.append(list(opt.selected))
+    return history
+
+
+def data_parallel_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    try:
+        torch.manual_seed(100 + rank)  # different initial weights: the optimizer broadcasts
+        model = TinyNet(width=24)
+        opt = BlockLLM(model.named_parameters(), process_group=dist.group.WORLD, **OPTIMIZER_KWARGS)
+        history = _train(model, opt, make_batches(STEPS, batch=16), rank, world_size)
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "history": history,
+                "reselections": opt.num_reselections,
+                "bytes": opt._averager.bytes_communicated,
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process_reference() -> dict:
+    """The same training on one process with the whole (concatenated) batch."""
+    torch.manual_seed(100)  # rank 0's initial weights, which the broadcast hands everyone
+    model = TinyNet(width=24)
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS)
+    history = _train(model, opt, make_batches(STEPS, batch=16), 0, 1)
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "history": history,
+        "reselections": opt.num_reselections,
+    }
+
+
+def unused_env() -> str:
+    return os.environ.get("MASTER_ADDR", "")
