@@ -1,23 +1,6 @@
 import pytest
 import torch
 
-from tests.train.tiny import cache_path
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return cache_path(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny test model is overhead-bound: one thread is as fast as two, and stays fast when
-    # other processes share the cores (two threads each then slow down tenfold).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="session")
 def finished_runs(tmp_path_factory, cache_dir):

@@ -51,17 +51,6 @@ class ProgressionDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These models are tiny: a second intra-op thread gains nothing, and on a shared 2-core CI
-    # runner OpenMP threads spinning against other processes made steps 10x slower. Restored
-    # afterwards, so tests outside this directory keep torch's default.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def make_llama():
     """Factory: the same tiny Llama for the same seed, in train mode."""

@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _run(script, *arguments, cwd):
-    # One intra-op thread: the models are tiny, and see single_thread in conftest.py.
+    # One intra-op thread: the models are tiny, and see the thread pinning in tests/conftest.py.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *arguments],

@@ -7,7 +7,6 @@ library's sources (about 13 MB of code) and the English reference docs in ``pydo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from blockllm.data._checks import check_optional_int
 from blockllm.data._deps import require_module
+from blockllm.data.jsonl import iter_text_records
 
 logger = logging.getLogger(__name__)
 
@@ -175,20 +175,8 @@ def _txt_documents(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{str(path)!r} line {number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f'{str(path)!r} line {number}: expected a JSON object with a string "text" field, '
-                    f"got {line.strip()[:80]!r}"
-                )
-            yield record["text"]
+    for _, record in iter_text_records(path):
+        yield record["text"]
 
 
 def _hf_documents(name: str, *, streaming: bool) -> Iterator[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import random
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from blockllm.data._checks import check_int, check_optional_int
 from blockllm.data._deps import package_dir
+from blockllm.data.jsonl import iter_text_records
 
 logger = logging.getLogger(__name__)
 
@@ -178,27 +178,16 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[int], list[str]]:
         raise FileNotFoundError(f"Task file {str(path)!r} does not exist (or is not a file)")
     texts: list[str] = []
     raw_labels: list[str | int] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{str(path)!r} line {number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f'{str(path)!r} line {number}: expected an object with a string "text" field'
-                )
-            label = record.get("label")
-            valid_int = isinstance(label, int) and not isinstance(label, bool) and label >= 0
-            if not (isinstance(label, str) or valid_int):
-                raise ValueError(
-                    f'{str(path)!r} line {number}: invalid "label" {label!r} '
-                    "(expected a string or a non-negative int)"
-                )
-            texts.append(record["text"])
-            raw_labels.append(label)
+    for number, record in iter_text_records(path):
+        label = record.get("label")
+        valid_int = isinstance(label, int) and not isinstance(label, bool) and label >= 0
+        if not (isinstance(label, str) or valid_int):
+            raise ValueError(
+                f'{str(path)!r} line {number}: invalid "label" {label!r} '
+                "(expected a string or a non-negative int)"
+            )
+        texts.append(record["text"])
+        raw_labels.append(label)
     if not texts:
         raise ValueError(f"Task file {str(path)!r} contains no text")
     return texts, *_index_labels(path, raw_labels)
