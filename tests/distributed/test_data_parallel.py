@@ -10,18 +10,7 @@ pytestmark = pytest.mark.distributed
 
 
 def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_path):
-    store = tmp_path / "store"
-    context = mp.start_processes(
-        data_parallel_worker, args=(2, str(store), str(tmp_path)), nprocs=2, join=False,
-        start_method="spawn",
-    )  # fmt: skip
-    for _ in range(120):  # bounded: 120 s at most
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the distributed workers did not finish within 120 s")
+    run_workers(data_parallel_worker, tmp_path)
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -37,3 +26,27 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_p
     for name, value in reference["params"].items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert rank0["bytes"] > 0
+
+
+def run_workers(worker, tmp_path, seconds=120):
+    context = mp.start_processes(
+        worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
+        start_method="spawn",
+    )  # fmt: skip
+    for _ in range(seconds):
+        if context.join(timeout=1):
+            return
+    for process in context.processes:
+        process.kill()
+    pytest.fail(f"the distributed workers did not finish within {seconds} s")
+
+
+def test_a_ddp_wrapped_model_without_process_group_is_refused(tmp_path):
+    from tests.distributed.workers import ddp_detection_worker
+
+    run_workers(ddp_detection_worker, tmp_path)
+    for rank in (0, 1):
+        outcome = torch.load(tmp_path / f"ddp{rank}.pt", weights_only=True)
+        assert outcome["plain"].startswith("Invalid params: they look like a DistributedDataParallel")
+        assert "process_group=torch.distributed.group.WORLD" in outcome["plain"]
+        assert outcome["with_group"] == "accepted"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -63,5 +62,24 @@ def single_process_reference() -> dict:
     }
 
 
-def unused_env() -> str:
-    return os.environ.get("MASTER_ADDR", "")
+def ddp_detection_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    outcome = {}
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(TinyNet(width=8))
+        try:
+            BlockLLM(wrapped.named_parameters(), sparsity=0.5)
+            outcome["plain"] = "accepted"
+        except ValueError as err:
+            outcome["plain"] = str(err)
+        # With a process group BlockLLM averages every selected gradient itself: accepted.
+        BlockLLM(TinyNet(width=8).named_parameters(), sparsity=0.5, process_group=dist.group.WORLD)
+        outcome["with_group"] = "accepted"
+        torch.save(outcome, Path(out_dir) / f"ddp{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from blockllm.errors import BlockLLMError, StateDictMismatchError
 from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_implementation
-from blockllm.optim.distributed import GradientAverager
+from blockllm.optim.distributed import GradientAverager, check_not_ddp_wrapped
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
 from blockllm.optim.validation import budget_for, check_arguments
 from blockllm.selection.packing import Coordinates, make_packer
@@ -219,6 +219,7 @@ class BlockLLM(Optimizer):
                 f"(exclude={exclude!r}, include={include!r})"
             )
         self._refresh_budget()
+        check_not_ddp_wrapped(self._candidate_names, process_group)
         self._averager = None if process_group is None else GradientAverager(process_group)
         if self._averager is not None:
             with torch.no_grad():

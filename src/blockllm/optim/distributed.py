@@ -66,6 +66,28 @@ class GradientAverager:
                 tensor.copy_(value)
 
 
+def check_not_ddp_wrapped(names: list[str], process_group: Any) -> None:
+    """Refuse the parameters of a ``DistributedDataParallel`` model when nothing else syncs them.
+
+    DDP registers the tensors that are trainable when it is built and reduces only those; a
+    tensor BlockLLM selects later is never averaged, and the replicas drift apart silently. The
+    parameters of a DDP model are named ``module.*``; under a multi-rank process group with no
+    ``process_group`` given to BlockLLM, that is the unsafe combination.
+    """
+    if process_group is not None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() < 2 or not all(name.startswith("module.") for name in names):
+        return
+    raise ValueError(
+        "Invalid params: they look like a DistributedDataParallel model's (every name starts "
+        "with 'module.') and process_group is None. DDP only averages the tensors that were "
+        "trainable when it was built, so blocks BlockLLM selects later would silently drift "
+        "apart across ranks. Build BlockLLM on the unwrapped model without DDP and pass "
+        "process_group=torch.distributed.group.WORLD: it then averages exactly the selected "
+        "gradients (far fewer bytes than DDP)."
+    )
+
+
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     # One flat buffer per (device, dtype): collectives need a single dtype, and few large
     # collectives beat many small ones.
