@@ -23,6 +23,20 @@ class CheckpointError(BlockLLMError, RuntimeError):
     """A checkpoint is missing, unreadable, or was saved by a different run."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is damaged: cut short, changed after it was written, or unparsable.
+
+    Resuming falls back to the next older checkpoint when one is intact.
+    """
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint was written in a format this blockllm cannot read (by a newer release).
+
+    Not a reason to fall back to an older checkpoint: the fix is to upgrade blockllm.
+    """
+
+
 class TrainingInterrupted(BlockLLMError, RuntimeError):
     """SIGINT/SIGTERM stopped training after a checkpoint was saved.
 
@@ -42,4 +56,11 @@ class TrainingInterrupted(BlockLLMError, RuntimeError):
         )
 
 
-__all__ = ["CheckpointError", "ConfigError", "RunDirError", "TrainingInterrupted"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointVersionError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "RunDirError",
+    "TrainingInterrupted",
+]
