@@ -102,3 +102,18 @@ def test_unwrap_blockllm():
         unwrap_blockllm(Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
     with pytest.raises(TypeError, match="got None"):
         unwrap_blockllm(None)
+
+
+def test_callback_refuses_multi_process_trainer_without_process_group(make_llama):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from blockllm.integrations import BlockLLMCallback
+
+    model = make_llama()
+    opt = BlockLLM(model.named_parameters(), sparsity=0.9)
+    callback = BlockLLMCallback(opt)
+    args = SimpleNamespace(world_size=2)
+    with pytest.raises(RuntimeError, match=r"needs process_group=torch\.distributed\.group\.WORLD"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=opt)

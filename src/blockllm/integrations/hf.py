@@ -383,6 +383,15 @@ class BlockLLMCallback(TrainerCallback):
     ) -> None:
         optimizer = self._resolve(kwargs.get("optimizer"))
         self.optimizer = optimizer
+        if getattr(args, "world_size", 1) > 1 and optimizer.process_group is None:
+            # Trainer's DDP averages only the tensors it saw as trainable; BlockLLM must average
+            # what it selects itself, or the ranks drift apart silently.
+            raise RuntimeError(
+                f"BlockLLM under Trainer with {args.world_size} processes needs "
+                "process_group=torch.distributed.group.WORLD (create_blockllm_optimizer(model, "
+                "args, process_group=torch.distributed.group.WORLD)) and "
+                "TrainingArguments(ddp_find_unused_parameters=True), or the replicas drift apart"
+            )
         model = kwargs.get("model")
         if model is not None and self.manage_checkpointing:
             _fit_input_grads_to_checkpointing(model)

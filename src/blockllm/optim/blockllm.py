@@ -242,6 +242,11 @@ class BlockLLM(Optimizer):
         return self._budget
 
     @property
+    def process_group(self) -> Any:
+        """The process group gradients are averaged over, or None (no communication)."""
+        return None if self._averager is None else self._averager.group
+
+    @property
     def num_coordinates(self) -> int:
         """N: coordinates of all candidate tensors."""
         return self._total
