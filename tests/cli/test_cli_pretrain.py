@@ -63,9 +63,11 @@ def _copy_run(finished_runs, tmp_path):
 
 
 def _corrupt_checkpoint(finished_runs, tmp_path):
+    # Every checkpoint is damaged: with an intact older one, --resume falls back to it instead
+    # (tests/reliability/test_checkpoint_faults.py).
     target = _copy_run(finished_runs, tmp_path)
-    path = target / "checkpoints" / "step_00000004.pt"
-    path.write_bytes(path.read_bytes()[:2000])
+    for path in (target / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(path.read_bytes()[:2000])
     return target
 
 

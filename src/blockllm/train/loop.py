@@ -15,6 +15,17 @@ then a metrics line, an evaluation every ``eval_every`` steps, and a checkpoint 
 BlockLLM selection state, scheduler, RNGs, running counters), so ``--resume`` reproduces an
 uninterrupted run's losses bit for bit on the same hardware and thread count.
 
+Unattended runs must survive what goes wrong in days of training:
+
+* a step whose loss or gradients are NaN/inf changes no parameter and no optimizer state; it is
+  counted in every metrics line (``num_skipped_steps``). BlockLLM decides this itself; for other
+  optimizers the loop does (see :class:`~blockllm.train.optimizers.OptimizerSpec`);
+* ``--resume`` verifies the newest checkpoint's checksum and falls back to the previous one when
+  it is damaged (the damaged file is kept as ``.corrupt``);
+* a periodic checkpoint that cannot be written (a full disk) is logged and retried at the next
+  save while training goes on; the previous checkpoint stays intact. Only the final or
+  signal-triggered save, after which the process would exit, turns the failure into an error.
+
 SIGINT/SIGTERM do not kill a step half-way: the step finishes, a checkpoint is written, and
 :class:`~blockllm.train.errors.TrainingInterrupted` is raised. A second signal aborts at once (the
 last complete checkpoint stays valid, since checkpoints are written atomically).
@@ -23,6 +34,7 @@ last complete checkpoint stays valid, since checkpoints are written atomically).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -38,12 +50,13 @@ import torch
 
 from blockllm.train.checkpoint import (
     capture_rng_state,
-    load_checkpoint,
+    load_latest_checkpoint,
+    quarantine,
     restore_rng_state,
     save_checkpoint,
 )
 from blockllm.train.config import RunConfig
-from blockllm.train.errors import CheckpointError, TrainingInterrupted
+from blockllm.train.errors import CheckpointError, CorruptCheckpointError, TrainingInterrupted
 from blockllm.train.memory import MemoryTracker
 from blockllm.train.metrics import MetricsWriter
 from blockllm.train.optimizers import get_optimizer_spec
@@ -105,7 +118,8 @@ class Trainer:
 
     Raises:
         RunDirError: the output directory cannot take this run (checked before anything loads).
-        CheckpointError: the checkpoint to resume from is corrupt or from another run.
+        CheckpointError: no intact checkpoint to resume from, or it is from another run or a
+            newer checkpoint format.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
     """
 
@@ -125,9 +139,11 @@ class Trainer:
         # Read and check the checkpoint now: a corrupt or foreign one is reported in a second,
         # not after minutes of loading data and model.
         self._checkpoint: dict[str, Any] | None = None
+        self._damaged: list[tuple[Path, CorruptCheckpointError]] = []
         if self.run_dir.resume_from is not None:
-            self._checkpoint = load_checkpoint(self.run_dir.resume_from)
-            _check_checkpoint_config(self._checkpoint, config, self.run_dir.resume_from)
+            path, self._checkpoint, self._damaged = load_latest_checkpoint(self.run_dir.checkpoints)
+            self.run_dir = dataclasses.replace(self.run_dir, resume_from=path)
+            _check_checkpoint_config(self._checkpoint, config, path)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress: Progress = progress if progress is not None else LogProgress()
         self.threads = threads
@@ -135,6 +151,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.skipped_steps = 0
+        self._warned_skip = False
         self.initial_eval: dict[str, float] | None = None
         self.last_eval: dict[str, float] | None = None
         self.summary: dict[str, Any] = {}
@@ -184,10 +202,15 @@ class Trainer:
             self._restore(self._checkpoint, self.run_dir.resume_from)
             self._checkpoint = None  # the model and optimizer own the tensors now
         init_run_dir(self.run_dir, config)
+        # Only now, with data and model loaded, may the directory change (see rundir).
+        for path, _ in self._damaged:
+            quarantine(path)
+        self._damaged = []
         resumed = self.run_dir.resume_from is not None
         self._metrics = MetricsWriter(
             self.run_dir.path,
-            resume_step=self.step if resumed else None,
+            # A restart from step 0 also cuts the metrics and TensorBoard back (to nothing).
+            resume_step=self.step if resumed or self.run_dir.restart else None,
             tensorboard=config.tensorboard,
         )
         logger.info(
@@ -231,12 +254,9 @@ class Trainer:
                 self.progress.update(record)
 
             stopping = self._stop_signal is not None
-            if (
-                stopping
-                or self.step == config.max_steps
-                or (config.save_every > 0 and self.step % config.save_every == 0)
-            ):
-                self.save_checkpoint()
+            final = self.step == config.max_steps
+            if stopping or final or (config.save_every > 0 and self.step % config.save_every == 0):
+                self._save_or_carry_on(must_succeed=stopping or final)
             if stopping and self.step < config.max_steps:
                 assert self._stop_signal is not None and self._last_checkpoint is not None
                 raise TrainingInterrupted(self._stop_signal, self.step, str(self._last_checkpoint))
@@ -264,6 +284,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "tokens": self.tokens,
             "elapsed_s": self.elapsed,
+            "skipped_steps": self.skipped_steps,
             "window": self._window.state_dict(),
             "memory": self.memory.state_dict(),
             "peak_rss_bytes": max(self._saved_rss, self.memory.summary()["peak_rss_bytes"]),
@@ -274,6 +295,40 @@ class Trainer:
             self.run_dir.checkpoints, self.step, payload, keep=self.config.keep_checkpoints
         )
         return self._last_checkpoint
+
+    def _save_or_carry_on(self, *, must_succeed: bool) -> None:
+        """Save a checkpoint; a periodic one that cannot be written only costs a log line.
+
+        Losing hours of training because the disk filled up for a while would be the worse
+        outcome: the previous checkpoint is intact (saves are atomic), training goes on, and the
+        next save tries again. When the process is about to exit (the last step, a signal), the
+        checkpoint is the only record of the work, so the failure becomes an error that says
+        what survived.
+        """
+        try:
+            self.save_checkpoint()
+        except OSError as exc:
+            previous = (
+                f"the previous checkpoint {self._last_checkpoint} is intact"
+                if self._last_checkpoint is not None
+                else "no earlier checkpoint of this session exists"
+            )
+            if must_succeed:
+                raise CheckpointError(
+                    f"could not write the checkpoint of step {self.step} ({exc}); {previous}; "
+                    "free some space and continue with --resume"
+                ) from exc
+            logger.error(
+                "Could not write the checkpoint of step %d (%s); %s. Training goes on and the "
+                "next checkpoint is tried at step %d.",
+                self.step, exc, previous, self._next_save_step(),
+            )  # fmt: skip
+
+    def _next_save_step(self) -> int:
+        every = self.config.save_every
+        if every <= 0:
+            return self.config.max_steps
+        return min(self.config.max_steps, (self.step // every + 1) * every)
 
     def cleanup(self) -> None:
         """Restore signal handlers, close metrics and progress (also after an error)."""
@@ -314,15 +369,54 @@ class Trainer:
             if with_grad:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
         lr = float(self.scheduler.get_last_lr()[0])
-        if self.spec.takes_loss:
-            self.optimizer.step(loss=loss_value)
-        else:
-            self.optimizer.step()
+        self._optimizer_step(loss_value, grad_norm)
         self.scheduler.step()
         # Gradients and optimizer state both exist here: their peak is measured now.
         self.memory.sample(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, tokens, lr, grad_norm
+
+    def _optimizer_step(self, loss_value: float, grad_norm: float | None) -> None:
+        """Step the optimizer, or skip a step with NaN/inf numbers (counted either way).
+
+        The schedule still advances on a skipped step, as with ``torch.amp.GradScaler``: the
+        learning rate stays a function of the step, so a resumed run and an uninterrupted one
+        agree whether or not steps were skipped.
+        """
+        counter = self.spec.skipped_steps
+        if counter is not None:
+            before = counter(self.optimizer)
+            self._call_step(loss_value)
+            self.skipped_steps += counter(self.optimizer) - before
+            return
+        if math.isfinite(loss_value) and self._gradients_finite(grad_norm):
+            self._call_step(loss_value)
+            return
+        self.skipped_steps += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            logger.warning(
+                "Skipped step %d: non-finite loss or gradient (loss %s); parameters and optimizer "
+                "state are unchanged. Later skips are only counted (num_skipped_steps in "
+                "metrics.jsonl).",
+                self.step + 1, loss_value,
+            )  # fmt: skip
+        else:
+            logger.debug("Skipped step %d (non-finite loss or gradient)", self.step + 1)
+
+    def _call_step(self, loss_value: float) -> None:
+        if self.spec.takes_loss:
+            self.optimizer.step(loss=loss_value)
+        else:
+            self.optimizer.step()
+
+    def _gradients_finite(self, grad_norm: float | None) -> bool:
+        if grad_norm is not None:  # clipping computed it already, NaN/inf included
+            return math.isfinite(grad_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return math.isfinite(float(_total_norm(grads)))
 
     def _record(self, lr: float, grad_norm: float | None) -> dict[str, Any]:
         loss, tokens, seconds = self._window.take()
@@ -344,6 +438,8 @@ class Trainer:
         for category, value in self.memory.peak.items():
             record[f"peak_{category}_mb"] = round(value / _MB, 3)
         record.update(self.spec.stats(self.optimizer))
+        # Every optimizer's lines carry it; for BlockLLM it equals the optimizer's own counter.
+        record["num_skipped_steps"] = self.skipped_steps
         return record
 
     # ------------------------------------------------------------------ resume
@@ -366,11 +462,17 @@ class Trainer:
         self.step = int(record["step"])
         self.tokens = int(record["tokens"])
         self.elapsed = float(record["elapsed_s"])
+        counter = self.spec.skipped_steps
+        # Format-1 checkpoints (blockllm 0.1.0) predate the loop's counter; BlockLLM kept its own.
+        self.skipped_steps = int(
+            record.get("skipped_steps", counter(self.optimizer) if counter is not None else 0)
+        )
         self._window.load_state_dict(record["window"])
         self.memory.load_state_dict(record["memory"])
         self._saved_rss = int(record["peak_rss_bytes"])
         self.initial_eval = record["initial_eval"]
         self.last_eval = record["last_eval"]
+        self._last_checkpoint = path
         logger.info("Resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ signals
@@ -411,6 +513,7 @@ class Trainer:
             "final_eval": self.last_eval,
             "memory": memory,
             "optimizer_stats": self.spec.stats(self.optimizer),
+            "num_skipped_steps": self.skipped_steps,
             "info": self.workload.info,
             "device": str(self.device),
             "precision": self.precision,
@@ -463,6 +566,16 @@ def _check_checkpoint_config(record: dict[str, Any], config: RunConfig, path: Pa
         raise CheckpointError(
             f"checkpoint {path} was saved by a different run (differs in: {names})"
         )
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of ``grads`` (NaN/inf when any entry is), without changing them."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:  # torch >= 2.6
+        return get_total_norm(grads, 2.0)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+    )
 
 
 def _format_eval(values: dict[str, float]) -> str:

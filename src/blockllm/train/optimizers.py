@@ -40,6 +40,11 @@ class OptimizerSpec:
         takes_loss: Pass the step's loss as ``optimizer.step(loss=...)`` (BlockLLM's trigger).
         prepare_model: Optional ``(model, config) -> model`` run before ``build`` (adapters).
         stats: ``optimizer -> {name: number}`` logged with every metrics line.
+        skipped_steps: ``optimizer -> count`` of the steps the optimizer itself skipped because
+            the loss or a gradient was NaN/inf. None (the default) means it does not check, and
+            the loop skips such steps for it, so that one bad batch cannot write NaN into the
+            weights. An optimizer that checks must see those steps (BlockLLM discards a
+            selection scored on bad gradients), so the loop then hands every step to it.
     """
 
     name: str
@@ -48,6 +53,7 @@ class OptimizerSpec:
     takes_loss: bool = False
     prepare_model: Callable[[nn.Module, RunConfig], nn.Module] | None = None
     stats: Callable[[torch.optim.Optimizer], dict[str, float]] = field(default=_no_stats)
+    skipped_steps: Callable[[torch.optim.Optimizer], int] | None = None
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
@@ -173,6 +179,7 @@ register_optimizer(
         description="BlockLLM: Adam on a gradient-selected (1 - sparsity) share of coordinates",
         takes_loss=True,
         stats=_blockllm_stats,
+        skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
     )
 )
 

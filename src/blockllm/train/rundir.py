@@ -5,8 +5,13 @@ The rules protect existing results; every refusal happens before any file is wri
 * a new or empty directory starts a run (``--resume`` there is an error: nothing to resume);
 * a directory whose ``config.json`` holds a *different* run is refused, resume or not;
 * a directory holding *this* run's metrics or checkpoints needs ``--resume`` (starting over would
-  overwrite them), and ``--resume`` needs a checkpoint;
-* a non-empty directory without ``config.json`` is refused (it is not a blockllm run).
+  overwrite them); ``--resume`` continues from the last intact checkpoint, or, when the run was
+  stopped before its first checkpoint (metrics but no checkpoint), starts it again from step 0,
+  which reproduces the same lines;
+* ``--resume`` with nothing of this run to continue (no checkpoint, no metrics) is an error;
+* a non-empty directory without ``config.json`` is refused (it is not a blockllm run). Leftover
+  temporary files of our own atomic writes (a run killed while writing its first ``config.json``)
+  do not count: they must not lock the user out of the directory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
+_TEMP_INFIX = ".tmp-"
+_CONFIG_TEMP_PREFIX = f".{CONFIG_FILE}{_TEMP_INFIX}"
 
 
 @dataclass(frozen=True)
@@ -34,11 +41,15 @@ class RunDir:
 
     Attributes:
         path: The directory.
-        resume_from: The checkpoint to continue from, or None for a fresh start.
+        resume_from: The newest checkpoint to continue from, or None for a fresh start. The
+            trainer verifies it and falls back to an older one when it is damaged.
+        restart: ``--resume`` of a run that stopped before its first checkpoint: it starts from
+            step 0 and its partial outputs are replaced.
     """
 
     path: Path
     resume_from: Path | None
+    restart: bool = False
 
     @property
     def checkpoints(self) -> Path:
@@ -80,7 +91,11 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output directory {path} exists and is not a directory")
-    entries = sorted(os.listdir(path)) if path.is_dir() else []
+    entries = [
+        name
+        for name in (sorted(os.listdir(path)) if path.is_dir() else [])
+        if not name.startswith(_CONFIG_TEMP_PREFIX)
+    ]
     previous = saved_config(path)
 
     if previous is None and entries:
@@ -104,7 +119,18 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
     checkpoint = latest_checkpoint(path / CHECKPOINTS_DIR)
     has_results = bool(list_checkpoints(path / CHECKPOINTS_DIR)) or _nonempty(path / METRICS_FILE)
     if resume and checkpoint is None:
-        raise RunDirError(f"nothing to resume: {path / CHECKPOINTS_DIR} holds no checkpoint")
+        if has_results:
+            # Killed before its first checkpoint: neither a fresh start (it would overwrite the
+            # metrics) nor a resume would otherwise be allowed. Batches are a pure function of the
+            # step, so starting over reproduces the lines it replaces.
+            logger.warning(
+                "%s holds no checkpoint yet (the run stopped before its first save); starting it "
+                "again from step 0",
+                path / CHECKPOINTS_DIR,
+            )
+            return RunDir(path=path, resume_from=None, restart=True)
+        hint = "; run the same command without --resume to start it" if previous else ""
+        raise RunDirError(f"nothing to resume: {path / CHECKPOINTS_DIR} holds no checkpoint{hint}")
     if not resume and has_results:
         raise RunDirError(
             f"output directory {path} already holds this run's results; pass --resume to continue "
@@ -117,6 +143,9 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
 def init_run_dir(run_dir: RunDir, config: RunConfig) -> None:
     """Create the directory and write ``config.json`` (only when it changes)."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.path.glob(f"{_CONFIG_TEMP_PREFIX}*"):
+        # A previous process killed half-way through writing config.json; ours has another name.
+        leftover.unlink(missing_ok=True)
     previous = saved_config(run_dir.path)
     if previous is None or config.differences(previous, include_resumable=True):
         write_text_atomic(run_dir.path / CONFIG_FILE, config.to_json())
@@ -124,7 +153,7 @@ def init_run_dir(run_dir: RunDir, config: RunConfig) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp = path.with_name(f".{path.name}{_TEMP_INFIX}{os.getpid()}")
     try:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(text)
