@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from torch.optim import Optimizer
 from blockllm.errors import BlockLLMError, StateDictMismatchError
 from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_implementation
 from blockllm.optim.distributed import GradientAverager, check_not_ddp_wrapped
+from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
 from blockllm.optim.validation import budget_for, check_arguments
 from blockllm.selection.packing import Coordinates, make_packer
@@ -26,17 +26,6 @@ from blockllm.selection.triggers import make_trigger
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
-
-# Which BlockLLM currently drives the hooks of a parameter, by id(param). A parameter can only be
-# collected after every optimizer holding it is, so a live owner always refers to the same tensor.
-_HOOK_OWNERS: dict[int, weakref.ReferenceType] = {}
-
-
-def _remove_hooks(handles: dict[int, Any]) -> None:
-    for handle in handles.values():
-        handle.remove()
-    handles.clear()
-
 
 def _as_float(loss: Any) -> float:
     if isinstance(loss, torch.Tensor):
@@ -193,7 +182,7 @@ class BlockLLM(Optimizer):
         self._scoring: ScoringPass | None = None
         self._trigger = make_trigger(trigger, self.patience)
         self._generator = torch.Generator().manual_seed(int(seed))
-        self._hook_handles: dict[int, Any] = {}
+        self._hooks = GradHooks(self, BlockLLM._on_grad_ready)
         self._recorded_losses: list[float] = []
         self._warned_no_loss = False
         self._warned_skip = False
@@ -205,7 +194,6 @@ class BlockLLM(Optimizer):
         self.num_steps = 0
         self.selection_seconds = 0.0
         self.peak_selection_grad_bytes = 0
-        weakref.finalize(self, _remove_hooks, self._hook_handles)
 
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach,
@@ -356,33 +344,13 @@ class BlockLLM(Optimizer):
             self._claim_hook(param, index)
 
     def _claim_hook(self, param: torch.Tensor, index: int) -> None:
-        previous = _HOOK_OWNERS.get(id(param))
-        owner = previous() if previous is not None else None
-        if owner is not None and owner is not self:
-            owner._release_hook(param)
-            if not owner._warned_taken_over:
-                owner._warned_taken_over = True
-                logger.warning(
-                    "a newer BlockLLM now drives parameters of an older one (first: %s); the "
-                    "older optimizer no longer selects them",
-                    self._candidate_names[index],
-                )
-        _HOOK_OWNERS[id(param)] = weakref.ref(self)
-        owner_ref = weakref.ref(self)
-
-        def on_grad_accumulated(tensor: torch.Tensor, _index: int = index) -> None:
-            optimizer = owner_ref()
-            if optimizer is not None:
-                optimizer._on_grad_ready(_index, tensor)
-
-        self._hook_handles[id(param)] = param.register_post_accumulate_grad_hook(
-            on_grad_accumulated
-        )
-
-    def _release_hook(self, param: torch.Tensor) -> None:
-        handle = self._hook_handles.pop(id(param), None)
-        if handle is not None:
-            handle.remove()
+        if self._hooks.attach(param, index) and not self._warned_taken_over:
+            self._warned_taken_over = True
+            logger.warning(
+                "this BlockLLM took over parameters of an older one (first: %s); the older "
+                "optimizer no longer selects them",
+                self._candidate_names[index],
+            )
 
     def _refresh_budget(self) -> None:
         self._total = sum(param.numel() for param in self._candidates)
