@@ -24,6 +24,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 def build_parser() -> argparse.ArgumentParser:
     """The ``blockllm`` parser with every subcommand."""
     from blockllm import __version__
+    from blockllm.cli.bench import add_bench_parser
     from blockllm.cli.demo import add_demo_parser
     from blockllm.cli.report import add_report_parser
     from blockllm.cli.train_commands import add_finetune_parser, add_pretrain_parser
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (add_demo_parser, add_pretrain_parser, add_finetune_parser, add_report_parser):
         add(subparsers)
+    add_bench_parser(subparsers)
     for subparser in subparsers.choices.values():
         # Also accepted after the subcommand; SUPPRESS keeps the subcommand from overwriting a
         # value given before it with a default.

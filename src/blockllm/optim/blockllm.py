@@ -177,6 +177,7 @@ class BlockLLM(Optimizer):
         self._candidate_names: list[str] = []
         self._candidate_index: dict[int, int] = {}
         self._excluded_names: list[str] = []
+        self._excluded: list[tuple[str, torch.Tensor]] = []
         self._visits: list[int] = []
         self._selection: Coordinates = {}
         self._scoring: ScoringPass | None = None
@@ -209,6 +210,7 @@ class BlockLLM(Optimizer):
         self._refresh_budget()
         check_not_ddp_wrapped(self._candidate_names, process_group)
         self._averager = None if process_group is None else GradientAverager(process_group)
+        self._activate()
         if self._averager is not None:
             with torch.no_grad():
                 self._averager.broadcast_(
@@ -312,6 +314,17 @@ class BlockLLM(Optimizer):
                 report["optimizer_state"] += coordinates.numel() * coordinates.element_size()
         return report
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As for torch optimizers; also restarts a selection whose step never came.
+
+        A selection is committed by ``step()``. When gradients are zeroed before that (a
+        ``GradScaler`` skipped the step after an overflow, or the loop moved on), the scores
+        belong to discarded gradients: the next backward scores every candidate again.
+        """
+        if self._scoring is not None and self._scoring.started:
+            self._start_selection()
+        super().zero_grad(set_to_none=set_to_none)
+
     # ------------------------------------------------------------------ param groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -322,6 +335,7 @@ class BlockLLM(Optimizer):
         self._register_candidates(group)
         if self._constructed:
             self._refresh_budget()
+            self._activate()
             self._start_selection()
 
     def _register_candidates(self, group: dict[str, Any]) -> None:
@@ -333,15 +347,31 @@ class BlockLLM(Optimizer):
             if self._include.active and not self._include.matches(names):
                 excluded = True
             if excluded:
-                param.requires_grad_(False)
-                self._excluded_names.append(name)
+                self._excluded.append((name, param))
                 continue
+            if param.is_complex():
+                raise TypeError(
+                    f"Invalid params: {name!r} is complex ({param.dtype}); BlockLLM supports real "
+                    "floating-point parameters only"
+                )
             index = len(self._candidates)
             self._candidates.append(param)
             self._candidate_names.append(name)
             self._candidate_index[id(param)] = index
             self._visits.append(0)
-            self._claim_hook(param, index)
+
+    def _activate(self) -> None:
+        """Freeze excluded tensors and hook new candidates, once every check has passed.
+
+        Nothing of the model is touched before that, so a constructor that raises leaves the
+        model exactly as it was (a corrected second call then sees the same trainable tensors).
+        """
+        for name, param in self._excluded:
+            param.requires_grad_(False)
+            self._excluded_names.append(name)
+        self._excluded.clear()
+        for index in range(len(self._hooks), len(self._candidates)):
+            self._claim_hook(self._candidates[index], index)
 
     def _claim_hook(self, param: torch.Tensor, index: int) -> None:
         if self._hooks.attach(param, index) and not self._warned_taken_over:
@@ -355,6 +385,11 @@ class BlockLLM(Optimizer):
     def _refresh_budget(self) -> None:
         self._total = sum(param.numel() for param in self._candidates)
         self._budget = budget_for(self.sparsity, self._total)
+        if self._total == 0:
+            raise ValueError(
+                "BlockLLM has no coordinates to train: every candidate tensor is empty "
+                f"({len(self._candidates)} zero-size tensors)"
+            )
         if self._budget < 1:
             raise ValueError(
                 f"Invalid sparsity: {self.sparsity} leaves a budget of 0 of {self._total} "
@@ -394,7 +429,9 @@ class BlockLLM(Optimizer):
         if self.score == "random":
             value = float(torch.rand((), generator=self._generator))
         else:
-            value = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
+            # Low-precision gradients are reduced in fp32; fp32/fp64 ones in their own dtype.
+            low = grad.dtype in (torch.bfloat16, torch.float16)
+            value = float(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
         if self.visit_penalty:
             value /= 1 + self._visits[index]
         return value

@@ -27,7 +27,7 @@ def _check_real(name: str, value: Any) -> float:
         value = value.item()
     if not _is_real(value):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
-    if math.isnan(value):
+    if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value}")
     return float(value)
 
@@ -57,8 +57,13 @@ def check_arguments(
     if not isinstance(lr, torch.Tensor):
         if _check_real("learning rate", lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-    elif lr.numel() != 1 or lr.item() < 0.0:
+    elif lr.numel() != 1 or not math.isfinite(lr.item()) or lr.item() < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
+    elif foreach:
+        raise ValueError(
+            "Invalid learning rate: a Tensor lr is not supported with foreach=True "
+            "(torch's foreach Adam refuses it); pass a float, or use fused or the for-loop"
+        )
     if _check_real("epsilon value", eps) < 0.0:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if _check_real("weight_decay value", weight_decay) < 0.0:

@@ -52,6 +52,9 @@ class ScoringPass:
         self.closed = False
         self.chosen: Coordinates | None = None
         self.saw_nonfinite = False
+        # Tensors whose gradient holds NaN/inf keep it: a GradScaler must see the overflow to
+        # skip the step and lower its scale, and a freed gradient would hide it.
+        self.nonfinite: set[int] = set()
         self.peak_held_bytes = 0
 
     @property
@@ -84,14 +87,15 @@ class ScoringPass:
         if not math.isfinite(score):
             # The step will be skipped; rank the tensor last so the plan stays well defined.
             self.saw_nonfinite = True
+            self.nonfinite.add(index)
             score = -math.inf
         self.scores[index] = score
         previous = self.plan.members
         self.plan = self.packer.plan(self.scores)
         members = self.plan.members
-        for dropped in previous - members:
+        for dropped in previous - members - self.nonfinite:
             self.params[dropped].grad = None
-        if index not in members:
+        if index not in members and index not in self.nonfinite:
             param.grad = None
         held = sum(
             self.params[i].grad.numel() * self.params[i].grad.element_size()
@@ -112,7 +116,7 @@ class ScoringPass:
         if self.closed or not self.started:
             return
         self.closed = True
-        self._freeze_all_but(self.plan.members)
+        self._freeze_all_but(self.plan.members, keep_grads=self.nonfinite)
 
     def finish(self) -> Coordinates:
         """Fix the selection from the step's (accumulated) gradients and freeze the rest."""
@@ -129,8 +133,9 @@ class ScoringPass:
         self._freeze_all_but(self.chosen)
         return self.chosen
 
-    def _freeze_all_but(self, keep) -> None:
+    def _freeze_all_but(self, keep, keep_grads: set[int] = frozenset()) -> None:
         for index, param in enumerate(self.params):
             if index not in keep:
-                param.grad = None
+                if index not in keep_grads:
+                    param.grad = None
                 param.requires_grad_(False)

@@ -57,7 +57,7 @@ from blockllm.train.checkpoint import (
 )
 from blockllm.train.config import RunConfig
 from blockllm.train.errors import CheckpointError, CorruptCheckpointError, TrainingInterrupted
-from blockllm.train.memory import MemoryTracker
+from blockllm.train.memory import MemoryTracker, current_rss_bytes
 from blockllm.train.metrics import MetricsWriter
 from blockllm.train.optimizers import get_optimizer_spec
 from blockllm.train.progress import LogProgress, Progress
@@ -158,6 +158,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._window = _Window()
         self._saved_rss = 0
+        self._baseline_rss: int | None = None  # RSS just before this process's first step
         self._stop_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._metrics: MetricsWriter | None = None
@@ -228,6 +229,7 @@ class Trainer:
         """Run the remaining steps; evaluate, log and checkpoint on the way."""
         config = self.config
         self.progress.start(config.max_steps, self.step)
+        self._baseline_rss = current_rss_bytes()
         if self.step >= config.max_steps:
             logger.info("The run is already complete (step %d of %d)", self.step, config.max_steps)
         while self.step < config.max_steps:
@@ -311,7 +313,7 @@ class Trainer:
             previous = (
                 f"the previous checkpoint {self._last_checkpoint} is intact"
                 if self._last_checkpoint is not None
-                else "no earlier checkpoint of this session exists"
+                else "no earlier checkpoint of this run exists"
             )
             if must_succeed:
                 raise CheckpointError(
@@ -501,6 +503,8 @@ class Trainer:
 
         memory = self.memory.summary()
         memory["peak_rss_bytes"] = max(memory["peak_rss_bytes"], self._saved_rss)
+        if self._baseline_rss is not None:
+            memory["baseline_rss_bytes"] = self._baseline_rss
         return {
             "command": self.config.command,
             "model": self.config.model,

@@ -25,6 +25,20 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def current_rss_bytes() -> int | None:
+    """Resident set size of this process now (Linux ``/proc``), or None where unavailable.
+
+    The bench takes it just before the first training step, so that the training's own share of
+    the peak (``peak - baseline``) can be told apart from the interpreter, libraries, model and data.
+    """
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize()
+
+
 def cuda_peak_bytes(device: torch.device) -> int | None:
     """``torch.cuda.max_memory_allocated`` on a CUDA device, else None."""
     if device.type != "cuda":
@@ -48,11 +62,34 @@ def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
         counted["params"] += _nbytes(param)
         if param.grad is not None:
             counted["grads"] += _nbytes(param.grad)
+    seen: set[int] = set()
     for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                counted["optimizer_state"] += _nbytes(value)
+        counted["optimizer_state"] += _state_bytes(state, seen)
     return counted
+
+
+def _state_bytes(value: Any, seen: set[int], depth: int = 0) -> int:
+    """Bytes of the tensors in one optimizer-state entry, however they are held.
+
+    Peers keep state tensors inside containers and objects (GaLore's projector holds its matrix
+    as an attribute), so the count walks dicts, lists and objects' attributes a few levels deep;
+    ``seen`` makes a tensor shared by several entries count once.
+    """
+    if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return _nbytes(value)
+    if depth >= 3:
+        return 0
+    if isinstance(value, dict):
+        return sum(_state_bytes(item, seen, depth + 1) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_state_bytes(item, seen, depth + 1) for item in value)
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and not isinstance(value, type):
+        return sum(_state_bytes(item, seen, depth + 1) for item in attributes.values())
+    return 0
 
 
 class MemoryTracker:
@@ -108,6 +145,7 @@ __all__ = [
     "CATEGORIES",
     "MemoryTracker",
     "cuda_peak_bytes",
+    "current_rss_bytes",
     "format_bytes",
     "peak_rss_bytes",
     "tensor_bytes",

@@ -9,6 +9,8 @@ branches on the optimizer's name.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,15 +152,18 @@ register_optimizer(
 # ---------------------------------------------------------------------- BlockLLM
 
 
-def _build_blockllm(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> torch.optim.Optimizer:
     from blockllm.optim import BlockLLM
 
+    settings: dict[str, Any] = {
+        "sparsity": config.sparsity, "patience": config.patience, "trigger": config.trigger,
+        "selection": config.selection, "seed": config.seed, "exclude": config.exclude,
+    }  # fmt: skip
+    settings.update(overrides)
     return BlockLLM(
         decay_groups(model, config.weight_decay),
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-        weight_decay=config.weight_decay, sparsity=config.sparsity, patience=config.patience,
-        trigger=config.trigger, selection=config.selection, seed=config.seed,
-        exclude=config.exclude,
+        weight_decay=config.weight_decay, **settings,
     )  # fmt: skip
 
 
@@ -184,10 +189,107 @@ register_optimizer(
 )
 
 
+# BlockLLM's ablations, one name each, so that every variant runs in its own process under the
+# same flags. Each fixes one setting and takes the rest from the run config.
+_BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "blockllm-0.95": ({"sparsity": 0.95}, "BlockLLM at sparsity 0.95 (whatever --sparsity says)"),
+    "blockllm-random": (
+        {"score": "random"},
+        "BlockLLM ablation: random tensors instead of gradient-selected ones, same budget",
+    ),
+    "blockllm-novisit": (
+        {"visit_penalty": False},
+        "BlockLLM ablation: scores not divided by 1 + times selected",
+    ),
+    "blockllm-mask": (
+        {"selection": "mask"},
+        "BlockLLM with the paper's |G| >= tau coordinate mask instead of whole tensors",
+    ),
+}
+for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():
+    register_optimizer(
+        OptimizerSpec(
+            name=_name,
+            build=functools.partial(_build_blockllm, **_overrides),
+            description=_description,
+            takes_loss=True,
+            stats=_blockllm_stats,
+            skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
+        )
+    )
+
+
+# ---------------------------------------------------------------------- peers
+
+
+def _peer(module: str, attribute: str) -> Callable[..., Any]:
+    """``blockllm.train.peers.<module>.<attribute>``, imported at the first call.
+
+    Registering by name keeps the peers' packages (and the adapters) out of every import of this
+    registry: only the method that is built imports its package.
+    """
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(f"blockllm.train.peers.{module}"), attribute)(*args)
+
+    call.__name__ = f"{module}.{attribute}"
+    return call
+
+
+register_optimizer(
+    OptimizerSpec(
+        name="lisa",
+        build=_peer("lisa", "build"),
+        description="LISA: AdamW on the embedding, head and a few random layers, changed every "
+        "--patience steps",
+        stats=_peer("lisa", "stats"),
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        name="badam",
+        build=_peer("badam", "build"),
+        description="BAdam (pip install badam): one block at a time, switched every --patience steps",
+        stats=_peer("badam", "stats"),
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        name="galore",
+        build=_peer("galore", "build"),
+        description="GaLore (pip install galore-torch): Adam on low-rank projected gradients",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        name="lora",
+        build=_peer("lora", "build"),
+        prepare_model=_peer("lora", "prepare_model"),
+        description="LoRA (pip install peft): rank-16 adapters on every linear layer, AdamW",
+        stats=_peer("lora", "stats"),
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        name="adamw-8bit",
+        build=_peer("adamw8bit", "build"),
+        description="8-bit AdamW (pip install bitsandbytes): block-wise quantized moments",
+    )
+)
+
+
+def missing_package(name: str) -> str | None:
+    """Why method ``name`` cannot be built here (a missing package and its install line), or None."""
+    from blockllm.train.peers import missing_requirement
+
+    return missing_requirement(name)
+
+
 __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "decay_groups",
     "get_optimizer_spec",
+    "missing_package",
     "register_optimizer",
 ]
