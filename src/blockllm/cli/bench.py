@@ -24,9 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from blockllm.cli.common import add_runtime_flags, resolve_cache_dir
+from blockllm.cli.common import add_runtime_flags, require_empty_output_dir, resolve_cache_dir
 from blockllm.cli.demo import DemoSize
-from blockllm.train.errors import RunDirError
 from blockllm.train.memory import format_bytes
 
 BASELINE = "adamw"
@@ -102,10 +101,7 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"Invalid steps: {args.steps} (must be >= 1)")
         size = replace(size, steps=args.steps, eval_every=max(1, min(size.eval_every, args.steps)))
     output = Path(args.output_dir)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise RunDirError(
-            f"bench output directory {output} exists and is not empty; choose another --output-dir"
-        )
+    require_empty_output_dir(output, "bench")
     cache_dir = resolve_cache_dir(args.cache_dir)
     started = time.perf_counter()
     print(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from blockllm.train.config import RunConfig, defaults_for, field_help
+from blockllm.train.errors import RunDirError
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.
@@ -172,3 +173,16 @@ __all__ = [
     "config_from_args",
     "resolve_cache_dir",
 ]
+
+
+def require_empty_output_dir(output: Path, command: str) -> None:
+    """Refuse an output directory that already holds something: nothing is ever overwritten.
+
+    Raises:
+        RunDirError: ``output`` exists and is a file or a non-empty directory.
+    """
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise RunDirError(
+            f"{command} output directory {output} exists and is not empty; choose another "
+            "--output-dir"
+        )

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.cli.common import add_runtime_flags, resolve_cache_dir
+from blockllm.cli.common import add_runtime_flags, require_empty_output_dir, resolve_cache_dir
 from blockllm.errors import BlockLLMError
-from blockllm.train.errors import RunDirError
 
 METHODS = ("adamw", "blockllm")
 
@@ -113,10 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.output_dir
         else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     )
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise RunDirError(
-            f"demo output directory {output} exists and is not empty; choose another --output-dir"
-        )
+    require_empty_output_dir(output, "demo")
     cache_dir = resolve_cache_dir(args.cache_dir)
     started = time.perf_counter()
 
