@@ -8,19 +8,7 @@ import torch
 
 from blockllm.train import CheckpointError, Trainer, TrainingInterrupted
 from blockllm.train.checkpoint import list_checkpoints, load_checkpoint
-from tests.train.tiny import metrics, tiny_config
-
-# Values that must be identical between an interrupted-and-resumed run and an uninterrupted one.
-EXACT_KEYS = (
-    "step",
-    "loss",
-    "lr",
-    "grad_norm",
-    "eval_loss",
-    "tokens",
-    "num_reselections",
-    "num_selected",
-)
+from tests.train.tiny import EXACT_KEYS, metrics, tiny_config
 
 
 def signal_during_step(trainer, step, signum=signal.SIGINT):

@@ -44,3 +44,17 @@ def snapshot(directory: Path) -> dict[str, bytes]:
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
+
+
+# Metrics that an interrupted-and-resumed run must reproduce exactly (timings never are).
+EXACT_KEYS = (
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "eval_loss",
+    "tokens",
+    "num_reselections",
+    "num_selected",
+    "num_skipped_steps",
+)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -24,7 +23,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from blockllm.cli.common import add_runtime_flags, require_empty_output_dir, resolve_cache_dir
+from blockllm.cli.common import (
+    add_runtime_flags,
+    prepare_tokenizer,
+    require_empty_output_dir,
+    resolve_cache_dir,
+)
 from blockllm.cli.demo import DemoSize
 from blockllm.train.memory import format_bytes
 
@@ -82,7 +86,6 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from blockllm.data import load_documents, train_or_load_tokenizer
     from blockllm.train.optimizers import OPTIMIZERS, missing_package
     from blockllm.train.plots import plot_loss_vs_step, plot_loss_vs_time, plot_memory
     from blockllm.train.report import load_run
@@ -109,15 +112,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{size.batch_size}x{size.seq_len} tokens on the tiny preset, each in its own process",
         flush=True,
     )
-    data_logger = logging.getLogger("blockllm.data")
-    previous_level = data_logger.level
-    data_logger.setLevel(max(logging.WARNING, data_logger.getEffectiveLevel()))
-    try:
-        documents = load_documents("stdlib", max_chars=size.max_chars)
-        train_or_load_tokenizer(documents, size.vocab_size, cache_dir / "tokenizers")
-        del documents
-    finally:
-        data_logger.setLevel(previous_level)
+    prepare_tokenizer(size.max_chars, size.vocab_size, cache_dir)
 
     environment = collect_environment()
     (output / "runs").mkdir(parents=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,22 @@ def require_empty_output_dir(output: Path, command: str) -> None:
             f"{command} output directory {output} exists and is not empty; choose another "
             "--output-dir"
         )
+
+
+def prepare_tokenizer(max_chars: int, vocab_size: int, cache_dir: Path) -> None:
+    """Train (or find cached) the stdlib tokenizer once in the parent, before child runs start.
+
+    The data layer's progress lines are quieted unless the user asked for debug output: the
+    command has already said what is happening.
+    """
+    from blockllm.data import load_documents, train_or_load_tokenizer
+
+    data_logger = logging.getLogger("blockllm.data")
+    previous_level = data_logger.level
+    if data_logger.getEffectiveLevel() >= logging.INFO:
+        data_logger.setLevel(logging.WARNING)
+    try:
+        documents = load_documents("stdlib", max_chars=max_chars)
+        train_or_load_tokenizer(documents, vocab_size, cache_dir / "tokenizers")
+    finally:
+        data_logger.setLevel(previous_level)

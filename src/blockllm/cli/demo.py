@@ -10,7 +10,6 @@ with) tokenizer training. The comparison goes to the terminal, ``DIR/demo.md`` a
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import signal
@@ -21,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.cli.common import add_runtime_flags, require_empty_output_dir, resolve_cache_dir
+from blockllm.cli.common import (
+    add_runtime_flags,
+    prepare_tokenizer,
+    require_empty_output_dir,
+    resolve_cache_dir,
+)
 from blockllm.errors import BlockLLMError
 
 METHODS = ("adamw", "blockllm")
@@ -96,7 +100,6 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from blockllm.data import load_documents, train_or_load_tokenizer
     from blockllm.train.plots import plot_demo
     from blockllm.train.report import comparison_table, load_run
 
@@ -125,16 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         "preparing the corpus slice and the tokenizer (cached after the first run) ...", flush=True
     )
-    data_logger = logging.getLogger("blockllm.data")
-    previous_level = data_logger.level
-    if data_logger.getEffectiveLevel() >= logging.INFO:
-        data_logger.setLevel(logging.WARNING)  # the line above already says what happens
-    try:
-        documents = load_documents("stdlib", max_chars=size.max_chars)
-        train_or_load_tokenizer(documents, size.vocab_size, cache_dir / "tokenizers")
-        del documents
-    finally:
-        data_logger.setLevel(previous_level)
+    prepare_tokenizer(size.max_chars, size.vocab_size, cache_dir)
 
     durations = {}
     for number, method in enumerate(METHODS, start=1):
