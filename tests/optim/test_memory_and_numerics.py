@@ -4,15 +4,20 @@ import copy
 import gc
 import logging
 
+import pytest
 import torch
 
 from blockllm import BlockLLM
 from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot
 
 
-def test_state_and_gradient_bytes_flat_over_200_reselections():
+@pytest.mark.parametrize("compact_grads", [False, True])
+def test_state_and_gradient_bytes_flat_over_200_reselections(compact_grads):
     model = TinyNet(vocab=64, width=32, depth=4)
-    opt = BlockLLM(model.named_parameters(), sparsity=0.9, trigger="interval", patience=1)
+    opt = BlockLLM(
+        model.named_parameters(), sparsity=0.9, trigger="interval", patience=1,
+        compact_grads=compact_grads,
+    )  # fmt: skip
     batches = make_batches(4, vocab=64)
     state_bytes, grad_bytes, hook_counts, objects = [], [], [], []
     for step in range(201):
@@ -31,7 +36,14 @@ def test_state_and_gradient_bytes_flat_over_200_reselections():
     # Adam state of about k coordinates (two fp32 moments), plus steps and coordinate lists
     bound = opt.budget * 4 * 2 + opt.budget * 8 + 64 * 20
     assert max(state_bytes) <= bound
-    assert max(grad_bytes) <= max(p.numel() * 4 for p in model.parameters()) + opt.budget * 4
+    if compact_grads:
+        # only the selected coordinates' gradients outlive the step
+        assert max(grad_bytes) <= opt.budget * 4
+    else:
+        # plus the dense gradients of the partly selected tensors: at most one per budget share
+        # (max_tensor_share 0.25) and the one that did not fit
+        largest = max(p.numel() * 4 for p in model.parameters())
+        assert max(grad_bytes) <= 5 * largest + opt.budget * 4
     assert len(set(hook_counts)) == 1 and hook_counts[0] == len(list(model.parameters()))
     assert max(objects) - min(objects) < 500  # no growth in Python objects
 

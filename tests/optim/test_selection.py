@@ -32,7 +32,8 @@ def test_first_selection_happens_at_first_step_and_that_step_updates():
     assert changed == set(opt.selected)  # the authors' code skips the first update; we do not
 
 
-def test_selection_follows_gradient_norms_and_fills_budget_exactly():
+@pytest.mark.parametrize("share, partial", [(1.0, "coordinates"), (0.25, "rows"), (0.25, "coordinates")])
+def test_selection_follows_gradient_norms_and_fills_budget_exactly(share, partial):
     model = TinyNet(width=32)
     names = [n for n, _ in model.named_parameters()]
     batch = make_batches(1)[0]
@@ -41,30 +42,51 @@ def test_selection_follows_gradient_norms_and_fills_budget_exactly():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    opt = BlockLLM(model.named_parameters(), sparsity=0.8, patience=1000, lr=1e-3)
+    opt = BlockLLM(
+        model.named_parameters(), sparsity=0.8, patience=1000, lr=1e-3, max_tensor_share=share,
+        partial=partial,
+    )  # fmt: skip
     loss = loss_of(model, batch)
     loss.backward()
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    # The documented rule, written out independently of the packer.
-    left, whole, skipped = opt.budget, [], []
+    # The documented rule, written out independently of the packer: in score order each tensor
+    # takes min(size, cap, budget left); the first that cannot have min(size, cap) ends it.
+    cap = max(1, math.floor(share * opt.budget))
+    assert sum(min(size, cap) for size in sizes.values()) >= opt.budget  # the plain cap holds
+    left, whole, partial_counts = opt.budget, [], {}
     for name in sorted(names, key=lambda n: -norms[n]):
-        if sizes[name] > left:
-            skipped.append(name)
+        wanted = min(sizes[name], cap)
+        if wanted > left:
+            if left > 0:
+                partial_counts[name] = left
             break
-        whole.append(name)
-        left -= sizes[name]
+        if wanted == sizes[name]:
+            whole.append(name)
+        else:
+            partial_counts[name] = wanted
+        left -= wanted
     opt.step(loss=loss)
-    expected = set(whole) | ({skipped[0]} if left > 0 else set())
-    assert set(opt.selected) == expected
+    assert set(opt.selected) == set(whole) | set(partial_counts)
     assert opt.num_selected == opt.budget
-    if left > 0:
-        chosen = opt.coordinates(skipped[0])
-        assert chosen.numel() == left
-        magnitude = grads[skipped[0]].abs().reshape(-1)
-        # Every chosen coordinate is at least as large as every coordinate left out.
-        mask = torch.zeros_like(magnitude, dtype=torch.bool)
+    for name, count in partial_counts.items():
+        chosen = opt.coordinates(name).long()
+        assert chosen.numel() == count
+        grad = grads[name]
+        mask = torch.zeros(grad.numel(), dtype=torch.bool)
         mask[chosen] = True
-        assert magnitude[mask].min() >= magnitude[~mask].max()
+        if partial == "rows" and grad.ndim == 2:
+            # whole rows by row norm: every fully chosen row's norm >= every untouched row's
+            row_size = grad.shape[1]
+            taken = mask.view(grad.shape).sum(1)
+            norms_by_row = grad.norm(dim=1)
+            full, untouched = taken == row_size, taken == 0
+            assert int(full.sum()) == count // row_size
+            if full.any() and untouched.any():
+                assert norms_by_row[full].min() >= norms_by_row[untouched].max()
+        else:
+            # every chosen coordinate is at least as large as every coordinate left out
+            magnitude = grad.abs().reshape(-1)
+            assert magnitude[mask].min() >= magnitude[~mask].max()
 
 
 @pytest.mark.parametrize("selection", ["tensor", "mask"])

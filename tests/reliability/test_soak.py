@@ -47,10 +47,17 @@ def bounds(opt: BlockLLM, model: torch.nn.Module, dtype: torch.dtype) -> dict[st
         # two moments and an int32 coordinate per selected coordinate, a step scalar per tensor
         "optimizer_state": k * (moments + 4) + 8 * opt.num_candidates,
         "master_weights": k * 4 if element < 4 else 0,
-        # the selected coordinates' gradients, plus the dense gradient of (mask: several) partly
-        # selected tensors: a score-ordered prefix that stops once it covers k
-        "grads": (k + largest) * element,
+        # the selected coordinates' gradients, plus the dense gradients of the partly selected
+        # tensors: each but the last takes a full cap (max_tensor_share of k), so at most
+        # 1/share + 1 of them (mask: a score-ordered prefix that stops once it covers k)
+        "grads": (k + partly_selected_limit(opt) * largest) * element,
     }
+
+
+def partly_selected_limit(opt: BlockLLM) -> int:
+    if opt.selection_rule == "mask" or opt.max_tensor_share >= 1.0:
+        return 1
+    return int(1 / opt.max_tensor_share) + 1
 
 
 def soak(steps, *, selection="tensor", trigger="interval", patience=1, dtype=torch.float32,

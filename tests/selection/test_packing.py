@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockllm.selection.packing import PaperMaskPacker, WholeTensorPacker, top_coordinates
+from blockllm.selection.packing import PaperMaskPacker, WholeTensorPacker, top_coordinates, top_rows
 
 
 def test_top_coordinates_matches_topk_on_large_inputs():
@@ -79,3 +79,75 @@ def test_paper_mask_packer_thresholds_inside_the_prefix():
     chosen = packer.coordinates(plan, grads)
     assert torch.equal(chosen[0], torch.tensor([1, 3]))
     assert torch.equal(chosen[1], torch.tensor([0, 2, 3]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=12),
+    budget=st.integers(min_value=1, max_value=200),
+    cap=st.integers(min_value=1, max_value=60),
+    data=st.data(),
+)
+def test_capped_plans_are_monotone_and_respect_the_caps(sizes, budget, cap, data):
+    scores = data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(sizes), max_size=len(sizes)))
+    order = data.draw(st.permutations(range(len(sizes))))
+    packer = WholeTensorPacker(sizes, budget, caps=[cap] * len(sizes))
+    seen: dict[int, float] = {}
+    dropped: set[int] = set()
+    for index in order:
+        seen[index] = scores[index]
+        members = packer.plan(seen).members
+        assert not (members & dropped)
+        dropped |= set(seen) - members
+    final = packer.plan(seen)
+    assert len(final.counts) == len(final.partial)
+    used = sum(sizes[i] for i in final.whole) + sum(final.counts)
+    assert used <= budget
+    assert all(sizes[i] <= cap for i in final.whole)
+    assert all(count <= min(cap, sizes[i]) for i, count in zip(final.partial, final.counts))
+    # nothing left unused while some candidate could still take coordinates
+    wanted = sum(min(size, cap) for size in sizes)
+    assert used == min(budget, wanted)
+
+
+def test_a_cap_keeps_one_huge_tensor_from_taking_the_whole_budget():
+    sizes = [1000, 30, 30, 30]
+    plan = WholeTensorPacker(sizes, budget=100, caps=[50] * 4).plan({0: 9.0, 1: 3.0, 2: 2.0, 3: 1.0})
+    assert plan.partial == (0, 2) and plan.counts == (50, 20) and plan.whole == (1,)
+    uncapped = WholeTensorPacker(sizes, budget=100).plan({0: 9.0, 1: 3.0, 2: 2.0, 3: 1.0})
+    assert uncapped.whole == () and uncapped.partial == (0,) and uncapped.remainder == 100
+
+
+def test_top_rows_takes_whole_rows_by_norm_and_fills_the_rest_by_magnitude():
+    grad = torch.zeros(5, 4)
+    grad[1] = 1.0  # norm 2
+    grad[3] = torch.tensor([3.0, 0.0, 0.0, 0.0])  # norm 3
+    grad[4, 2] = 1.5  # the largest entry outside the two best rows (row norm 1.5)
+    picked = top_rows(grad, count=9, row_size=4)
+    assert torch.equal(picked, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 18]))
+    assert torch.equal(top_rows(grad, count=4, row_size=4), torch.tensor([12, 13, 14, 15]))
+
+
+def test_row_packer_selects_rows_of_the_partial_tensor():
+    grads = {0: torch.tensor([[0.0, 0.1], [5.0, 5.0], [1.0, 0.0]])}
+    packer = WholeTensorPacker([6], budget=4, row_sizes=[2])
+    chosen = packer.coordinates(packer.plan({0: 1.0}), grads)
+    assert torch.equal(chosen[0].long(), torch.tensor([2, 3, 4, 5]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=10),
+    share=st.floats(0.01, 1.0),
+    fraction=st.floats(0.001, 1.0),
+)
+def test_the_tensor_cap_never_leaves_budget_unused(sizes, share, fraction):
+    from blockllm.selection.packing import tensor_cap
+
+    total = sum(sizes)
+    budget = max(1, int(fraction * total)) if total else 1
+    if total < budget:
+        return
+    cap = tensor_cap(sizes, budget, share)
+    assert sum(min(size, cap) for size in sizes) >= budget
+    assert cap == max(1, int(share * budget)) or sum(min(size, cap - 1) for size in sizes) < budget

@@ -1,13 +1,17 @@
 """``blockllm bench``: every method of a suite side by side, each in its own process.
 
-Each method runs as ``python -m blockllm pretrain --optimizer METHOD ...`` with the same model,
-data, seed, steps and schedule, so that its peak RSS is its own. The corpus slice and tokenizer
-are prepared once here first (as in ``blockllm demo``), so no child is charged for them. A method
-whose peer package is missing is not started: its record says ``skipped`` with the install line.
+Each entry of a suite (:mod:`blockllm.cli.bench_suites`) runs as ``python -m blockllm pretrain``
+(or ``finetune``) ``--optimizer NAME`` with the suite's shared flags and its own, so that its
+peak RSS is its own. Whatever every run needs once (the corpus slice and tokenizer, the Gemma
+conversion) is prepared here first, so no child is charged for it. A method whose peer package
+is missing (or whose optimizer is not registered) is not started, and a child that fails is not
+fatal: either way its record says ``skipped`` or ``failed`` and why.
 
-Writes ``DIR/SUITE.json`` (one record per method, with the environment), ``DIR/SUITE.md`` (a
-table with ratios to AdamW) and ``DIR/loss_vs_step.png``, ``DIR/loss_vs_time.png``,
-``DIR/memory.png``; the run directories go to ``DIR/runs/METHOD``.
+Writes ``DIR/SUITE.json`` (one record per method, with the environment; rewritten after every
+method, so an interrupted bench keeps what finished), ``DIR/SUITE.md`` (a table with ratios to
+the best AdamW entry) and ``DIR/loss_vs_step.png``, ``DIR/loss_vs_time.png``, ``DIR/memory.png``
+(and ``DIR/accuracy_vs_step.png`` when the runs report accuracy); the run directories go to
+``DIR/runs/LABEL``. Children never write checkpoints (``--save-every -1``).
 """
 
 from __future__ import annotations
@@ -19,46 +23,25 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from blockllm.cli.bench_records import (
+    add_equal_time,
+    choose_baseline,
+    eval_curve,
+    markdown_table,
+    method_record,
+)
+from blockllm.cli.bench_suites import SUITES, MethodEntry, Suite, select_entries
 from blockllm.cli.common import (
     add_runtime_flags,
     prepare_tokenizer,
     require_empty_output_dir,
     resolve_cache_dir,
 )
-from blockllm.cli.demo import DemoSize
-from blockllm.train.memory import format_bytes
 
-BASELINE = "adamw"
 SEED = 0
-
-
-@dataclass(frozen=True)
-class Suite:
-    """The methods of one suite and the ``blockllm pretrain`` settings they share."""
-
-    name: str
-    description: str
-    methods: tuple[str, ...]
-    size: DemoSize
-
-
-# Sized so that all eight methods, with their start-up, take about two minutes on two cores.
-SUITES: dict[str, Suite] = {
-    "quick": Suite(
-        name="quick",
-        description="tiny preset, the smoke test of the whole comparison",
-        methods=("adamw", "blockllm", "blockllm-random", "lisa", "badam", "galore", "lora",
-                 "adamw-8bit"),
-        size=DemoSize(
-            steps=60, batch_size=8, seq_len=64, vocab_size=2048, max_chars=1_000_000,
-            eval_every=20, eval_batches=4, lr=2e-3, patience=10,
-        ),
-    ),
-}  # fmt: skip
 
 
 def add_bench_parser(subparsers: Any) -> None:
@@ -66,7 +49,9 @@ def add_bench_parser(subparsers: Any) -> None:
         "bench",
         help="benchmark BlockLLM against AdamW and its peers, each method in its own process",
         description="Run every method of a suite with the same model, data, seed and steps, "
-        "each in its own process, then write SUITE.json, SUITE.md (ratios to AdamW) and plots.",
+        "each in its own process, then write SUITE.json, SUITE.md (ratios to the best AdamW "
+        "entry) and plots. Suites: "
+        + "; ".join(f"{suite.name}: {suite.description}" for suite in SUITES.values()),
     )
     parser.add_argument("--suite", choices=tuple(SUITES), default="quick", help="(default: quick)")
     parser.add_argument(
@@ -76,7 +61,9 @@ def add_bench_parser(subparsers: Any) -> None:
         "--methods",
         metavar="A,B",
         default=None,
-        help="comma-separated subset of the suite's methods (default: all of them)",
+        help="comma-separated labels of the suite's entries, or optimizer names (adamw picks "
+        "every AdamW entry; a registered optimizer outside the suite runs with its flags) "
+        "(default: all of them)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, metavar="N", help="override the suite's steps"
@@ -86,88 +73,182 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from blockllm.train.optimizers import OPTIMIZERS, missing_package
-    from blockllm.train.plots import plot_loss_vs_step, plot_loss_vs_time, plot_memory
+    from blockllm.train.optimizers import OPTIMIZERS
     from blockllm.train.report import load_run
 
     suite = SUITES[args.suite]
-    methods = suite.methods
-    if args.methods:
-        methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
-        unknown = [name for name in methods if name not in OPTIMIZERS]
-        if unknown or not methods:
-            listed = ", ".join(repr(name) for name in OPTIMIZERS)
-            raise ValueError(f"Invalid methods: {args.methods!r} (choose from {listed})")
-    size = suite.size
+    entries = list(suite.methods)
+    if args.methods is not None:
+        names = [name.strip() for name in args.methods.split(",") if name.strip()]
+        entries = select_entries(suite, names, tuple(OPTIMIZERS))
     if args.steps is not None:
         if args.steps < 1:
             raise ValueError(f"Invalid steps: {args.steps} (must be >= 1)")
-        size = replace(size, steps=args.steps, eval_every=max(1, min(size.eval_every, args.steps)))
+        suite = suite.with_steps(args.steps)
     output = Path(args.output_dir)
     require_empty_output_dir(output, "bench")
     cache_dir = resolve_cache_dir(args.cache_dir)
     started = time.perf_counter()
     print(
-        f"blockllm bench --suite {suite.name}: {len(methods)} methods, {size.steps} steps of "
-        f"{size.batch_size}x{size.seq_len} tokens on the tiny preset, each in its own process",
+        f"blockllm bench --suite {suite.name}: {len(entries)} methods, {suite.steps} steps of "
+        f"{suite.command} {suite.model}, each in its own process",
         flush=True,
     )
-    prepare_tokenizer(size.max_chars, size.vocab_size, cache_dir)
+    _prepare(suite, cache_dir)
 
     environment = collect_environment()
     (output / "runs").mkdir(parents=True)
     records: list[dict[str, Any]] = []
     runs = []
-    for number, method in enumerate(methods, start=1):
-        missing = missing_package(method)
-        if missing is not None:
-            pip_line = missing.splitlines()[-1]
-            print(f"[{number}/{len(methods)}] {method}: skipped ({pip_line})", flush=True)
-            records.append(
-                {"method": method, "status": "skipped", "reason": missing, **environment}
-            )
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for number, entry in enumerate(entries, start=1):
+        prefix = f"[{number}/{len(entries)}] {entry.label}"
+        unavailable = _unavailable(entry.optimizer)
+        if unavailable is not None:
+            print(f"{prefix}: skipped ({unavailable.splitlines()[-1]})", flush=True)
+            records.append(_not_run(entry, "skipped", unavailable, environment))
+            _write_records(output, suite, records)
             continue
-        print(f"[{number}/{len(methods)}] {method} ...", flush=True)
-        run_dir = output / "runs" / method
-        command = [
-            sys.executable, "-m", "blockllm", "pretrain", "--model", "tiny", "--data", "stdlib",
-            "--optimizer", method, "--output-dir", str(run_dir), "--seed", str(SEED),
-            "--save-every", "0", "--no-tensorboard", "--cache-dir", str(cache_dir),
-            "--progress", "off", "--log-level", "warning", *size.flags(),
-        ]  # fmt: skip
-        if args.threads:
-            command += ["--threads", str(args.threads)]
+        print(f"{prefix} ...", flush=True)
+        run_dir = output / "runs" / entry.label
+        command = child_command(suite, entry, run_dir, cache_dir, args.threads)
         run_started = time.perf_counter()
-        code, stderr = _run_child(command, output / "runs" / f"{method}.stderr")
+        code, stderr = _run_child(command, output / "runs" / f"{entry.label}.stderr")
         wall = time.perf_counter() - run_started
-        if code != 0:
+        run = _load_finished(run_dir, load_run) if code == 0 else None
+        if run is None:
             last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {code}"
             print(f"    failed: {last}", flush=True)
-            records.append(
-                {"method": method, "status": "failed", "reason": last, "exit_code": code,
-                 **environment}
-            )  # fmt: skip
+            records.append({**_not_run(entry, "failed", last, environment), "exit_code": code})
+            _write_records(output, suite, records)
             continue
-        run = load_run(run_dir)
-        run.name = method
+        run.name = entry.label
         runs.append(run)
-        records.append({**method_record(method, run.summary or {}, wall), **environment})
+        summary = run.summary or {}
+        curves[entry.label] = {
+            key: eval_curve(summary, run.metrics, key) for key in ("eval_loss", "eval_accuracy")
+        }
+        record = method_record(entry.label, entry.optimizer, summary, wall)
+        record.update(lr=run.config.get("lr"), flags=list(entry.flags), **environment)
+        records.append(record)
+        print(f"    done in {wall:.0f} s ({record['train_seconds']:.0f} s training)", flush=True)
+        _write_records(output, suite, records)
 
-    (output / f"{suite.name}.json").write_text(json.dumps(records, indent=2) + "\n", "utf-8")
-    if runs:
-        plot_loss_vs_step(runs, output / "loss_vs_step.png")
-        plot_loss_vs_time(runs, output / "loss_vs_time.png")
-        plot_memory(runs, output / "memory.png")
-    table = markdown_table(records)
+    equal_time = add_equal_time(records, curves)
+    baseline = choose_baseline(records, suite.baseline_optimizer)
+    _write_records(output, suite, records)
+    plots = _write_plots(runs, output)
+    table = markdown_table(records, baseline)
     total = time.perf_counter() - started
     (output / f"{suite.name}.md").write_text(
-        _markdown(suite, size, table, records, environment, total), encoding="utf-8"
+        _markdown(suite, table, records, environment, total, equal_time, baseline, plots),
+        encoding="utf-8",
     )
     print()
     print(table)
     print()
     print(f"bench finished in {total:.0f} s; wrote {output / (suite.name + '.json')} and .md")
     return 0
+
+
+def child_command(
+    suite: Suite, entry: MethodEntry, run_dir: Path, cache_dir: Path, threads: int | None
+) -> list[str]:
+    """``python -m blockllm COMMAND ...`` for one entry: the suite's flags, then the entry's.
+
+    ``--save-every -1``: a benchmark child writes no checkpoint at all (a llama-20m checkpoint
+    with AdamW state is hundreds of MB, and nothing ever resumes a bench child).
+    """
+    command = [
+        sys.executable, "-m", "blockllm", suite.command, *suite.shared_flags(),
+        "--optimizer", entry.optimizer, *entry.flags, "--output-dir", str(run_dir),
+        "--seed", str(SEED), "--save-every", "-1", "--no-tensorboard",
+        "--cache-dir", str(cache_dir), "--progress", "off", "--log-level", "warning",
+    ]  # fmt: skip
+    if threads:
+        command += ["--threads", str(threads)]
+    return command
+
+
+def _prepare(suite: Suite, cache_dir: Path) -> None:
+    """What every child needs once, done before any starts (so no child is charged for it).
+
+    A failure here (a missing package) is only reported: the children then fail with the
+    package's install line, and each is recorded as failed.
+    """
+    try:
+        if suite.corpus is not None:
+            print("preparing the corpus slice and the tokenizer (cached) ...", flush=True)
+            prepare_tokenizer(*suite.corpus, cache_dir)
+        if suite.prepare_gemma:
+            from blockllm.models.gemma_cache import gemma_checkpoint
+
+            print("converting Gemma-3-270M (cached; 70-90 s the first time) ...", flush=True)
+            gemma_checkpoint(cache_dir)
+    except ImportError as exc:
+        print(f"could not prepare the suite: {str(exc).splitlines()[0]}", flush=True)
+
+
+def _unavailable(optimizer: str) -> str | None:
+    """Why ``optimizer`` cannot run here (not registered, or its package missing), or None."""
+    from blockllm.train.optimizers import OPTIMIZERS, missing_package
+
+    if optimizer not in OPTIMIZERS:
+        return (
+            f"optimizer {optimizer!r} is not registered in this blockllm "
+            "(see PAPER_METHOD in blockllm.cli.bench_suites)"
+        )
+    return missing_package(optimizer)
+
+
+def _not_run(
+    entry: MethodEntry, status: str, reason: str, environment: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "method": entry.label, "optimizer": entry.optimizer, "status": status, "reason": reason,
+        "flags": list(entry.flags), **environment,
+    }  # fmt: skip
+
+
+def _load_finished(run_dir: Path, load_run: Any) -> Any:
+    """The finished run in ``run_dir``, or None when it left no readable ``summary.json``."""
+    try:
+        run = load_run(run_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    return run if run.summary is not None else None
+
+
+def _write_records(output: Path, suite: Suite, records: list[dict[str, Any]]) -> None:
+    path = output / f"{suite.name}.json"
+    path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_plots(runs: list[Any], output: Path) -> list[str]:
+    """The suite's PNGs; a plotting failure (no matplotlib) costs the pictures, not the results."""
+    from blockllm.train.plots import (
+        plot_accuracy_vs_step,
+        plot_loss_vs_step,
+        plot_loss_vs_time,
+        plot_memory,
+    )
+
+    if not runs:
+        return []
+    plots = [
+        (plot_loss_vs_step, "loss_vs_step.png"),
+        (plot_loss_vs_time, "loss_vs_time.png"),
+        (plot_memory, "memory.png"),
+    ]
+    if any(run.last("eval_accuracy") is not None for run in runs):
+        plots.append((plot_accuracy_vs_step, "accuracy_vs_step.png"))
+    try:
+        for plot, name in plots:
+            plot(runs, output / name)
+    except ImportError as exc:
+        print(f"no plots: {str(exc).splitlines()[0]}", flush=True)
+        return []
+    return [name for _, name in plots]
 
 
 def _run_child(command: list[str], stderr_path: Path) -> tuple[int, str]:
@@ -177,105 +258,6 @@ def _run_child(command: list[str], stderr_path: Path) -> tuple[int, str]:
     with open(stderr_path, "w", encoding="utf-8") as stderr:
         code = subprocess.call(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     return code, stderr_path.read_text(encoding="utf-8", errors="replace")
-
-
-def method_record(method: str, summary: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-    """One method's benchmark record from its run's ``summary.json``.
-
-    Tensor bytes are the run's peaks counted from the live tensors; training memory is the
-    process's peak RSS less its RSS just before the first step; training state is gradients,
-    optimizer state and master weights together.
-    """
-    memory = summary.get("memory", {})
-    stats = summary.get("optimizer_stats") or {}
-    peak, baseline = memory.get("peak_rss_bytes"), memory.get("baseline_rss_bytes")
-    grads = memory.get("peak_grads_bytes", 0)
-    state = memory.get("peak_optimizer_state_bytes", 0)
-    masters = memory.get("peak_master_weights_bytes", 0)
-    train_seconds = summary.get("train_seconds") or 0.0
-    selection = stats.get("selection_seconds")
-    return {
-        "method": method,
-        "status": "ok",
-        "steps": summary.get("steps"),
-        "tokens": summary.get("tokens"),
-        "peak_rss_bytes": peak,
-        "baseline_rss_bytes": baseline,
-        "training_memory_bytes": peak - baseline if peak and baseline else None,
-        "training_state_bytes": grads + state + masters,
-        "param_bytes": memory.get("peak_params_bytes"),
-        "grad_bytes": grads,
-        "optimizer_state_bytes": state,
-        "master_weight_bytes": masters,
-        "tokens_per_s": summary.get("tokens_per_s"),
-        "final_eval_loss": (summary.get("final_eval") or {}).get("eval_loss"),
-        "num_reselections": stats.get("num_reselections"),
-        # Methods without the stat update every parameter (AdamW, GaLore, 8-bit AdamW).
-        "trainable_fraction": stats.get("trainable_fraction", 1.0),
-        "selection_time_fraction": (
-            selection / train_seconds if selection is not None and train_seconds else None
-        ),
-        "train_seconds": train_seconds,
-        "wall_seconds": round(wall_seconds, 2),
-        "num_parameters": (summary.get("info") or {}).get("num_parameters"),
-        "threads": summary.get("threads"),
-        "precision": summary.get("precision"),
-        "device": summary.get("device"),
-    }
-
-
-# (record key, column title, kind): "bytes" and "speed" get a ratio to AdamW, "loss" a difference.
-_COLUMNS = (
-    ("peak_rss_bytes", "peak RSS", "bytes"),
-    ("training_memory_bytes", "training memory", "bytes"),
-    ("training_state_bytes", "training state", "bytes"),
-    ("grad_bytes", "gradients", "bytes"),
-    ("optimizer_state_bytes", "optimizer state", "bytes"),
-    ("tokens_per_s", "tokens/s", "speed"),
-    ("final_eval_loss", "eval loss", "loss"),
-    ("num_reselections", "reselections", "count"),
-    ("trainable_fraction", "trainable", "fraction"),
-    ("selection_time_fraction", "selection time", "fraction"),
-)
-
-
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    """The finished methods in a table, ratios (×) or differences against AdamW in parentheses."""
-    done = [record for record in records if record.get("status") == "ok"]
-    base = next((record for record in done if record["method"] == BASELINE), None)
-    header = ["method", *(title for _, title, _ in _COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for record in done:
-        cells = [record["method"]]
-        for key, _, kind in _COLUMNS:
-            cells.append(_cell(record.get(key), None if record is base else base, key, kind))
-        lines.append("| " + " | ".join(cells) + " |")
-    for record in records:
-        if record.get("status") != "ok":
-            reason = " ".join(str(record.get("reason", "")).split())
-            lines.append(f"\n{record['method']}: {record['status']} ({reason})")
-    return "\n".join(lines)
-
-
-def _cell(value: Any, base: dict[str, Any] | None, key: str, kind: str) -> str:
-    if value is None:
-        return "n/a"
-    if kind == "bytes":
-        text = format_bytes(value)
-    elif kind == "speed":
-        text = f"{value:,.0f}"
-    elif kind == "loss":
-        text = f"{value:.4f}"
-    elif kind == "fraction":
-        text = f"{value:.3f}"
-    else:
-        text = str(value)
-    reference = base.get(key) if base is not None else None
-    if kind in ("bytes", "speed") and reference:
-        text += f" ({value / reference:.2f}×)"
-    elif kind == "loss" and reference is not None:
-        text += f" ({value - reference:+.4f})"
-    return text
 
 
 def collect_environment() -> dict[str, Any]:
@@ -350,31 +332,65 @@ def _common_dir(git: Path) -> Path:
 
 def _markdown(
     suite: Suite,
-    size: DemoSize,
     table: str,
     records: list[dict[str, Any]],
     environment: dict[str, Any],
     total: float,
+    equal_time: float | None,
+    baseline: dict[str, Any] | None,
+    plots: list[str],
 ) -> str:
-    threads = next((r.get("threads") for r in records if r.get("threads")), None)
-    params = next((r.get("num_parameters") for r in records if r.get("num_parameters")), 0) or 0
+    """The suite's report: what ran, the table, how to read it, and where it ran."""
+    done = [r for r in records if r.get("status") == "ok"]
+    threads = next((r.get("threads") for r in done if r.get("threads")), None)
+    precision = next((r.get("precision") for r in done if r.get("precision")), None)
+    params = next((r.get("num_parameters") for r in done if r.get("num_parameters")), 0) or 0
+    accuracy = any(r.get("accuracy") is not None for r in done)
+    by = "highest accuracy" if accuracy else "lowest final eval loss"
+    reference = (
+        f"the reference row is **{baseline['method']}**, the best {suite.baseline_optimizer} "
+        f"entry by {by}; ratios (×) and differences are against it"
+        if baseline is not None
+        else f"no {suite.baseline_optimizer} entry finished, so there are no ratios"
+    )
+    when = f"T = {equal_time:.1f} s" if equal_time is not None else "T (no method finished)"
+    rows = "\n".join(
+        f"| {r['method']} | {r.get('optimizer')} | {' '.join(r.get('flags') or []) or '-'} | "
+        f"{r.get('train_seconds', 'n/a')} | {r.get('wall_seconds', 'n/a')} | {r['status']} |"
+        for r in records
+    )
+    pictures = " ".join(f"![{name[:-4].replace('_', ' ')}]({name})" for name in plots)
     return f"""# blockllm bench --suite {suite.name}
 
-{suite.description}: tiny Llama preset ({params / 1e6:.2f}M parameters, vocab {size.vocab_size}),
-pretrained from scratch on the first {size.max_chars:,} characters of the Python standard library,
-{size.steps} steps of {size.batch_size} x {size.seq_len} tokens, lr {size.lr} (warmup 10 %, cosine
-to 10 %), patience {size.patience} (BlockLLM's trigger, LISA's and BAdam's switch interval), seed
-{SEED}, fp32. Each method ran in its own process. Ratios (×) and eval-loss differences are against
-AdamW. Training memory is peak RSS less the RSS just before the first step; training state is
-gradients + optimizer state + master weights, counted from tensors.
+{suite.description}: `blockllm {suite.command}` with `{" ".join(suite.shared_flags())}` for
+every method ({params / 1e6:.2f}M parameters), seed {SEED}, {precision}, each method in its own
+process, plus the method's own flags below. In the table {reference}. Training memory is peak
+RSS less the RSS just before the first step; training state is parameters + gradients +
+optimizer state + master weights, counted from tensors, each at its peak. *Eval loss at T* is
+each method's eval loss interpolated linearly between its evaluations (eval loss against
+training time, evaluation excluded; the evaluation before the first step is the point at 0 s)
+at one common time {when}: the shortest training time among the methods that finished.
 
 {table}
 
-Whole bench: {total:.0f} s. torch {environment["torch_version"]}, {environment["cpu"]},
-{environment["cpu_count"]} cores, {threads} threads per run, commit {environment["git_commit"]}.
+| method | optimizer | own flags | training s | wall s | status |
+|---|---|---|---|---|---|
+{rows}
 
-![loss vs step](loss_vs_step.png) ![loss vs time](loss_vs_time.png) ![memory](memory.png)
+Whole bench: {total:.0f} s. torch {environment["torch_version"]}, {environment["cpu"]},
+{environment["cpu_count"]} cores, {threads} threads per run, GPU {environment["cuda"]},
+commit {environment["git_commit"]}.
+
+{pictures}
 """
 
 
-__all__ = ["SUITES", "Suite", "add_bench_parser", "git_commit", "markdown_table", "method_record"]
+__all__ = [
+    "SUITES",
+    "Suite",
+    "add_bench_parser",
+    "child_command",
+    "git_commit",
+    "markdown_table",
+    "method_record",
+]

@@ -26,7 +26,10 @@ _COMMON_GROUPS: dict[str, list[str]] = {
         "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio",
         "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision", "seed",
     ],
-    "BlockLLM": ["sparsity", "patience", "trigger", "selection", "exclude"],
+    "BlockLLM": [
+        "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial",
+        "entry_warmup", "exclude",
+    ],
     "evaluation, logging and checkpoints": [
         "eval_every", "eval_at_start", "log_every", "save_every", "keep_checkpoints", "tensorboard",
     ],
@@ -49,6 +52,7 @@ _CHOICES = {
     "precision": ("auto", "fp32", "bf16"),
     "trigger": ("loss", "interval"),
     "selection": ("tensor", "mask"),
+    "partial": ("coordinates", "rows"),
     "task_kind": ("auto", "classification", "causal-lm"),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
@@ -114,6 +118,15 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="continue from the last checkpoint in --output-dir (flags not given come from its config.json)",
     )
     add_runtime_flags(group)
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before it gives up with an "
+        "error (default: 300; must exceed the longest checkpoint save and first-run tokenizer "
+        "training or model conversion)",
+    )
 
 
 def add_runtime_flags(group: Any) -> None:

@@ -4,8 +4,9 @@ Exit codes: 0 success; 2 bad input (argparse errors, unknown names, missing or e
 corrupt or mismatched checkpoint, an output directory that holds another run, a missing optional
 package), reported as one ``blockllm: error: ...`` line on stderr (the missing-package message
 adds the ``pip install`` line to copy); 128 + N when signal N stopped
-training after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM); 1 for anything unexpected,
-with the traceback.
+training after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM); 3 when, under torchrun,
+another rank died or hung (one ``blockllm: error: ...`` line; the last checkpoint is intact); 1
+for anything unexpected, with the traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_RANK_FAILURE = 3  # retryable with --resume, unlike bad input
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -75,15 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error (argparse exits with 2)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
     configure_logging(args.log_level)
+    from blockllm.cli.torchrun import configure_rank_logging
+    from blockllm.train.distributed import is_main_process
+
+    configure_rank_logging(args.log_level)
     debug = args.log_level == "debug"
     from blockllm.errors import BlockLLMError
-    from blockllm.train.errors import TrainingInterrupted
+    from blockllm.train.errors import DistributedTrainingError, TrainingInterrupted
 
     try:
         return int(args.handler(args))
     except TrainingInterrupted as exc:
-        print(f"blockllm: {exc}", file=sys.stderr)
+        if is_main_process():  # under torchrun every rank stops; rank 0 says so
+            print(f"blockllm: {exc}", file=sys.stderr)
         return 128 + exc.signal_number
+    except DistributedTrainingError as exc:
+        _report(f"blockllm: error: {' '.join(str(exc).split())}", exc, debug)
+        return EXIT_RANK_FAILURE
     except KeyboardInterrupt:
         print("blockllm: interrupted", file=sys.stderr)
         return 130

@@ -70,23 +70,32 @@ def add_finetune_parser(subparsers: Any) -> None:
 
 def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[str]]) -> int:
     """Run one pretrain/finetune command; errors propagate to ``main`` for reporting."""
+    from blockllm.cli.torchrun import report_before_teardown
+    from blockllm.train.distributed import data_parallel
     from blockllm.train.loop import Trainer
 
     config = config_from_args(command, args, fields)
     if getattr(args, "log_level", "info") != "debug":
         _quiet_transformers()
-    progress = make_progress(args.progress, f"{config.model}/{config.optimizer}")
-    trainer = Trainer(
-        config,
-        args.output_dir,
-        resume=args.resume,
-        cache_dir=resolve_cache_dir(args.cache_dir),
-        progress=progress,
-        threads=args.threads,
-    )
-    with logging_around_bar():
-        summary = trainer.run()
-    print(format_summary(summary, str(trainer.run_dir.path)))
+    # Under torchrun: join the process group; a no-op for a single process.
+    with data_parallel(config.device, args.dist_timeout) as parallel:
+        with report_before_teardown(parallel):
+            # Rank 0 alone shows progress and the summary.
+            mode = args.progress if parallel.is_main else "off"
+            progress = make_progress(mode, f"{config.model}/{config.optimizer}")
+            trainer = Trainer(
+                config,
+                args.output_dir,
+                resume=args.resume,
+                cache_dir=resolve_cache_dir(args.cache_dir),
+                progress=progress,
+                threads=args.threads,
+                parallel=parallel,
+            )
+            with logging_around_bar():
+                summary = trainer.run()
+    if parallel.is_main:
+        print(format_summary(summary, str(trainer.run_dir.path)))
     return 0
 
 

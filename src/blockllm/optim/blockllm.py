@@ -18,8 +18,9 @@ from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_
 from blockllm.optim.distributed import GradientAverager, check_not_ddp_wrapped
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
+from blockllm.optim.sharded import ShardedSync, local_view
 from blockllm.optim.validation import budget_for, check_arguments
-from blockllm.selection.packing import Coordinates, make_packer
+from blockllm.selection.packing import Coordinates, make_packer, tensor_cap
 from blockllm.selection.scoring import ScoringPass
 from blockllm.selection.triggers import make_trigger
 
@@ -115,7 +116,15 @@ class BlockLLM(Optimizer):
             parameters are broadcast from the group's first rank at construction, the selected
             gradients (every candidate's on a selection step) and the loss are averaged over
             the group, so all ranks select the same blocks and stay identical. ``None`` (default):
-            no communication.
+            no communication, unless the parameters are FSDP2 DTensors (below).
+
+    FSDP2 (``fully_shard``) needs no argument: DTensor parameters are detected. FSDP averages the
+    gradients itself; BlockLLM scores each tensor by its full gradient's norm (reduced from the
+    shards over the parameters' device mesh), picks a partly selected tensor's coordinates with
+    one global threshold, averages the trigger's loss over the mesh, and updates the local
+    shards. Moments, masters and coordinate lists (``coordinates()`` returns flat indices into
+    this rank's shard) are local, and ``memory_report()`` counts this rank's bytes. Save and
+    resume with :mod:`blockllm.integrations.fsdp` (``torch.distributed.checkpoint``).
 
     Raises:
         ValueError, TypeError: on any invalid argument, naming it and its value.
@@ -143,10 +152,14 @@ class BlockLLM(Optimizer):
         selection: str = "tensor",
         score: str = "grad_norm",
         visit_penalty: bool = True,
+        max_tensor_share: float = 0.25,
+        partial: str = "rows",
+        entry_warmup: int = 0,
         include: Pattern = None,
         exclude: Pattern = None,
         seed: int = 0,
         skip_nonfinite: bool = True,
+        compact_grads: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group: Any = None,
@@ -155,6 +168,7 @@ class BlockLLM(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
             patience=patience, trigger=trigger, selection=selection, score=score,
             visit_penalty=visit_penalty, seed=seed, foreach=foreach, fused=fused,
+            max_tensor_share=max_tensor_share, partial=partial, entry_warmup=entry_warmup,
         )  # fmt: skip
         groups, aliases = normalize_param_groups(params)
         self._include = NameMatcher("include", include)
@@ -171,7 +185,16 @@ class BlockLLM(Optimizer):
         self.selection_rule = selection
         self.score = score
         self.visit_penalty = visit_penalty
+        self.max_tensor_share = float(max_tensor_share)
+        self.partial = partial
+        self.entry_warmup = int(entry_warmup)
         self.skip_nonfinite = skip_nonfinite
+        if not isinstance(compact_grads, bool):
+            raise TypeError(f"Invalid compact_grads: expected a bool, got {compact_grads!r}")
+        self.compact_grads = compact_grads
+        # compact_grads: candidate index -> the selected coordinates' gradient, gathered out of
+        # the dense .grad of a partly selected tensor (which is then freed) as it lands.
+        self._compact: dict[int, torch.Tensor] = {}
         self._aliases = aliases
         self._candidates: list[torch.Tensor] = []
         self._candidate_names: list[str] = []
@@ -209,6 +232,8 @@ class BlockLLM(Optimizer):
             )
         self._refresh_budget()
         check_not_ddp_wrapped(self._candidate_names, process_group)
+        # FSDP2: DTensor parameters are detected; see optim/sharded.py for what is agreed on.
+        self._sharded = ShardedSync.detect(self._candidate_names, self._candidates, process_group)
         self._averager = None if process_group is None else GradientAverager(process_group)
         self._activate()
         if self._averager is not None:
@@ -257,8 +282,10 @@ class BlockLLM(Optimizer):
     @property
     def num_selected(self) -> int:
         """Coordinates that may change at the next step (never more than ``budget``)."""
+        # FSDP2: a rank holds only its shard's coordinates; count those of all ranks.
+        count = torch.Tensor.numel if self._sharded is None else self._sharded.global_count
         return sum(
-            self._candidates[index].numel() if coordinates is None else coordinates.numel()
+            self._candidates[index].numel() if coordinates is None else count(coordinates)
             for index, coordinates in self._selection.items()
         )
 
@@ -301,9 +328,11 @@ class BlockLLM(Optimizer):
         report = {"params": 0, "grads": 0, "optimizer_state": 0, "master_weights": 0}
         for group in self.param_groups:
             for param in group["params"]:
+                # FSDP2: this rank's shards, the memory it holds (DTensor.numel() is global).
+                param, grad = local_view(param), local_view(param.grad)
                 report["params"] += param.numel() * param.element_size()
-                if param.grad is not None:
-                    report["grads"] += param.grad.numel() * param.grad.element_size()
+                if grad is not None:
+                    report["grads"] += grad.numel() * grad.element_size()
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -312,6 +341,8 @@ class BlockLLM(Optimizer):
         for coordinates in self._selection.values():
             if coordinates is not None:
                 report["optimizer_state"] += coordinates.numel() * coordinates.element_size()
+        for grad in self._compact.values():
+            report["grads"] += grad.numel() * grad.element_size()
         return report
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -323,7 +354,51 @@ class BlockLLM(Optimizer):
         """
         if self._scoring is not None and self._scoring.started:
             self._start_selection()
+        self._compact.clear()
         super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, parameters: Any = None
+    ) -> torch.Tensor:
+        """Clip the gradient this optimizer is about to apply to a total norm of ``max_norm``.
+
+        As ``torch.nn.utils.clip_grad_norm_(params, max_norm)``, with the norm taken over what
+        the update uses: whole tensors' gradients and the *selected coordinates* of partly
+        selected ones, compacted (``compact_grads=True``) or not, so both modes train alike.
+        ``clip_grad_norm_(model.parameters())`` cannot see compacted gradients; call this one
+        when compacting. On a selection step the coordinates are not chosen yet and the held
+        gradients count whole. ``parameters`` (default: every parameter of the param groups)
+        sets which ``.grad`` tensors take part, and the order in which they are summed: the
+        model's order gives torch's own norm to the last bit. Returns the total norm before
+        clipping.
+        """
+        grads: list[torch.Tensor] = []
+        measured: list[torch.Tensor] = []
+        if parameters is None:
+            parameters = [p for group in self.param_groups for p in group["params"]]
+        elif isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        for param in parameters:
+            grad = local_view(param.grad)
+            if grad is None:
+                continue
+            grads.append(grad)
+            index = self._candidate_index.get(id(param))
+            coordinates = None if self._scoring is not None else self._selection.get(index)
+            measured.append(grad if coordinates is None else gather(grad, coordinates))
+        if self._averager is not None and self._compact:
+            # Data parallel: clip the whole batch's gradient, as the loop does for .grad.
+            self._averager.average_(list(self._compact.values()))
+        grads += self._compact.values()
+        measured += self._compact.values()
+        if not grads:
+            return torch.zeros(())
+        total = torch.nn.utils.get_total_norm(measured, norm_type)
+        coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.device, grad.dtype))
+        return total
 
     # ------------------------------------------------------------------ param groups
 
@@ -396,7 +471,16 @@ class BlockLLM(Optimizer):
                 "coordinates; lower the sparsity"
             )
         sizes = [param.numel() for param in self._candidates]
-        self._packer = make_packer(self.selection_rule, sizes, self._budget)
+        caps = None
+        if self.max_tensor_share < 1.0:
+            caps = [tensor_cap(sizes, self._budget, self.max_tensor_share)] * len(sizes)
+        row_sizes = None
+        if self.partial == "rows":
+            row_sizes = [
+                param.numel() // param.shape[0] if param.ndim >= 2 and param.shape[0] else 1
+                for param in self._candidates
+            ]
+        self._packer = make_packer(self.selection_rule, sizes, self._budget, caps, row_sizes)
 
     @property
     def _selects_everything(self) -> bool:
@@ -419,7 +503,10 @@ class BlockLLM(Optimizer):
             def reduce_fn(grad: torch.Tensor) -> None:
                 averager.average_([grad])
 
-        self._scoring = ScoringPass(self._candidates, self._packer, self._score_block, reduce_fn)
+        packer = self._packer
+        if self._sharded is not None:
+            packer = self._sharded.packer(packer, self._candidates)
+        self._scoring = ScoringPass(self._candidates, packer, self._score_block, reduce_fn)
         for param in self._candidates:
             param.requires_grad_(True)
 
@@ -428,6 +515,8 @@ class BlockLLM(Optimizer):
     def _score_block(self, index: int, grad: torch.Tensor) -> float:
         if self.score == "random":
             value = float(torch.rand((), generator=self._generator))
+        elif self._sharded is not None:
+            value = self._sharded.grad_norm(grad)  # FSDP2: the full gradient's norm, from shards
         else:
             # Low-precision gradients are reduced in fp32; fp32/fp64 ones in their own dtype.
             low = grad.dtype in (torch.bfloat16, torch.float16)
@@ -439,15 +528,38 @@ class BlockLLM(Optimizer):
     def _on_grad_ready(self, index: int, param: torch.Tensor) -> None:
         scoring = self._scoring
         if scoring is None:
+            if self.compact_grads:
+                self._compact_grad(index, param)
             return
         started = time.perf_counter()
         scoring.observe(index, param)
         self.selection_seconds += time.perf_counter() - started
 
+    def _compact_grad(self, index: int, param: torch.Tensor) -> None:
+        """Keep only the selected coordinates of a partly selected tensor's gradient.
+
+        Autograd produces the dense gradient; holding it until ``step()`` would cost the whole
+        tensor (an embedding, an output head) for the sake of a few of its rows. Accumulation
+        adds each micro-batch's gathered part.
+        """
+        coordinates = self._selection.get(index)
+        grad = local_view(param.grad)
+        if coordinates is None or grad is None or grad.is_sparse:
+            return
+        part = gather(grad, coordinates)
+        held = self._compact.get(index)
+        self._compact[index] = part if held is None else held.add_(part)
+        param.grad = None
+
     def _commit(self, chosen: Coordinates) -> None:
         """Make ``chosen`` the selection: free leaving blocks' state, keep staying blocks'."""
+        # FSDP2: a partly selected tensor keeps its moments only if no shard's coordinates changed.
+        agreed = None if self._sharded is None else self._sharded.staying(self._selection, chosen)
         for index, coordinates in self._selection.items():
-            stays = index in chosen and _same_coordinates(coordinates, chosen[index])
+            if agreed is not None:
+                stays = index in agreed
+            else:
+                stays = index in chosen and _same_coordinates(coordinates, chosen[index])
             if not stays:
                 self.state.pop(self._candidates[index], None)
         for index, param in enumerate(self._candidates):
@@ -494,6 +606,8 @@ class BlockLLM(Optimizer):
         if observed is not None and self._averager is not None:
             # Every rank must see the same loss, or their triggers would disagree.
             observed = self._averager.average_scalar(observed, self._candidates[0].device)
+        if observed is not None and self._sharded is not None:
+            observed = self._sharded.average_scalar(observed)
         if (
             observed is None
             and self._trigger.needs_loss
@@ -540,7 +654,14 @@ class BlockLLM(Optimizer):
         """The gradient each selected block is updated with: whole, or its selected coordinates."""
         grads: dict[int, torch.Tensor] = {}
         for index, coordinates in selection.items():
-            grad = self._candidates[index].grad
+            # FSDP2: the local shard; its coordinates are local to the shard too.
+            grad = local_view(self._candidates[index].grad)
+            if index in self._compact and coordinates is not None:
+                if grad is not None:  # a backward after the hooks compacted: add it in
+                    self._compact[index].add_(gather(grad, coordinates))
+                    self._candidates[index].grad = None
+                grads[index] = self._compact[index]
+                continue
             if grad is None:
                 continue
             if grad.is_sparse:
@@ -548,7 +669,15 @@ class BlockLLM(Optimizer):
                     "BlockLLM does not support sparse gradients (nn.Embedding(sparse=True)); "
                     f"{self._candidate_names[index]!r} has one"
                 )
-            grads[index] = grad if coordinates is None else gather(grad, coordinates)
+            if coordinates is None:
+                grads[index] = grad
+            elif self.compact_grads:
+                # A selection step: the coordinates were just chosen from the dense gradient,
+                # which is not needed any more.
+                grads[index] = self._compact[index] = gather(grad, coordinates)
+                self._candidates[index].grad = None
+            else:
+                grads[index] = gather(grad, coordinates)
         return grads
 
     def _is_finite(
@@ -561,7 +690,9 @@ class BlockLLM(Optimizer):
             return False
         if scoring is not None and scoring.saw_nonfinite:
             return False
-        return _all_finite(list(grads.values()))
+        finite = _all_finite(list(grads.values()))
+        # FSDP2: each rank checked its shards; skipping must be unanimous.
+        return finite if self._sharded is None else self._sharded.all_true(finite)
 
     def _skip_step(self, discard_selection: bool) -> None:
         self.num_skipped_steps += 1
@@ -581,7 +712,8 @@ class BlockLLM(Optimizer):
 
     def _update(self, grads: dict[int, torch.Tensor]) -> None:
         for group in self.param_groups:
-            batch = UpdateBatch()
+            # Blocks still in their entry warmup run in batches of their own, at a scaled lr.
+            batches: dict[float, UpdateBatch] = defaultdict(UpdateBatch)
             for param in group["params"]:
                 index = self._candidate_index.get(id(param))
                 if index is None or index not in grads:
@@ -590,9 +722,27 @@ class BlockLLM(Optimizer):
                 state = self.state[param]
                 if not state:
                     fused, _ = resolve_implementation(group, [param])
-                    state.update(init_state(param, coordinates, fused))
-                batch.add(param, coordinates, grads[index], state)
-            batch.run(group)
+                    state.update(init_state(local_view(param), coordinates, fused))
+                batches[self._warmup_factor(state)].add(
+                    local_view(param), coordinates, grads[index], state
+                )
+            for factor, batch in batches.items():
+                batch.run(group if factor == 1.0 else {**group, "lr": group["lr"] * factor})
+
+    def _warmup_factor(self, state: dict[str, Any]) -> float:
+        """The lr multiplier of a block that entered the selection ``step`` updates ago.
+
+        A block enters with zero moments, so Adam's first updates are about ``lr * sign(g)``
+        per coordinate, several times larger than its steady-state steps; a short linear ramp
+        keeps a reselection from kicking the loss up.
+        """
+        if self.entry_warmup <= 0:
+            return 1.0
+        done = int(state["step"])
+        if done >= self.num_steps:
+            # In since the first update: the learning-rate schedule's own warmup covers it.
+            return 1.0
+        return min(1.0, (done + 1) / self.entry_warmup)
 
     # ------------------------------------------------------------------ checkpoints
 

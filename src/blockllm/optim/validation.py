@@ -16,6 +16,7 @@ import torch
 TRIGGERS = ("loss", "interval")
 SELECTIONS = ("tensor", "mask")
 SCORES = ("grad_norm", "random")
+PARTIALS = ("coordinates", "rows")
 
 
 def _is_real(value: Any) -> bool:
@@ -52,6 +53,9 @@ def check_arguments(
     seed: Any,
     foreach: Any,
     fused: Any,
+    max_tensor_share: Any = 1.0,
+    partial: Any = "coordinates",
+    entry_warmup: Any = 0,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` for the first bad argument; see ``BlockLLM``."""
     if not isinstance(lr, torch.Tensor):
@@ -88,6 +92,17 @@ def check_arguments(
         raise TypeError(f"Invalid visit_penalty: expected a bool, got {visit_penalty!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"Invalid seed: expected an int, got {seed!r}")
+    share = _check_real("max_tensor_share", max_tensor_share)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"Invalid max_tensor_share: {max_tensor_share} (must be in (0, 1])")
+    _check_choice("partial", partial, PARTIALS)
+    if isinstance(entry_warmup, bool) or not isinstance(entry_warmup, numbers.Integral):
+        raise TypeError(
+            f"Invalid entry_warmup: expected an int, got {type(entry_warmup).__name__} "
+            f"{entry_warmup!r}"
+        )
+    if entry_warmup < 0:
+        raise ValueError(f"Invalid entry_warmup: {entry_warmup} (must be >= 0)")
     for name, flag in (("foreach", foreach), ("fused", fused)):
         if flag is not None and not isinstance(flag, bool):
             raise TypeError(f"Invalid {name}: expected True, False or None, got {flag!r}")

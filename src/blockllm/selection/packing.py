@@ -20,6 +20,7 @@ a later arrival can push a packed tensor out and reopen room for one already fre
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,12 +34,17 @@ class Plan:
     Attributes:
         whole: candidate indices taken whole.
         partial: candidate indices that receive only some coordinates.
-        remainder: coordinates to hand out inside ``partial``.
+        remainder: coordinates to hand out inside ``partial`` (for the whole-tensor packer: to
+            the last of them, the first tensor that did not fit).
+        counts: whole-tensor packer: the coordinates of each ``partial`` tensor.
     """
 
     whole: tuple[int, ...]
     partial: tuple[int, ...]
     remainder: int
+    # WholeTensorPacker only: coordinates for each of ``partial`` (capped tensors, then the one
+    # that did not fit, which gets ``remainder``).
+    counts: tuple[int, ...] = ()
 
     @property
     def members(self) -> frozenset[int]:
@@ -110,34 +116,104 @@ def _top_coordinates(grad: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class WholeTensorPacker:
-    """Whole tensors in score order while they fit; the remainder on the first one that does not."""
+    """Tensors in score order, each taking what it needs up to its cap, until the budget is spent.
 
-    def __init__(self, sizes: list[int], budget: int) -> None:
+    Tensor ``i`` takes ``min(size_i, cap_i, budget left)`` coordinates: whole when that is its
+    size, partly otherwise. The first tensor that cannot have ``min(size, cap)`` gets what is left
+    and ends the plan. Without caps this is "whole tensors while they fit, the remainder on the
+    first that does not". A cap keeps one huge tensor (an embedding, an output head) from taking
+    the whole budget at the expense of every other block.
+
+    Still a score-ordered prefix, and still monotone: the budget used before any tensor is
+    ``min(k, sum of min(size, cap) over the tensors ranked above it)``, which arrivals can only
+    raise, so a tensor once left out stays out.
+
+    Args:
+        sizes: coordinates of each candidate.
+        budget: k.
+        caps: the most coordinates each candidate may take (None: no cap).
+        row_sizes: coordinates per row (``numel // shape[0]``) of each candidate; when given, a
+            partly selected tensor takes whole rows by gradient row norm (see
+            :func:`top_rows`); None: the largest-|G| coordinates.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        budget: int,
+        caps: list[int] | None = None,
+        row_sizes: list[int] | None = None,
+    ) -> None:
         self.sizes = sizes
         self.budget = budget
+        self.caps = caps
+        self.row_sizes = row_sizes
 
     def plan(self, scores: dict[int, float]) -> Plan:
         left = self.budget
         whole: list[int] = []
+        partial: list[int] = []
+        counts: list[int] = []
         for index in _ranked(scores):
             size = self.sizes[index]
             if size == 0:
                 continue
-            if size > left:
-                # The first tensor that does not fit gets the remainder (possibly none yet: a
-                # later, higher-scoring arrival can push a whole tensor out and free budget).
-                return Plan(tuple(whole), (index,), left)
-            whole.append(index)
-            left -= size
-        return Plan(tuple(whole), (), left)
+            wanted = size if self.caps is None else min(size, self.caps[index])
+            if wanted > left:
+                # The first tensor that does not get what it wants gets the remainder (possibly
+                # none yet: a later, higher-scoring arrival can push a whole tensor out and free
+                # budget) and ends the plan.
+                return Plan(tuple(whole), (*partial, index), left, (*counts, left))
+            if wanted == size:
+                whole.append(index)
+            else:
+                partial.append(index)
+                counts.append(wanted)
+            left -= wanted
+        return Plan(tuple(whole), tuple(partial), left, tuple(counts))
 
     def coordinates(self, plan: Plan, grads: dict[int, torch.Tensor]) -> Coordinates:
         chosen: Coordinates = {index: None for index in plan.whole}
-        for index in plan.partial:
+        counts = plan.counts or (plan.remainder,) * len(plan.partial)
+        for index, count in zip(plan.partial, counts):
             grad = grads.get(index)
-            if grad is not None and plan.remainder > 0:
-                chosen[index] = compact_index(_top_coordinates(grad, plan.remainder), grad.numel())
+            if grad is None or count <= 0:
+                continue
+            if self.row_sizes is not None and self.row_sizes[index] > 1:
+                picked = top_rows(grad, count, self.row_sizes[index])
+            else:
+                picked = _top_coordinates(grad, count)
+            chosen[index] = compact_index(picked, grad.numel())
         return chosen
+
+
+def top_rows(grad: torch.Tensor, count: int, row_size: int) -> torch.Tensor:
+    """Sorted flat indices of ``count`` coordinates of ``grad`` taken as whole rows where possible.
+
+    The ``count // row_size`` rows with the largest gradient norm come whole; the few
+    coordinates left over (fewer than a row) are the largest-|G| ones outside those rows, so the
+    budget is still used exactly. Rows suit the vocabulary matrices: an embedding row is one
+    token's vector, an output-head row one token's logit weights, and the rows with large
+    gradients are the tokens that matter in the data.
+    """
+    flat = grad.detach().reshape(-1)
+    num_rows = flat.numel() // row_size
+    rows_wanted = min(count // row_size, num_rows)
+    by_row = flat.view(num_rows, row_size)
+    # Low-precision rows are reduced in fp32; fp32/fp64 ones in their own dtype.
+    low = by_row.dtype in (torch.bfloat16, torch.float16)
+    row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
+    rows = torch.topk(row_norms, rows_wanted, sorted=False).indices.sort().values
+    extra = count - rows_wanted * row_size
+    if extra <= 0:
+        offsets = torch.arange(row_size, device=flat.device)
+        return (rows.unsqueeze(1) * row_size + offsets).reshape(-1)
+    mask = torch.zeros(num_rows, dtype=torch.bool, device=flat.device)
+    mask[rows] = True
+    magnitude = flat.abs().float().view(num_rows, row_size).masked_fill(mask.unsqueeze(1), -1.0)
+    extra_index = top_coordinates(magnitude.reshape(-1), extra)
+    row_index = (rows.unsqueeze(1) * row_size + torch.arange(row_size, device=flat.device)).reshape(-1)
+    return torch.cat([row_index, extra_index]).sort().values
 
 
 class PaperMaskPacker:
@@ -183,7 +259,34 @@ class PaperMaskPacker:
         return chosen
 
 
-def make_packer(selection: str, sizes: list[int], budget: int) -> BudgetPacker:
+def tensor_cap(sizes: list[int], budget: int, share: float) -> int:
+    """The most coordinates one tensor may take: ``share`` of the budget, raised when needed.
+
+    A cap must never leave budget unused: with few candidates (two big tensors and a share of
+    0.25, say) the plain cap would. The cap is then raised to the smallest value at which the
+    candidates together can take the whole budget. It is fixed per model, so plans stay
+    monotone.
+    """
+    cap = max(1, math.floor(share * budget))
+    if sum(min(size, cap) for size in sizes) >= budget:
+        return cap
+    low, high = cap, max(sizes)
+    while low < high:
+        middle = (low + high) // 2
+        if sum(min(size, middle) for size in sizes) >= budget:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def make_packer(
+    selection: str,
+    sizes: list[int],
+    budget: int,
+    caps: list[int] | None = None,
+    row_sizes: list[int] | None = None,
+) -> BudgetPacker:
     if selection == "tensor":
-        return WholeTensorPacker(sizes, budget)
+        return WholeTensorPacker(sizes, budget, caps, row_sizes)
     return PaperMaskPacker(sizes, budget)

@@ -74,6 +74,15 @@ class RunConfig:
         "loss", "BlockLLM: reselect on a loss plateau (loss) or every patience steps"
     )
     selection: str = _field("tensor", "BlockLLM: whole tensors (tensor) or the paper's mask (mask)")
+    max_tensor_share: float = _field(
+        0.25, "BlockLLM: the largest share of the budget one tensor may take (1 = no cap)"
+    )
+    partial: str = _field(
+        "rows", "BlockLLM: a partly selected tensor trains whole rows (rows) or coordinates"
+    )
+    entry_warmup: int = _field(
+        0, "BlockLLM: steps over which a block entering at a reselection ramps up its lr"
+    )
     exclude: str | None = _field(
         None, "BlockLLM: regex of parameter names never selected (they stay frozen)"
     )
@@ -85,7 +94,10 @@ class RunConfig:
         False, "also evaluate before the first step (the untrained baseline)"
     )
     save_every: int = _field(
-        200, "checkpoint every N steps (and at the end); 0 = only at the end", resumable=True
+        200,
+        "checkpoint every N steps (and at the end); 0 = only at the end; -1 = never (a "
+        "SIGINT/SIGTERM still saves one)",
+        resumable=True,
     )
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", resumable=True)
     log_every: int = _field(1, "write a metrics line every N steps")
@@ -202,6 +214,13 @@ class RunConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("trigger", self.trigger, TRIGGERS)
         _choice("selection", self.selection, SELECTIONS)
+        _choice("partial", self.partial, ("coordinates", "rows"))
+        if not 0.0 < float(self.max_tensor_share) <= 1.0:
+            raise ConfigError(
+                f"Invalid max_tensor_share: {self.max_tensor_share} (must be in (0, 1])"
+            )
+        if int(self.entry_warmup) < 0:
+            raise ConfigError(f"Invalid entry_warmup: {self.entry_warmup} (must be >= 0)")
         from blockllm.train.optimizers import OPTIMIZERS
 
         _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
@@ -232,7 +251,7 @@ class RunConfig:
         _int("patience", self.patience, 1)
         _int("eval_every", self.eval_every, 0)
         _int("eval_batches", self.eval_batches, 0)
-        _int("save_every", self.save_every, 0)
+        _int("save_every", self.save_every, -1)  # -1: no checkpoints (benchmark children)
         _int("keep_checkpoints", self.keep_checkpoints, 1)
         _int("log_every", self.log_every, 1)
         _int("seed", self.seed, 0)

@@ -56,11 +56,19 @@ class TrainingInterrupted(BlockLLMError, RuntimeError):
         )
 
 
+class DistributedTrainingError(BlockLLMError, RuntimeError):
+    """Under torchrun, this rank lost the others: a rank died or hung past the timeout.
+
+    Not a bug and not bad input: the last checkpoint is intact and ``--resume`` continues.
+    """
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointVersionError",
     "ConfigError",
     "CorruptCheckpointError",
+    "DistributedTrainingError",
     "RunDirError",
     "TrainingInterrupted",
 ]

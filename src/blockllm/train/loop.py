@@ -50,12 +50,14 @@ import torch
 
 from blockllm.train.checkpoint import (
     capture_rng_state,
+    checkpoint_path,
     load_latest_checkpoint,
     quarantine,
     restore_rng_state,
     save_checkpoint,
 )
 from blockllm.train.config import RunConfig
+from blockllm.train.distributed import DataParallel, NullMetrics
 from blockllm.train.errors import CheckpointError, CorruptCheckpointError, TrainingInterrupted
 from blockllm.train.memory import MemoryTracker, current_rss_bytes
 from blockllm.train.metrics import MetricsWriter
@@ -115,12 +117,16 @@ class Trainer:
         threads: ``torch.set_num_threads`` for this run (default: leave torch's choice).
         handle_signals: Turn SIGINT/SIGTERM into "finish the step, checkpoint, stop" (only
             possible in the main thread).
+        parallel: This process's rank among data-parallel ones (see
+            :mod:`blockllm.train.distributed`); default: the initialised default process group,
+            if any, else a single process.
 
     Raises:
         RunDirError: the output directory cannot take this run (checked before anything loads).
         CheckpointError: no intact checkpoint to resume from, or it is from another run or a
             newer checkpoint format.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
+        DistributedTrainingError: data parallel, another rank died or hung past the timeout.
     """
 
     def __init__(
@@ -133,8 +139,12 @@ class Trainer:
         progress: Progress | None = None,
         threads: int | None = None,
         handle_signals: bool = True,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.config = config
+        self.parallel = parallel if parallel is not None else DataParallel.current()
+        self.parallel.check(config)
+        # Every rank checks the directory and reads the checkpoint; only rank 0 writes there.
         self.run_dir = check_run_dir(output_dir, config, resume=resume)
         # Read and check the checkpoint now: a corrupt or foreign one is reported in a second,
         # not after minutes of loading data and model.
@@ -161,7 +171,7 @@ class Trainer:
         self._baseline_rss: int | None = None  # RSS just before this process's first step
         self._stop_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
-        self._metrics: MetricsWriter | None = None
+        self._metrics: MetricsWriter | NullMetrics | None = None
         self._last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------ recipe
@@ -172,6 +182,11 @@ class Trainer:
             self.setup()
             self.train()
             return self.summary
+        except Exception as exc:
+            failure = self.parallel.failure(exc, step=self.step, checkpoint=self._last_checkpoint)
+            if failure is None:
+                raise
+            raise failure from exc
         finally:
             self.cleanup()
 
@@ -180,11 +195,12 @@ class Trainer:
         config = self.config
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.device = resolve_device(config.device)
+        self.device = self.parallel.device(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         seed_everything(config.seed)
 
-        self.workload: Workload = build_workload(config, self.cache_dir)
+        with self.parallel.local_main_first():  # one process per machine fills the cache
+            self.workload: Workload = build_workload(config, self.cache_dir)
         self.spec = get_optimizer_spec(config.optimizer)
         model = self.workload.model
         if self.spec.prepare_model is not None:
@@ -202,18 +218,23 @@ class Trainer:
         if self._checkpoint is not None:
             self._restore(self._checkpoint, self.run_dir.resume_from)
             self._checkpoint = None  # the model and optimizer own the tensors now
-        init_run_dir(self.run_dir, config)
-        # Only now, with data and model loaded, may the directory change (see rundir).
-        for path, _ in self._damaged:
-            quarantine(path)
-        self._damaged = []
+        # Data parallel: DDP around the model, unless the optimizer averages its own gradients.
+        self._train_model = self.parallel.wrap(self.model, self.optimizer)
         resumed = self.run_dir.resume_from is not None
-        self._metrics = MetricsWriter(
-            self.run_dir.path,
-            # A restart from step 0 also cuts the metrics and TensorBoard back (to nothing).
-            resume_step=self.step if resumed or self.run_dir.restart else None,
-            tensorboard=config.tensorboard,
-        )
+        if self.parallel.is_main:
+            init_run_dir(self.run_dir, config)
+            # Only now, with data and model loaded, may the directory change (see rundir).
+            for path, _ in self._damaged:
+                quarantine(path)
+            self._metrics = MetricsWriter(
+                self.run_dir.path,
+                # A restart from step 0 also cuts the metrics and TensorBoard back (to nothing).
+                resume_step=self.step if resumed or self.run_dir.restart else None,
+                tensorboard=config.tensorboard,
+            )
+        else:
+            self._metrics = NullMetrics()  # rank 0 alone writes the run directory
+        self._damaged = []
         logger.info(
             "Run %s: %s %s with %s on %s (%s, %d threads), %d steps of %d tokens",
             self.run_dir.path, config.command, config.model, config.optimizer, self.device,
@@ -255,15 +276,19 @@ class Trainer:
                 self._metrics.log(record)
                 self.progress.update(record)
 
-            stopping = self._stop_signal is not None
-            final = self.step == config.max_steps
+            # Ranks stop together, on the signal they agreed on during the step.
+            stop_signal = self.parallel.stop_signal(self._stop_signal)
+            stopping = stop_signal is not None
+            # save_every -1 skips the final checkpoint too; a signal still writes one (resumable).
+            final = self.step == config.max_steps and config.save_every >= 0
             if stopping or final or (config.save_every > 0 and self.step % config.save_every == 0):
                 self._save_or_carry_on(must_succeed=stopping or final)
             if stopping and self.step < config.max_steps:
-                assert self._stop_signal is not None and self._last_checkpoint is not None
-                raise TrainingInterrupted(self._stop_signal, self.step, str(self._last_checkpoint))
+                assert stop_signal is not None and self._last_checkpoint is not None
+                raise TrainingInterrupted(stop_signal, self.step, str(self._last_checkpoint))
         self.summary = self._summary()
-        write_text_atomic(self.run_dir.path / SUMMARY_FILE, _json(self.summary))
+        if self.parallel.is_main:
+            write_text_atomic(self.run_dir.path / SUMMARY_FILE, _json(self.summary))
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current model (``eval_loss`` and friends)."""
@@ -307,23 +332,33 @@ class Trainer:
         checkpoint is the only record of the work, so the failure becomes an error that says
         what survived.
         """
-        try:
-            self.save_checkpoint()
-        except OSError as exc:
-            previous = (
-                f"the previous checkpoint {self._last_checkpoint} is intact"
-                if self._last_checkpoint is not None
-                else "no earlier checkpoint of this run exists"
-            )
-            if must_succeed:
-                raise CheckpointError(
-                    f"could not write the checkpoint of step {self.step} ({exc}); {previous}; "
-                    "free some space and continue with --resume"
-                ) from exc
+        error: OSError | None = None
+        if self.parallel.is_main:  # parameters are replicated: rank 0's checkpoint is everyone's
+            try:
+                self.save_checkpoint()
+            except OSError as exc:
+                error = exc
+        # Data parallel: the other ranks wait here for rank 0's save and learn its outcome.
+        if self.parallel.saved(error is None):
+            if not self.parallel.is_main:
+                self._last_checkpoint = checkpoint_path(self.run_dir.checkpoints, self.step)
+            return
+        reason = str(error) if error is not None else "rank 0 could not write it"
+        previous = (
+            f"the previous checkpoint {self._last_checkpoint} is intact"
+            if self._last_checkpoint is not None
+            else "no earlier checkpoint of this run exists"
+        )
+        if must_succeed:
+            raise CheckpointError(
+                f"could not write the checkpoint of step {self.step} ({reason}); {previous}; "
+                "free some space and continue with --resume"
+            ) from error
+        if self.parallel.is_main:
             logger.error(
                 "Could not write the checkpoint of step %d (%s); %s. Training goes on and the "
                 "next checkpoint is tried at step %d.",
-                self.step, exc, previous, self._next_save_step(),
+                self.step, reason, previous, self._next_save_step(),
             )  # fmt: skip
 
     def _next_save_step(self) -> int:
@@ -355,20 +390,31 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         tokens = 0
         for micro in range(config.grad_accum):
-            batch = to_device(
-                self.workload.train_batch(self.step * config.grad_accum + micro), self.device
-            )
-            with self._autocast():
-                loss, count = self.workload.loss(self.model, batch)
-            (loss / config.grad_accum).backward()
+            # Data parallel: this rank's slice of the global batch (all of it on one process).
+            global_batch = self.workload.train_batch(self.step * config.grad_accum + micro)
+            batch = to_device(self.parallel.shard(global_batch), self.device)
+            more_to_come = micro + 1 < config.grad_accum
+            with self.parallel.accumulating(self._train_model, more_to_come):
+                with self._autocast():
+                    loss, count = self.workload.loss(self._train_model, batch)
+                (loss / config.grad_accum).backward()
             loss_sum += loss.detach().float()
             tokens += count
         loss_value = float(loss_sum) / config.grad_accum  # the one host sync of the step
+        # Data parallel: mean loss and total tokens of all ranks, and the stop vote.
+        loss_value, tokens = self.parallel.reduce_step(loss_value, tokens, self._stop_signal)
 
         grad_norm = None
         if config.grad_clip > 0:
             with_grad = [param for param in self.model.parameters() if param.grad is not None]
-            if with_grad:
+            self.parallel.average_gradients(with_grad)  # clip the whole batch's gradient
+            # BlockLLM with compact_grads clips its own gradients: those of partly selected
+            # tensors are no longer in any .grad.
+            compacting = getattr(self.optimizer, "compact_grads", False)
+            clip_own = getattr(self.optimizer, "clip_grad_norm_", None) if compacting else None
+            if clip_own is not None:
+                grad_norm = float(clip_own(config.grad_clip, parameters=with_grad))
+            elif with_grad:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
         lr = float(self.scheduler.get_last_lr()[0])
         self._optimizer_step(loss_value, grad_norm)
@@ -491,6 +537,8 @@ class Trainer:
         # code the main thread is in the middle of. The loop acts at the end of the step.
         if self._stop_signal is None:
             self._stop_signal = signum
+            if not self.parallel.second_signal_aborts:
+                return  # torchrun repeats signals to its workers, and escalates to SIGKILL itself
             # A second signal is not ignored: it gets the previous behaviour (KeyboardInterrupt
             # for SIGINT, termination for SIGTERM).
             previous = self._previous_handlers.get(signum)

@@ -154,10 +154,18 @@ register_optimizer(
 
 def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> torch.optim.Optimizer:
     from blockllm.optim import BlockLLM
+    from blockllm.train.distributed import data_parallel_group
 
     settings: dict[str, Any] = {
         "sparsity": config.sparsity, "patience": config.patience, "trigger": config.trigger,
         "selection": config.selection, "seed": config.seed, "exclude": config.exclude,
+        "max_tensor_share": config.max_tensor_share, "partial": config.partial,
+        "entry_warmup": config.entry_warmup,
+        # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly
+        # selected tensors (embedding and head rows) need not outlive the backward.
+        "compact_grads": True,
+        # Under torchrun BlockLLM averages its selected gradients itself (no DDP).
+        "process_group": data_parallel_group(),
     }  # fmt: skip
     settings.update(overrides)
     return BlockLLM(
@@ -204,6 +212,15 @@ _BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "blockllm-mask": (
         {"selection": "mask"},
         "BlockLLM with the paper's |G| >= tau coordinate mask instead of whole tensors",
+    ),
+    "blockllm-uncapped": (
+        {"max_tensor_share": 1.0, "partial": "coordinates"},
+        "BlockLLM ablation: no per-tensor cap, leftover budget as single coordinates (0.1.0 rule)",
+    ),
+    "blockllm-paper": (
+        {"selection": "mask", "max_tensor_share": 1.0, "partial": "coordinates",
+         "trigger": "loss", "entry_warmup": 0},
+        "The paper's method as published: |G| >= tau mask, loss-plateau trigger (--patience)",
     ),
 }
 for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():

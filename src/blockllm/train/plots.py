@@ -45,9 +45,19 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return smoothed
 
 
+def _color(index: int, count: int) -> Any:
+    """Run ``index``'s colour: matplotlib's ten defaults, or twenty distinct ones for a bench suite
+    with more runs (the default cycle would give two runs one colour)."""
+    if count <= 10:
+        return f"C{index}"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](index % 20)
+
+
 def _loss_axes(axes: Any, runs: list[RunRecord], x: str, xlabel: str) -> None:
     for index, run in enumerate(runs):
-        color = f"C{index}"
+        color = _color(index, len(runs))
         xs, ys = run.series("loss", x)
         if xs:
             axes.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
@@ -84,12 +94,18 @@ def _memory_axes(tensor_axes: Any, process_axes: Any, runs: list[RunRecord]) -> 
     use_cuda = any(h["peak_cuda_bytes"] for h in headlines)
     key = "peak_cuda_bytes" if use_cuda else "peak_rss_bytes"
     values = [(h[key] or 0) / _MB for h in headlines]
-    bars = process_axes.bar(range(len(runs)), values, color=[f"C{i}" for i in range(len(runs))])
+    colors = [_color(i, len(runs)) for i in range(len(runs))]
+    bars = process_axes.bar(range(len(runs)), values, color=colors)
     process_axes.bar_label(bars, fmt="%.0f", fontsize="small")
     process_axes.set_xticks(range(len(runs)), names)
     process_axes.set_ylabel("MB")
     process_axes.set_title("peak CUDA allocation" if use_cuda else "peak process RSS")
     process_axes.grid(axis="y", alpha=0.3)
+    if len(runs) > 4:  # a bench suite's labels would overlap side by side
+        for axes in (tensor_axes, process_axes):
+            axes.tick_params(axis="x", labelrotation=45, labelsize="small")
+            for label in axes.get_xticklabels():
+                label.set_horizontalalignment("right")  # the label ends under its bar
 
 
 def selection_steps(run: RunRecord) -> list[int]:
@@ -122,6 +138,25 @@ def plot_loss_vs_time(runs: list[RunRecord], path: Path) -> Path:
 def plot_memory(runs: list[RunRecord], path: Path) -> Path:
     figure, (tensor_axes, process_axes) = _figure(11, 4.5, columns=2)
     _memory_axes(tensor_axes, process_axes, runs)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_accuracy_vs_step(runs: list[RunRecord], path: Path) -> Path:
+    """Held-out accuracy at every evaluation (finetuning); step 0 is the untrained model."""
+    figure, (axes,) = _figure(8, 5)
+    for index, run in enumerate(runs):
+        xs, ys = run.series("eval_accuracy")
+        initial = ((run.summary or {}).get("initial_eval") or {}).get("eval_accuracy")
+        if initial is not None:
+            xs, ys = [0, *xs], [initial, *ys]
+        if xs:
+            axes.plot(xs, ys, color=_color(index, len(runs)), marker="o", label=run.name)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("held-out accuracy")
+    axes.set_title("accuracy vs steps")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return path
 
@@ -177,6 +212,7 @@ def write_report_plots(runs: list[RunRecord], output_dir: Path) -> list[Path]:
 
 
 __all__ = [
+    "plot_accuracy_vs_step",
     "plot_demo",
     "plot_loss_vs_step",
     "plot_loss_vs_time",

@@ -1,0 +1,183 @@
+"""BlockLLM on FSDP2 (fully_shard, DTensor parameters): 2 CPU processes over gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.distributed.fsdp_workers import (
+    STEPS,
+    fsdp_resume_worker,
+    fsdp_train_worker,
+    single_process_reference,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+def run_workers(worker, out_dir, store_name, seconds=120, nprocs=2):
+    context = mp.start_processes(
+        worker, args=(nprocs, str(out_dir / store_name), str(out_dir)), nprocs=nprocs,
+        join=False, start_method="spawn",
+    )  # fmt: skip
+    for _ in range(seconds):
+        if context.join(timeout=1):
+            return
+    for process in context.processes:
+        process.kill()
+    pytest.fail(f"the FSDP2 workers did not finish within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-rank FSDP2 run (with a DCP checkpoint after each step), and its outputs per rank."""
+    out_dir = tmp_path_factory.mktemp("fsdp2")
+    run_workers(fsdp_train_worker, out_dir, "train-store")
+    ranks = [torch.load(out_dir / f"train{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return out_dir, ranks
+
+
+@pytest.fixture(scope="module")
+def resume_at(trained):
+    """Steps done at the checkpoint to resume from: the first whose moments of a partly
+    selected tensor, the hard case, are saved and then used by the next step."""
+    out_dir, ranks = trained
+    for steps in range(1, STEPS - 1):
+        found = True
+        for rank in ranks:
+            before, after = rank["history"][steps - 1], rank["history"][steps]
+            found &= bool(before["partial_with_state"]) and after["selected"] == before["selected"]
+            found &= after["partial"].keys() == before["partial"].keys() and all(
+                torch.equal(c, before["partial"][n]) for n, c in after["partial"].items()
+            )
+        if found:
+            (out_dir / "resume_at").write_text(str(steps))
+            return steps
+    pytest.fail("no checkpoint holds moments of a partly selected tensor that the next step uses")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.set_num_threads(1)
+    return single_process_reference()
+
+
+def _global_partial(ranks, step):
+    """The partly selected coordinates of a step, put together from both ranks' shards."""
+    names = ranks[0]["history"][step]["partial"].keys()
+    assert names == ranks[1]["history"][step]["partial"].keys()
+    return {
+        name: torch.cat([rank["history"][step]["partial"][name] for rank in ranks])
+        for name in names
+    }
+
+
+def test_fsdp2_matches_the_single_process_run(trained, reference):
+    _, ranks = trained
+    # Several reselections happened, with the same selections on both ranks and in one process.
+    assert ranks[0]["reselections"] == ranks[1]["reselections"] == reference["reselections"] >= 2
+    for step in range(STEPS):
+        expected = reference["history"][step]
+        for rank in ranks:
+            assert rank["history"][step]["selected"] == expected["selected"], step
+            assert rank["history"][step]["num_selected"] == expected["num_selected"], step
+        # The shards' coordinates of a partly selected tensor add up to one process's top-|G|.
+        together = _global_partial(ranks, step)
+        assert together.keys() == expected["partial"].keys(), step
+        for name, coordinates in together.items():
+            assert torch.equal(coordinates, expected["partial"][name]), (step, name)
+    # The gathered parameters match one process trained on the concatenated batch.
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+
+
+def test_a_partly_selected_tensor_is_split_over_both_shards(trained):
+    _, ranks = trained
+    split = [
+        (step, name)
+        for step in range(STEPS)
+        for name, count in ranks[0]["history"][step]["local_partial"].items()
+        if count > 0 and ranks[1]["history"][step]["local_partial"][name] > 0
+    ]
+    assert split, "no selection put a partly selected tensor's coordinates on both ranks"
+
+
+def test_memory_report_counts_this_ranks_shards(trained, reference):
+    _, ranks = trained
+    for rank in ranks:
+        assert rank["memory"]["params"] == rank["local_param_bytes"]
+        assert rank["memory"]["grads"] == rank["local_grad_bytes"]
+    expected = reference["memory"]
+    assert sum(rank["memory"]["params"] for rank in ranks) == expected["params"]
+    assert sum(rank["memory"]["grads"] for rank in ranks) == expected["grads"]
+    assert all(rank["memory"]["grads"] < expected["grads"] for rank in ranks)
+    # Moments and coordinate lists are split over the ranks; only the 4-byte step counters
+    # exist on both.
+    assert ranks[0]["num_states"] == ranks[1]["num_states"] == reference["num_states"]
+    steps_bytes = 4 * reference["num_states"]
+    total = sum(rank["memory"]["optimizer_state"] for rank in ranks)
+    assert total == expected["optimizer_state"] + steps_bytes
+
+
+def test_dcp_checkpoint_resumes_exactly_in_fresh_processes(trained, resume_at):
+    out_dir, ranks = trained
+    run_workers(fsdp_resume_worker, out_dir, "resume-store")
+    resumed = [torch.load(out_dir / f"resume2-{rank}.pt", weights_only=True) for rank in (0, 1)]
+    before = ranks[0]["history"][resume_at - 1]
+    for rank in resumed:
+        assert rank["loaded"] == {k: before[k] for k in ("num_selected", "selected")}
+        for step, entry in enumerate(rank["history"], start=resume_at):
+            assert entry["selected"] == ranks[0]["history"][step]["selected"], step
+            assert entry["num_selected"] == ranks[0]["history"][step]["num_selected"], step
+        for name, value in ranks[0]["params"].items():
+            assert torch.equal(rank["params"][name], value), name
+
+
+def test_dcp_checkpoint_of_two_ranks_resumes_on_one(trained, resume_at):
+    out_dir, ranks = trained
+    run_workers(fsdp_resume_worker, out_dir, "reshard-store", nprocs=1)
+    resumed = torch.load(out_dir / "resume1-0.pt", weights_only=True)
+    before = ranks[0]["history"][resume_at - 1]
+    assert resumed["loaded"] == {k: before[k] for k in ("num_selected", "selected")}
+    for step, entry in enumerate(resumed["history"], start=resume_at):
+        assert entry["selected"] == ranks[0]["history"][step]["selected"], step
+    # One rank averages no gradients, so the numbers agree to rounding, not bit for bit.
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unsupported_layouts_are_refused_with_a_reason(trained):
+    _, ranks = trained
+    for rank in ranks:
+        assert rank["errors"]["process_group"].startswith("Invalid process_group: the parameters")
+        assert "fully_shard to the root module" in rank["errors"]["mixed"]
+
+
+def test_sharded_coordinates_are_one_process_top_coordinates(tmp_path):
+    from tests.distributed.fsdp_workers import packer_cases, sharded_packer_worker
+
+    run_workers(sharded_packer_worker, tmp_path, "packer-store", seconds=60)
+    ranks = [torch.load(tmp_path / f"packer{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for number, case in enumerate(packer_cases()):
+        packer, grads = case["packer"], case["grads"]
+        plan = packer.plan(case["scores"])
+        expected = packer.coordinates(plan, dict(enumerate(grads)))
+        assert ranks[0][number].keys() == ranks[1][number].keys() == expected.keys(), number
+        chosen_total = 0
+        for index, coordinates in expected.items():
+            if coordinates is None:
+                assert ranks[0][number][index] is None and ranks[1][number][index] is None
+                continue
+            together = torch.cat([ranks[0][number][index], ranks[1][number][index]])
+            assert torch.equal(together, together.sort().values), (number, index)
+            chosen_total += together.numel()
+            magnitude = grads[index].reshape(-1).abs()
+            if magnitude.unique().numel() == magnitude.numel():  # no ties: the very same set
+                assert torch.equal(together, coordinates.long()), (number, index)
+            else:  # ties: any of them, as long as none left out is larger than one taken
+                left_out = torch.ones_like(magnitude, dtype=torch.bool)
+                left_out[together] = False
+                assert magnitude[together].min() >= magnitude[left_out].max(), (number, index)
+        assert chosen_total == sum(c.numel() for c in expected.values() if c is not None), number
