@@ -150,6 +150,30 @@ SUITES: dict[str, Suite] = {
                "--patience", "50", "--warmup-steps", "40", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 8192),
     ),
+    # One setting of BlockLLM's pretraining recipe changed per entry, at pretrain-cpu's shape:
+    # the trigger (the paper's plateau rule at patience 50, or every 10 steps), a smaller cap,
+    # coordinates instead of rows, a warmup for blocks entering at a reselection, a larger lr.
+    "pretrain-ablations": Suite(
+        name="pretrain-ablations",
+        description="BlockLLM ablations on pretrain-cpu's setting, one change per entry",
+        command="pretrain",
+        model="tiny",
+        steps=400,
+        eval_every=25,
+        methods=(
+            MethodEntry("blockllm", "blockllm", _BLOCKLLM_RECIPE),
+            MethodEntry("loss-trigger-50", "blockllm", ("--trigger", "loss", "--patience", "50")),
+            MethodEntry("interval-10", "blockllm", ("--trigger", "interval", "--patience", "10")),
+            MethodEntry("cap-0.1", "blockllm", (*_BLOCKLLM_RECIPE, "--max-tensor-share", "0.1")),
+            MethodEntry("coordinates", "blockllm", (*_BLOCKLLM_RECIPE, "--partial", "coordinates")),
+            MethodEntry("entry-warmup-10", "blockllm", (*_BLOCKLLM_RECIPE, "--entry-warmup", "10")),
+            MethodEntry("lr-2e-3", "blockllm", (*_BLOCKLLM_RECIPE, "--lr", "2e-3")),
+        ),
+        flags=("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8", "--lr", "1e-3",
+               "--patience", "50", "--warmup-steps", "40", "--min-lr-ratio", "0.1"),
+        corpus=(3_000_000, 8192),
+        baseline_optimizer="blockllm",
+    ),
     # llama-20m is tiny's network at a 32k vocabulary: the embedding and head dominate, so a step
     # costs several times tiny's. Fewer methods and steps keep the suite feasible on a CPU.
     "pretrain-cpu-20m": Suite(
