@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.distributed.spawn import run_workers
 from tests.distributed.workers import STEPS, data_parallel_worker, single_process_reference
 
 pytestmark = pytest.mark.distributed
@@ -26,19 +26,6 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_p
     for name, value in reference["params"].items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert rank0["bytes"] > 0
-
-
-def run_workers(worker, tmp_path, seconds=120):
-    context = mp.start_processes(
-        worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
-        start_method="spawn",
-    )  # fmt: skip
-    for _ in range(seconds):
-        if context.join(timeout=1):
-            return
-    for process in context.processes:
-        process.kill()
-    pytest.fail(f"the distributed workers did not finish within {seconds} s")
 
 
 def test_a_ddp_wrapped_model_without_process_group_is_refused(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.distributed.fsdp_workers import (
     STEPS,
@@ -12,21 +11,9 @@ from tests.distributed.fsdp_workers import (
     fsdp_train_worker,
     single_process_reference,
 )
+from tests.distributed.spawn import run_workers
 
 pytestmark = pytest.mark.distributed
-
-
-def run_workers(worker, out_dir, store_name, seconds=120, nprocs=2):
-    context = mp.start_processes(
-        worker, args=(nprocs, str(out_dir / store_name), str(out_dir)), nprocs=nprocs,
-        join=False, start_method="spawn",
-    )  # fmt: skip
-    for _ in range(seconds):
-        if context.join(timeout=1):
-            return
-    for process in context.processes:
-        process.kill()
-    pytest.fail(f"the FSDP2 workers did not finish within {seconds} s")
 
 
 @pytest.fixture(scope="module")
