@@ -151,3 +151,20 @@ def test_the_tensor_cap_never_leaves_budget_unused(sizes, share, fraction):
     cap = tensor_cap(sizes, budget, share)
     assert sum(min(size, cap) for size in sizes) >= budget
     assert cap == max(1, int(share * budget)) or sum(min(size, cap - 1) for size in sizes) < budget
+
+
+def test_top_rows_leftovers_are_the_same_when_found_chunk_by_chunk(monkeypatch):
+    # The leftover coordinates are searched a chunk of rows at a time to keep the selection
+    # step's memory near the gradient's own size; the result must not depend on the chunking.
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(37, 8, generator=generator)
+    expected_rows = torch.linalg.vector_norm(grad, dim=1).topk(4).indices
+    outside = grad.abs().clone()
+    outside[expected_rows] = -1.0
+    expected_extra = outside.reshape(-1).topk(5).indices
+    offsets = torch.arange(8)
+    expected = torch.cat([(expected_rows.unsqueeze(1) * 8 + offsets).reshape(-1), expected_extra])
+    for chunk_entries in (8, 24, 1 << 20):
+        monkeypatch.setattr("blockllm.selection.packing._CHUNK_ENTRIES", chunk_entries)
+        picked = top_rows(grad, count=4 * 8 + 5, row_size=8)
+        assert torch.equal(picked, expected.sort().values)

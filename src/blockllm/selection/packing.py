@@ -210,10 +210,36 @@ def top_rows(grad: torch.Tensor, count: int, row_size: int) -> torch.Tensor:
         return (rows.unsqueeze(1) * row_size + offsets).reshape(-1)
     mask = torch.zeros(num_rows, dtype=torch.bool, device=flat.device)
     mask[rows] = True
-    magnitude = flat.abs().float().view(num_rows, row_size).masked_fill(mask.unsqueeze(1), -1.0)
-    extra_index = top_coordinates(magnitude.reshape(-1), extra)
+    extra_index = _top_outside_rows(by_row, mask, extra)
     row_index = (rows.unsqueeze(1) * row_size + torch.arange(row_size, device=flat.device)).reshape(-1)
     return torch.cat([row_index, extra_index]).sort().values
+
+
+_CHUNK_ENTRIES = 1 << 20
+
+
+def _top_outside_rows(by_row: torch.Tensor, taken: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the ``count`` largest |G| entries outside the ``taken`` rows.
+
+    ``count`` is less than a row, so each chunk of rows can only contribute its own best
+    ``count`` entries: a running top-``count`` over chunks gives the same set as one pass over
+    the whole tensor, without the full-size magnitude copies (a 30k-row embedding's gradient
+    would otherwise cost three or four times its own size at the selection step).
+    """
+    num_rows, row_size = by_row.shape
+    chunk = max(1, _CHUNK_ENTRIES // row_size)
+    values: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    for start in range(0, num_rows, chunk):
+        stop = min(num_rows, start + chunk)
+        block = by_row[start:stop].abs().float()
+        # Taken rows are marked -1, below every magnitude.
+        block.masked_fill_(taken[start:stop].unsqueeze(1), -1.0)
+        best = torch.topk(block.reshape(-1), min(count, block.numel()), sorted=False)
+        values.append(best.values)
+        indices.append(best.indices + start * row_size)
+    merged = torch.topk(torch.cat(values), count, sorted=False).indices
+    return torch.cat(indices)[merged].sort().values
 
 
 class PaperMaskPacker:
