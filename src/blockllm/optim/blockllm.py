@@ -103,6 +103,16 @@ class BlockLLM(Optimizer):
             paper's coordinate mask) (default: ``"tensor"``).
         score: ``"grad_norm"``, or ``"random"`` for the ablation baseline (default: ``"grad_norm"``).
         visit_penalty: divide scores by ``1 + times selected`` (default: True).
+        max_tensor_share: the largest share of the budget one tensor may take, raised
+            automatically when the candidates could not use the whole budget otherwise; 1 = no
+            cap (default: 0.25).
+        partial: a partly selected tensor trains its ``"rows"`` with the largest gradient norm
+            (the few leftover coordinates by |G|) or its largest-|G| ``"coordinates"``
+            (default: ``"rows"``).
+        entry_warmup: steps over which a block entering at a reselection ramps its lr up from
+            ``lr / entry_warmup``; 0 = off (default: 0).
+        compact_grads: gather a partly selected tensor's gradient to its selected coordinates as
+            it lands and free the dense one; clip with :meth:`clip_grad_norm_` (default: False).
         include: names that may be selected: a regex (fullmatch), or a list of exact names and
             suffixes (``"lm_head.weight"``, ``".bias"``). Others are frozen. Default: all.
         exclude: names never selected and frozen, same forms; exclusion wins over inclusion.
