@@ -18,6 +18,7 @@ from blockllm.optim.adam_update import UpdateBatch, gather, init_state, resolve_
 from blockllm.optim.distributed import GradientAverager, check_not_ddp_wrapped
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.params import NameMatcher, Pattern, normalize_group, normalize_param_groups
+from blockllm.optim.row_gradients import RowTarget, patch_module, patchable, row_target
 from blockllm.optim.sharded import ShardedSync, local_view
 from blockllm.optim.validation import budget_for, check_arguments
 from blockllm.selection.packing import Coordinates, make_packer, tensor_cap
@@ -205,6 +206,8 @@ class BlockLLM(Optimizer):
         # compact_grads: candidate index -> the selected coordinates' gradient, gathered out of
         # the dense .grad of a partly selected tensor (which is then freed) as it lands.
         self._compact: dict[int, torch.Tensor] = {}
+        # use_row_gradients: candidate index -> (the coordinates it was built for, its target).
+        self._row_targets: dict[int, tuple[torch.Tensor, RowTarget | None]] = {}
         self._aliases = aliases
         self._candidates: list[torch.Tensor] = []
         self._candidate_names: list[str] = []
@@ -544,6 +547,64 @@ class BlockLLM(Optimizer):
         started = time.perf_counter()
         scoring.observe(index, param)
         self.selection_seconds += time.perf_counter() - started
+
+    def use_row_gradients(self, model: torch.nn.Module) -> list[str]:
+        """Compute only the selected rows' weight gradient of partly selected vocabulary matrices.
+
+        Patches the forward of every plain ``nn.Linear``/``nn.Embedding`` of ``model`` whose
+        weight is a candidate (see :mod:`blockllm.optim.row_gradients`): on ordinary steps a
+        partly selected output head then costs a matrix product over its selected rows instead
+        of all of them, and no dense gradient of it (or of the embedding) is ever built. Selection
+        steps, and weights selected whole or not at all, keep autograd's own backward. The
+        gradients go where ``compact_grads`` puts them, so it needs ``compact_grads=True`` (clip
+        with :meth:`clip_grad_norm_`). FSDP2 parameters are left alone.
+
+        Returns:
+            The names of the patched modules.
+        """
+        if not self.compact_grads:
+            raise ValueError(
+                "use_row_gradients() needs compact_grads=True: the row gradients are kept "
+                "compacted, outside .grad"
+            )
+        if self._sharded is not None:
+            return []
+        patched = []
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(weight, torch.Tensor)
+                and id(weight) in self._candidate_index
+                and weight.ndim == 2
+                and patchable(module)
+            ):
+                patch_module(module, self)
+                patched.append(name)
+        logger.info("BlockLLM: row gradients for %s", ", ".join(patched) or "no module")
+        return patched
+
+    def row_target(self, weight: torch.Tensor) -> RowTarget | None:
+        """The rows whose gradient ``weight`` needs now; None for autograd's whole gradient."""
+        index = self._candidate_index.get(id(weight))
+        if index is None or self._scoring is not None:
+            return None  # not ours, or a selection step: every gradient is scored whole
+        coordinates = self._selection.get(index)
+        if coordinates is None:
+            return None  # selected whole, or not selected
+        cached = self._row_targets.get(index)
+        if cached is not None and cached[0] is coordinates:
+            return cached[1]
+        target: RowTarget | None = row_target(coordinates, weight.shape)
+        if 2 * target.rows.numel() > weight.shape[0]:
+            target = None  # coordinates spread over most rows: the whole product is cheaper
+        self._row_targets[index] = (coordinates, target)
+        return target
+
+    def add_compact_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` (the selected coordinates' gradient of ``weight``) to what step() uses."""
+        index = self._candidate_index[id(weight)]
+        held = self._compact.get(index)
+        self._compact[index] = grad if held is None else held.add_(grad)
 
     def _compact_grad(self, index: int, param: torch.Tensor) -> None:
         """Keep only the selected coordinates of a partly selected tensor's gradient.

@@ -168,11 +168,14 @@ def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> to
         "process_group": data_parallel_group(),
     }  # fmt: skip
     settings.update(overrides)
-    return BlockLLM(
+    optimizer = BlockLLM(
         decay_groups(model, config.weight_decay),
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
         weight_decay=config.weight_decay, **settings,
     )  # fmt: skip
+    # Partly selected embedding and head rows: no dense weight gradient, no full head product.
+    optimizer.use_row_gradients(model)
+    return optimizer
 
 
 def _blockllm_stats(optimizer: Any) -> dict[str, float]:

@@ -1,0 +1,119 @@
+"""Training-step time of a preset, AdamW vs BlockLLM with and without row gradients, side by side.
+
+Times whole training steps (forward, backward, clip, optimizer step, zero_grad) in one process,
+the methods taking turns in rounds so that a machine that gets busier or quieter affects them
+alike. BlockLLM runs the CLI's pretraining recipe (sparsity 0.9, a reselection every 20 steps,
+compacted gradients), once with ``use_row_gradients(model)`` and once without, so the ratio
+between them is what the row gradients buy. Step time does not depend on the text, so the
+batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them to
+``benchmarks/results/training_step.json``.
+
+    .venv/bin/python benchmarks/training_step.py                # about 4 min on 2 cores
+    .venv/bin/python benchmarks/training_step.py --preset llama-20m --vocab-size 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from blockllm import BlockLLM
+from blockllm.models.presets import build_llama
+
+
+def make_optimizer(kind: str, model: torch.nn.Module, sparsity: float, interval: int):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=1e-3, sparsity=sparsity, trigger="interval",
+        patience=interval, compact_grads=True,
+    )  # fmt: skip
+    if kind == "blockllm-rows":
+        optimizer.use_row_gradients(model)
+    return optimizer
+
+
+def train_steps(model, optimizer, batches) -> float:
+    started = time.perf_counter()
+    for tokens in batches:
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        if isinstance(optimizer, BlockLLM):
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step(loss=loss)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--interval", type=int, default=20, help="steps between reselections")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per method per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="benchmarks/results/training_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    kinds = ("adamw", "blockllm", "blockllm-rows")
+    runs = {}
+    for kind in kinds:
+        model = build_llama(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+        runs[kind] = (model, make_optimizer(kind, model, args.sparsity, args.interval))
+    generator = torch.Generator().manual_seed(0)
+
+    def batches(count):
+        shape = (args.batch_size, args.seq_len)
+        return [torch.randint(0, args.vocab_size, shape, generator=generator) for _ in range(count)]
+
+    for model, optimizer in runs.values():  # warm-up: the first selection, allocator, kernels
+        train_steps(model, optimizer, batches(3))
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(args.rounds):
+        data = batches(args.steps)
+        for kind, (model, optimizer) in runs.items():
+            seconds[kind].append(train_steps(model, optimizer, data))
+
+    tokens = args.steps * args.batch_size * args.seq_len
+    speed = {kind: tokens / statistics.median(values) for kind, values in seconds.items()}
+    print(f"{args.preset}, vocab {args.vocab_size}, {args.batch_size}x{args.seq_len}, "
+          f"s={args.sparsity}, reselect every {args.interval}, {args.threads} threads, "
+          f"median of {args.rounds} rounds of {args.steps} steps")  # fmt: skip
+    for kind in kinds:
+        ratio = speed[kind] / speed["adamw"]
+        print(f"  {kind:14s} {speed[kind]:9,.0f} tokens/s  {ratio:.2f}x AdamW")
+    print(f"  row gradients: {speed['blockllm-rows'] / speed['blockllm']:.2f}x BlockLLM without")
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    record = {
+        "settings": vars(args),
+        "tokens_per_s": speed,
+        "seconds_per_round": seconds,
+        "ratio_to_adamw": {kind: speed[kind] / speed["adamw"] for kind in kinds},
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "git_commit": commit,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

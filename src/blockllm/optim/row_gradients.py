@@ -1,0 +1,182 @@
+"""Row-sparse weight gradients for partly selected embeddings and output heads.
+
+When BlockLLM trains only some rows of a vocabulary matrix, autograd still computes that matrix's
+whole weight gradient: for an output head a ``(vocab, hidden)`` matrix product as large as the
+head's forward, for an embedding a dense ``(vocab, hidden)`` buffer, and all of it is thrown away
+again but for the selected rows. On Gemma-3-270M (262k-token tied embedding) that is a 670 MB
+gradient and a quarter of the step's arithmetic per step.
+
+The functions here replace ``nn.Linear``/``nn.Embedding`` forwards by ones whose backward asks
+the optimizer which rows it trains. When it trains a few rows of that weight (an ordinary step),
+only those rows' gradient is computed, gathered to the selected coordinates and handed to the
+optimizer, which keeps it as a compacted gradient (``compact_grads``); the weight's ``.grad``
+stays empty. On a selection step, or when the weight is selected whole or not at all, the
+backward is autograd's own, so selection and the update see exactly what they would without the
+patch. The input gradient is always computed in full.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RowTarget:
+    """The rows of a weight whose gradient is wanted, and where its selected coordinates lie.
+
+    Attributes:
+        rows: sorted rows holding at least one selected coordinate.
+        positions: for each selected coordinate (in the selection's order), its flat index into
+            the ``(len(rows), row_size)`` block of those rows' gradient.
+        num_rows: rows of the whole weight.
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    num_rows: int
+
+    def row_lookup(self) -> torch.Tensor:
+        """Row of the weight -> its position in ``rows``, -1 for rows not wanted."""
+        lookup = torch.full((self.num_rows,), -1, dtype=torch.long, device=self.rows.device)
+        lookup[self.rows] = torch.arange(self.rows.numel(), device=self.rows.device)
+        return lookup
+
+
+def row_target(coordinates: torch.Tensor, shape: torch.Size) -> RowTarget:
+    """The :class:`RowTarget` of flat ``coordinates`` into a weight of ``shape``."""
+    row_size = shape[1:].numel()
+    flat = coordinates.long()
+    row_of = torch.div(flat, row_size, rounding_mode="floor")
+    rows = torch.unique(row_of)  # sorted
+    positions = torch.searchsorted(rows, row_of) * row_size + (flat - row_of * row_size)
+    return RowTarget(rows, positions, shape[0])
+
+
+class RowGradientSink(Protocol):
+    """What the patched modules ask of the optimizer (BlockLLM implements it)."""
+
+    def row_target(self, weight: torch.Tensor) -> RowTarget | None: ...
+
+    def add_compact_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> None: ...
+
+
+def _sink_of(reference: weakref.ReferenceType) -> RowGradientSink | None:
+    return reference()
+
+
+class _RowLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, inputs, weight, bias, sink_ref):
+        ctx.save_for_backward(inputs, weight)
+        ctx.sink_ref = sink_ref
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        inputs, weight = ctx.saved_tensors
+        # Under autocast the forward ran in low precision; do the backward in that dtype too.
+        dtype = grad_output.dtype
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        inputs_2d = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+        grad_inputs = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_inputs = (grad_output @ weight.to(dtype)).to(inputs.dtype)
+        if ctx.needs_input_grad[1]:
+            sink = _sink_of(ctx.sink_ref)
+            target = None if sink is None else sink.row_target(weight)
+            if target is None:
+                grad_weight = (grad_2d.t() @ inputs_2d).to(weight.dtype)
+            else:
+                block = grad_2d.index_select(1, target.rows).t() @ inputs_2d
+                sink.add_compact_grad(weight, block.reshape(-1)[target.positions].to(weight.dtype))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
+        return grad_inputs, grad_weight, grad_bias, None
+
+
+class _RowEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, indices, weight, padding_idx, sink_ref):
+        ctx.save_for_backward(indices, weight)
+        ctx.padding_idx = padding_idx
+        ctx.sink_ref = sink_ref
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        indices, weight = ctx.saved_tensors
+        padding = -1 if ctx.padding_idx is None else ctx.padding_idx
+        sink = _sink_of(ctx.sink_ref)
+        target = None if sink is None else sink.row_target(weight)
+        if target is None:
+            grad = torch.ops.aten.embedding_dense_backward(
+                grad_output, indices, weight.shape[0], padding, False
+            )
+            return None, grad.to(weight.dtype), None, None
+        flat_indices = indices.reshape(-1)
+        grad_2d = grad_output.reshape(flat_indices.numel(), -1)
+        where = target.row_lookup()[flat_indices]
+        keep = where >= 0
+        if ctx.padding_idx is not None:
+            keep &= flat_indices != ctx.padding_idx
+        block = grad_2d.new_zeros(target.rows.numel(), grad_2d.shape[1])
+        block.index_add_(0, where[keep], grad_2d[keep])
+        sink.add_compact_grad(weight, block.reshape(-1)[target.positions].to(weight.dtype))
+        return None, None, None, None
+
+
+def _linear_forward(module: nn.Linear, sink_ref: weakref.ReferenceType):
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not module.weight.requires_grad:
+            return F.linear(inputs, module.weight, module.bias)
+        return _RowLinear.apply(inputs, module.weight, module.bias, sink_ref)
+
+    return forward
+
+
+def _embedding_forward(module: nn.Embedding, sink_ref: weakref.ReferenceType):
+    def forward(indices: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not module.weight.requires_grad:
+            return F.embedding(indices, module.weight, module.padding_idx)
+        return _RowEmbedding.apply(indices, module.weight, module.padding_idx, sink_ref)
+
+    return forward
+
+
+def patchable(module: nn.Module) -> bool:
+    """Plain ``nn.Linear``/``nn.Embedding`` (embeddings with norms, frequency scaling or sparse
+    gradients keep their own backward)."""
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Embedding
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    )
+
+
+def patch_module(module: nn.Module, sink: RowGradientSink) -> None:
+    """Route ``module``'s weight gradient through ``sink`` (see the module docstring)."""
+    sink_ref = weakref.ref(sink)
+    if isinstance(module, nn.Linear):
+        module.forward = _linear_forward(module, sink_ref)
+    else:
+        module.forward = _embedding_forward(module, sink_ref)
+    module._blockllm_row_gradients = True
+
+
+def unpatch_module(module: nn.Module) -> None:
+    """Give ``module`` its own forward back."""
+    if getattr(module, "_blockllm_row_gradients", False):
+        del module.forward
+        del module._blockllm_row_gradients
