@@ -147,3 +147,27 @@ def test_row_gradients_with_bias_under_bf16_autocast():
     for (name, a), (_, b) in zip(dense.named_parameters(), rows.named_parameters()):
         assert a.dtype == b.dtype == torch.float32
         assert (a - b).abs().max() < 1e-3, name
+
+
+def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
+    import copy
+
+    from blockllm.optim.row_gradients import unpatch_module
+
+    model = tiny_llama()
+    optimizer = BlockLLM(
+        model.named_parameters(), sparsity=0.97, trigger="interval", patience=50,
+        compact_grads=True,
+    )  # fmt: skip
+    optimizer.use_row_gradients(model)
+    tokens = next(patterned_batches(1))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step(loss=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    copied = copy.deepcopy(model)  # e.g. an EMA or a Trainer's copy
+    copied.requires_grad_(True)
+    copied(input_ids=tokens, labels=tokens).loss.backward()
+    # The copy's weights are not the optimizer's: autograd's dense gradients, nothing deposited.
+    assert copied.lm_head.weight.grad is not None and not optimizer._compact
+    unpatch_module(model.lm_head)
+    assert type(model.lm_head) is nn.Linear and "_blockllm_sink" not in vars(model.lm_head)

@@ -6,7 +6,7 @@ head's forward, for an embedding a dense ``(vocab, hidden)`` buffer, and all of 
 again but for the selected rows. On Gemma-3-270M (262k-token tied embedding) that is a 670 MB
 gradient and a quarter of the step's arithmetic per step.
 
-The functions here replace ``nn.Linear``/``nn.Embedding`` forwards by ones whose backward asks
+The classes here replace ``nn.Linear``/``nn.Embedding`` forwards by ones whose backward asks
 the optimizer which rows it trains. When it trains a few rows of that weight (an ordinary step),
 only those rows' gradient is computed, gathered to the selected coordinates and handed to the
 optimizer, which keeps it as a compacted gradient (``compact_grads``); the weight's ``.grad``
@@ -134,31 +134,57 @@ class _RowEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
-def _linear_forward(module: nn.Linear, sink_ref: weakref.ReferenceType):
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not module.weight.requires_grad:
-            return F.linear(inputs, module.weight, module.bias)
-        return _RowLinear.apply(inputs, module.weight, module.bias, sink_ref)
+class _Patched:
+    """Mixin of the patched module classes: the sink is a weak reference held by the module.
 
-    return forward
+    Swapping the module's class (rather than assigning a closure to ``module.forward``) keeps
+    ``copy.deepcopy`` right: a copy's weight is another tensor, which the optimizer does not
+    know, so the copy falls back to autograd's own backward. Pickling drops the sink.
+    """
+
+    def _sink(self):
+        reference = self.__dict__.get("_blockllm_sink")
+        if reference is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return None
+        return reference
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_blockllm_sink", None)
+        return state
 
 
-def _embedding_forward(module: nn.Embedding, sink_ref: weakref.ReferenceType):
-    def forward(indices: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not module.weight.requires_grad:
-            return F.embedding(indices, module.weight, module.padding_idx)
-        return _RowEmbedding.apply(indices, module.weight, module.padding_idx, sink_ref)
+class RowGradientLinear(_Patched, nn.Linear):
+    """``nn.Linear`` whose weight gradient goes through a BlockLLM optimizer's row target."""
 
-    return forward
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        reference = self._sink()
+        if reference is None:
+            return F.linear(inputs, self.weight, self.bias)
+        return _RowLinear.apply(inputs, self.weight, self.bias, reference)
+
+
+class RowGradientEmbedding(_Patched, nn.Embedding):
+    """``nn.Embedding`` whose weight gradient goes through a BlockLLM optimizer's row target."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        reference = self._sink()
+        if reference is None:
+            return F.embedding(indices, self.weight, self.padding_idx)
+        return _RowEmbedding.apply(indices, self.weight, self.padding_idx, reference)
+
+
+_PATCHED = {nn.Linear: RowGradientLinear, nn.Embedding: RowGradientEmbedding}
+_ORIGINAL = {patched: original for original, patched in _PATCHED.items()}
 
 
 def patchable(module: nn.Module) -> bool:
-    """Plain ``nn.Linear``/``nn.Embedding`` (embeddings with norms, frequency scaling or sparse
-    gradients keep their own backward)."""
-    if type(module) is nn.Linear:
+    """Plain ``nn.Linear``/``nn.Embedding``, or one patched before (embeddings with norms,
+    frequency scaling or sparse gradients keep their own backward)."""
+    if type(module) in (nn.Linear, RowGradientLinear):
         return True
     return (
-        type(module) is nn.Embedding
+        type(module) in (nn.Embedding, RowGradientEmbedding)
         and module.max_norm is None
         and not module.scale_grad_by_freq
         and not module.sparse
@@ -167,16 +193,12 @@ def patchable(module: nn.Module) -> bool:
 
 def patch_module(module: nn.Module, sink: RowGradientSink) -> None:
     """Route ``module``'s weight gradient through ``sink`` (see the module docstring)."""
-    sink_ref = weakref.ref(sink)
-    if isinstance(module, nn.Linear):
-        module.forward = _linear_forward(module, sink_ref)
-    else:
-        module.forward = _embedding_forward(module, sink_ref)
-    module._blockllm_row_gradients = True
+    module._blockllm_sink = weakref.ref(sink)
+    module.__class__ = _PATCHED.get(type(module), type(module))
 
 
 def unpatch_module(module: nn.Module) -> None:
-    """Give ``module`` its own forward back."""
-    if getattr(module, "_blockllm_row_gradients", False):
-        del module.forward
-        del module._blockllm_row_gradients
+    """Give ``module`` its own class and forward back."""
+    if type(module) in _ORIGINAL:
+        module.__class__ = _ORIGINAL[type(module)]
+        module.__dict__.pop("_blockllm_sink", None)
