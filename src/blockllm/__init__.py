@@ -7,7 +7,7 @@ Adam state exist only for it; the set is reselected when the loss stops improvin
 from blockllm.errors import BlockLLMError, NoMatchingParamsError, StateDictMismatchError
 from blockllm.optim import BlockLLM
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BlockLLM",
