@@ -101,6 +101,10 @@ class Suite:
 # BlockLLM ablation shares it, so each differs from `blockllm` in one setting only; the paper's
 # method keeps its own loss trigger (the suite's --patience 50).
 _BLOCKLLM_RECIPE = ("--trigger", "interval", "--patience", "20")
+# pretrain-cpu's shape, shared by its ablations.
+_TINY_PRETRAIN_FLAGS = ("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8",
+                        "--lr", "1e-3", "--patience", "50", "--warmup-steps", "40",
+                        "--min-lr-ratio", "0.1")
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
     MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_BLOCKLLM_RECIPE)),
@@ -122,6 +126,24 @@ _FINETUNE_METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("blockllm-paper", PAPER_METHOD),
     *plain("blockllm-random", "lisa", "badam", "galore", "lora"),
 )
+
+def _gpu_suite(model: str, steps: int) -> Suite:
+    """A pretraining suite for one GPU in bf16: AdamW, BlockLLM (its recipe), GaLore, BAdam."""
+    return Suite(
+        name=f"gpu-{model.removeprefix('llama-')}",
+        description=f"{model} preset on one GPU, bf16",
+        command="pretrain",
+        model=model,
+        steps=steps,
+        eval_every=50,
+        methods=(MethodEntry("adamw", "adamw"),
+                 MethodEntry("blockllm", "blockllm", _BLOCKLLM_RECIPE),
+                 *plain("galore", "badam")),
+        flags=("--batch-size", "32", "--seq-len", "256", "--eval-batches", "10", "--lr", "1e-3",
+               "--patience", "50", "--device", "cuda", "--precision", "bf16"),
+        corpus=(3_000_000, 32000),
+    )  # fmt: skip
+
 
 SUITES: dict[str, Suite] = {
     # Sized so that all eight methods, with their start-up, take a few minutes on two cores.
@@ -146,8 +168,7 @@ SUITES: dict[str, Suite] = {
         steps=400,
         eval_every=25,
         methods=_PRETRAIN_METHODS,
-        flags=("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8", "--lr", "1e-3",
-               "--patience", "50", "--warmup-steps", "40", "--min-lr-ratio", "0.1"),
+        flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
     ),
     # One setting of BlockLLM's pretraining recipe changed per entry, at pretrain-cpu's shape:
@@ -169,8 +190,7 @@ SUITES: dict[str, Suite] = {
             MethodEntry("entry-warmup-10", "blockllm", (*_BLOCKLLM_RECIPE, "--entry-warmup", "10")),
             MethodEntry("lr-2e-3", "blockllm", (*_BLOCKLLM_RECIPE, "--lr", "2e-3")),
         ),
-        flags=("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8", "--lr", "1e-3",
-               "--patience", "50", "--warmup-steps", "40", "--min-lr-ratio", "0.1"),
+        flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
         baseline_optimizer="blockllm",
     ),
@@ -204,9 +224,9 @@ SUITES: dict[str, Suite] = {
         flags=("--task", "tweet-sentiment", "--batch-size", "16", "--seq-len", "64",
                "--lr", "2e-4", "--patience", "50", "--max-eval-examples", "500"),
     ),
-    # Gemma-3-270M is slow on two cores (a step of 4 tweets 30-55 s, 64 held-out tweets 1-2.5 min
-    # when shared): 40 steps, three evaluations of 100 tweets. Peak RSS is the number that
-    # matters most here (AdamW 6.5 GB, BlockLLM 2.7 GB); the accuracy is a sanity check.
+    # Gemma-3-270M on two cores: an AdamW step of 4 tweets takes about 2.7 s on a quiet machine
+    # (30-55 s on a busy one), so 40 steps and three evaluations of 100 tweets. Peak RSS is the
+    # number that matters most here; 100 tweets make the accuracy a coarse check.
     "llm-finetune-cpu": Suite(
         name="llm-finetune-cpu",
         description="Gemma-3-270M text-to-label on tweet sentiment, sparsity 0.95",
@@ -227,30 +247,8 @@ SUITES: dict[str, Suite] = {
     # torch.cuda.max_memory_allocated (peak_gpu_bytes in the records). Both together are sized to
     # take under 8 minutes on one H200, the start-up of eight processes included (an estimate:
     # no GPU was at hand when they were written).
-    "gpu-60m": Suite(
-        name="gpu-60m",
-        description="llama-60m preset on one GPU, bf16",
-        command="pretrain",
-        model="llama-60m",
-        steps=300,
-        eval_every=50,
-        methods=(MethodEntry("adamw", "adamw"), *plain("blockllm", "galore", "badam")),
-        flags=("--batch-size", "32", "--seq-len", "256", "--eval-batches", "10", "--lr", "1e-3",
-               "--patience", "50", "--device", "cuda", "--precision", "bf16"),
-        corpus=(3_000_000, 32000),
-    ),
-    "gpu-130m": Suite(
-        name="gpu-130m",
-        description="llama-130m preset on one GPU, bf16",
-        command="pretrain",
-        model="llama-130m",
-        steps=200,
-        eval_every=50,
-        methods=(MethodEntry("adamw", "adamw"), *plain("blockllm", "galore", "badam")),
-        flags=("--batch-size", "32", "--seq-len", "256", "--eval-batches", "10", "--lr", "1e-3",
-               "--patience", "50", "--device", "cuda", "--precision", "bf16"),
-        corpus=(3_000_000, 32000),
-    ),
+    "gpu-60m": _gpu_suite("llama-60m", steps=300),
+    "gpu-130m": _gpu_suite("llama-130m", steps=200),
 }  # fmt: skip
 
 
