@@ -602,9 +602,12 @@ class BlockLLM(Optimizer):
 
     def add_compact_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> None:
         """Add ``grad`` (the selected coordinates' gradient of ``weight``) to what step() uses."""
-        index = self._candidate_index[id(weight)]
+        self._add_compact(self._candidate_index[id(weight)], grad)
+
+    def _add_compact(self, index: int, part: torch.Tensor) -> None:
+        # Accumulation adds each micro-batch's part to what the step will use.
         held = self._compact.get(index)
-        self._compact[index] = grad if held is None else held.add_(grad)
+        self._compact[index] = part if held is None else held.add_(part)
 
     def _compact_grad(self, index: int, param: torch.Tensor) -> None:
         """Keep only the selected coordinates of a partly selected tensor's gradient.
@@ -617,9 +620,7 @@ class BlockLLM(Optimizer):
         grad = local_view(param.grad)
         if coordinates is None or grad is None or grad.is_sparse:
             return
-        part = gather(grad, coordinates)
-        held = self._compact.get(index)
-        self._compact[index] = part if held is None else held.add_(part)
+        self._add_compact(index, gather(grad, coordinates))
         param.grad = None
 
     def _commit(self, chosen: Coordinates) -> None:
@@ -729,7 +730,7 @@ class BlockLLM(Optimizer):
             grad = local_view(self._candidates[index].grad)
             if index in self._compact and coordinates is not None:
                 if grad is not None:  # a backward after the hooks compacted: add it in
-                    self._compact[index].add_(gather(grad, coordinates))
+                    self._add_compact(index, gather(grad, coordinates))
                     self._candidates[index].grad = None
                 grads[index] = self._compact[index]
                 continue

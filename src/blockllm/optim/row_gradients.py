@@ -17,6 +17,7 @@ patch. The input gradient is always computed in full.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,8 +42,12 @@ class RowTarget:
     positions: torch.Tensor
     num_rows: int
 
+    @functools.cached_property
     def row_lookup(self) -> torch.Tensor:
-        """Row of the weight -> its position in ``rows``, -1 for rows not wanted."""
+        """Row of the weight -> its position in ``rows``, -1 for rows not wanted.
+
+        Built once per selection (the optimizer keeps the target while the selection lasts).
+        """
         lookup = torch.full((self.num_rows,), -1, dtype=torch.long, device=self.rows.device)
         lookup[self.rows] = torch.arange(self.rows.numel(), device=self.rows.device)
         return lookup
@@ -66,10 +71,6 @@ class RowGradientSink(Protocol):
     def add_compact_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> None: ...
 
 
-def _sink_of(reference: weakref.ReferenceType) -> RowGradientSink | None:
-    return reference()
-
-
 class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, inputs, weight, bias, sink_ref):
@@ -84,12 +85,12 @@ class _RowLinear(torch.autograd.Function):
         # Under autocast the forward ran in low precision; do the backward in that dtype too.
         dtype = grad_output.dtype
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
-        inputs_2d = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
         grad_inputs = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_inputs = (grad_output @ weight.to(dtype)).to(inputs.dtype)
         if ctx.needs_input_grad[1]:
-            sink = _sink_of(ctx.sink_ref)
+            inputs_2d = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+            sink: RowGradientSink | None = ctx.sink_ref()
             target = None if sink is None else sink.row_target(weight)
             if target is None:
                 grad_weight = (grad_2d.t() @ inputs_2d).to(weight.dtype)
@@ -115,7 +116,7 @@ class _RowEmbedding(torch.autograd.Function):
             return None, None, None, None
         indices, weight = ctx.saved_tensors
         padding = -1 if ctx.padding_idx is None else ctx.padding_idx
-        sink = _sink_of(ctx.sink_ref)
+        sink: RowGradientSink | None = ctx.sink_ref()
         target = None if sink is None else sink.row_target(weight)
         if target is None:
             grad = torch.ops.aten.embedding_dense_backward(
@@ -124,7 +125,7 @@ class _RowEmbedding(torch.autograd.Function):
             return None, grad.to(weight.dtype), None, None
         flat_indices = indices.reshape(-1)
         grad_2d = grad_output.reshape(flat_indices.numel(), -1)
-        where = target.row_lookup()[flat_indices]
+        where = target.row_lookup[flat_indices]
         keep = where >= 0
         if ctx.padding_idx is not None:
             keep &= flat_indices != ctx.padding_idx
