@@ -25,6 +25,19 @@ def test_top_coordinates_falls_back_when_the_sample_misleads():
     assert torch.equal(ours, torch.topk(values, 5000).indices.sort().values)
 
 
+def stream_scores(packer, scores, order):
+    """Feed ``scores`` to ``packer`` one at a time in ``order``, as gradients arrive in a backward;
+    assert that no tensor the plan dropped is ever needed again; return the final plan."""
+    seen: dict[int, float] = {}
+    dropped: set[int] = set()
+    for index in order:
+        seen[index] = scores[index]
+        members = packer.plan(seen).members
+        assert not (members & dropped)
+        dropped |= set(seen) - members
+    return packer.plan(seen)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=12),
@@ -36,14 +49,7 @@ def test_plans_are_monotone_as_scores_stream_in(sizes, budget, data):
     scores = data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(sizes), max_size=len(sizes)))
     order = data.draw(st.permutations(range(len(sizes))))
     for packer in (WholeTensorPacker(sizes, budget), PaperMaskPacker(sizes, budget)):
-        seen: dict[int, float] = {}
-        dropped: set[int] = set()
-        for index in order:
-            seen[index] = scores[index]
-            members = packer.plan(seen).members
-            assert not (members & dropped)
-            dropped |= set(seen) - members
-        final = packer.plan(seen)
+        final = stream_scores(packer, scores, order)
         used = sum(sizes[i] for i in final.whole)
         assert used <= budget
         if isinstance(packer, WholeTensorPacker):
@@ -91,15 +97,7 @@ def test_paper_mask_packer_thresholds_inside_the_prefix():
 def test_capped_plans_are_monotone_and_respect_the_caps(sizes, budget, cap, data):
     scores = data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(sizes), max_size=len(sizes)))
     order = data.draw(st.permutations(range(len(sizes))))
-    packer = WholeTensorPacker(sizes, budget, caps=[cap] * len(sizes))
-    seen: dict[int, float] = {}
-    dropped: set[int] = set()
-    for index in order:
-        seen[index] = scores[index]
-        members = packer.plan(seen).members
-        assert not (members & dropped)
-        dropped |= set(seen) - members
-    final = packer.plan(seen)
+    final = stream_scores(WholeTensorPacker(sizes, budget, caps=[cap] * len(sizes)), scores, order)
     assert len(final.counts) == len(final.partial)
     used = sum(sizes[i] for i in final.whole) + sum(final.counts)
     assert used <= budget
