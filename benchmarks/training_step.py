@@ -9,6 +9,7 @@ batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them 
 ``benchmarks/results/training_step.json``.
 
     .venv/bin/python benchmarks/training_step.py                # about 4 min on 2 cores
+    .venv/bin/python benchmarks/training_step.py --profile 20   # where the time goes, per op
     .venv/bin/python benchmarks/training_step.py --preset llama-20m --vocab-size 32000
 """
 
@@ -55,6 +56,19 @@ def train_steps(model, optimizer, batches) -> float:
     return time.perf_counter() - started
 
 
+def print_profiles(runs, batches) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for kind, (model, optimizer) in runs.items():
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            train_steps(model, optimizer, batches)
+        events = profiler.key_averages()
+        total = sum(event.self_cpu_time_total for event in events) / 1e6
+        print(f"{kind}: {len(batches)} steps, {total:.2f} s of operator time; the largest:")
+        for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]:
+            print(f"  {event.self_cpu_time_total / 1e6:7.2f} s  {event.key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -67,6 +81,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="benchmarks/results/training_step.json")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="instead of timing, profile STEPS steps per method (torch.profiler) and print the "
+        "operators that take the most time",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,6 +102,9 @@ def main() -> None:
 
     for model, optimizer in runs.values():  # warm-up: the first selection, allocator, kernels
         train_steps(model, optimizer, batches(3))
+    if args.profile:
+        print_profiles(runs, batches(args.profile))
+        return
     seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
         data = batches(args.steps)
