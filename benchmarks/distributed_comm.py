@@ -55,7 +55,7 @@ def worker(rank: int, world: int, store: str, method: str, args: dict, out: str)
         generator = torch.Generator().manual_seed(1000 + rank)
         times, step_bytes = [], []
         for _ in range(args["steps"]):
-            before = opt._averager.bytes_communicated if isinstance(opt, BlockLLM) else 0
+            before = opt.communicator.bytes_communicated if isinstance(opt, BlockLLM) else 0
             tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
             started = time.perf_counter()
             loss = net(input_ids=tokens, labels=tokens).loss
@@ -67,9 +67,9 @@ def worker(rank: int, world: int, store: str, method: str, args: dict, out: str)
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - started)
             if isinstance(opt, BlockLLM):
-                step_bytes.append(opt._averager.bytes_communicated - before)
+                step_bytes.append(opt.communicator.bytes_communicated - before)
         if isinstance(opt, BlockLLM):
-            total_bytes = opt._averager.bytes_communicated
+            total_bytes = opt.communicator.bytes_communicated
             reselections = opt.num_reselections
         else:
             total_bytes = per_step_bytes * args["steps"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from blockllm import BlockLLM
+from blockllm import BlockLLM, RowGradients
 from blockllm.models.presets import build_llama
 
 
@@ -37,7 +37,7 @@ def make_optimizer(kind: str, model: torch.nn.Module, sparsity: float, interval:
         patience=interval, compact_grads=True,
     )  # fmt: skip
     if kind == "blockllm-rows":
-        optimizer.use_row_gradients(model)
+        RowGradients(model, optimizer)
     return optimizer
 
 

@@ -93,8 +93,8 @@ def _setup(rank: int, world_size: int, store: str):
 
 
 def _shard_start(opt: BlockLLM):
-    params = dict(zip(opt.candidate_names, opt._candidates))
-    return lambda name: opt._sharded.shard_range(params[name])[0]
+    params = dict(opt.named_candidates())
+    return lambda name: opt.communicator.shard_range(params[name])[0]
 
 
 def _full_params(model) -> dict[str, torch.Tensor]:
@@ -112,12 +112,12 @@ def fsdp_train_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
     Which checkpoint the resume test uses depends on where the selections fall (the test picks
     one whose partly selected tensor keeps its moments into the next step), so all are kept.
     """
-    from blockllm.integrations.fsdp import save_checkpoint
+    from blockllm.distributed.fsdp2_checkpoint import save_checkpoint
 
     mesh, model, opt = _setup(rank, world_size, store)
     try:
         shard_start = _shard_start(opt)
-        by_name = dict(zip(opt.candidate_names, opt._candidates))
+        by_name = dict(opt.named_candidates())
 
         def on_step(step, entry):
             entry["partial"] = partial_record(opt, shard_start)
@@ -148,7 +148,7 @@ def fsdp_resume_worker(rank: int, world_size: int, store: str, out_dir: str) -> 
 
     The checkpoint is the one after the number of steps the test wrote into ``resume_at``.
     """
-    from blockllm.integrations.fsdp import load_checkpoint
+    from blockllm.distributed.fsdp2_checkpoint import load_checkpoint
 
     resume_at = int((Path(out_dir) / "resume_at").read_text())
     _, model, opt = _setup(rank, world_size, store)
@@ -222,7 +222,7 @@ class _Recorder:
 
 def sharded_packer_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     """Each rank holds dim-0 chunks of the gradients, as FSDP2 does; record global coordinates."""
-    from blockllm.selection.sharded_top import ShardedPacker
+    from blockllm.distributed.fsdp2_top import ShardedPacker
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)

@@ -41,7 +41,7 @@ def data_parallel_worker(rank: int, world_size: int, store: str, out_dir: str) -
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "history": history,
                 "reselections": opt.num_reselections,
-                "bytes": opt._averager.bytes_communicated,
+                "bytes": opt.communicator.bytes_communicated,
             },
             Path(out_dir) / f"rank{rank}.pt",
         )

@@ -41,7 +41,7 @@ def test_trainer_lowers_loss_and_reselects_on_plateau(make_llama, make_args, dat
     assert losses[-1] < losses[0] - 0.5
 
     # The paper's loss trigger fired under Trainer, and the reselection really happened.
-    assert optimizer.trigger == "loss"
+    assert optimizer.config.trigger == "loss"
     assert optimizer.num_reselections >= 1
     assert callback.reselection_steps, "the callback saw no plateau"
     assert any("loss plateau at step" in record.getMessage() for record in caplog.records)

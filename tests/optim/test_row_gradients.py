@@ -1,4 +1,4 @@
-"""use_row_gradients: partly selected vocabulary matrices get only their selected rows' gradient,
+"""RowGradients: partly selected vocabulary matrices get only their selected rows' gradient,
 and training is the same as with autograd's dense gradients."""
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM
+from blockllm.optim.row_gradients import RowGradients
 from tests.optim.test_llama import patterned_batches, tiny_llama
 
 
@@ -17,7 +18,7 @@ def train(row_gradients, steps=14, accumulate=1, clip=None, tied=False, sparsity
         model.named_parameters(), lr=3e-3, sparsity=sparsity, trigger="interval", patience=4,
         compact_grads=True, fused=False,
     )  # fmt: skip
-    patched = optimizer.use_row_gradients(model) if row_gradients else []
+    patched = RowGradients(model, optimizer).patched if row_gradients else []
     batches = list(patterned_batches(steps * accumulate))
     history = []
     for step in range(steps):
@@ -58,7 +59,7 @@ def test_ordinary_steps_build_no_dense_vocabulary_gradient():
         model.named_parameters(), lr=1e-3, sparsity=0.97, trigger="interval", patience=50,
         compact_grads=True, fused=False,
     )  # fmt: skip
-    optimizer.use_row_gradients(model)
+    RowGradients(model, optimizer)
     batches = patterned_batches(2)
     tokens = next(batches)
     model(input_ids=tokens, labels=tokens).loss.backward()
@@ -68,14 +69,12 @@ def test_ordinary_steps_build_no_dense_vocabulary_gradient():
     assert optimizer.coordinates("lm_head.weight") is not None  # partly selected
     tokens = next(batches)
     dense = []  # gradients autograd accumulated into .grad (compact_grads would gather them)
-    compact_grad = optimizer._compact_grad
-    optimizer._compact_grad = lambda i, p: (
-        dense.append((i, p.grad is not None)),
-        compact_grad(i, p),
-    )
+    store = optimizer.compact_gradients
+    capture = store.capture
+    store.capture = lambda i, p, c: (dense.append((i, p.grad is not None)), capture(i, p, c))
     model(input_ids=tokens, labels=tokens).loss.backward()
     vocabulary = {
-        optimizer._candidate_names.index(n) for n in ("lm_head.weight", "model.embed_tokens.weight")
+        optimizer.candidate_names.index(n) for n in ("lm_head.weight", "model.embed_tokens.weight")
     }
     assert head.grad is None and not any(built for i, built in dense if i in vocabulary)
     # The compacted gradients are the selected coordinates of autograd's dense ones.
@@ -86,22 +85,22 @@ def test_ordinary_steps_build_no_dense_vocabulary_gradient():
         ("lm_head.weight", reference.lm_head.weight.grad),
         ("model.embed_tokens.weight", reference.model.embed_tokens.weight.grad),
     ):
-        index = optimizer._candidate_names.index(name)
+        index = optimizer.candidate_names.index(name)
         coordinates = optimizer.coordinates(name).long()
         torch.testing.assert_close(
-            optimizer._compact[index], expected.reshape(-1)[coordinates], rtol=1e-5, atol=1e-7
+            optimizer.compact_gradients.held[index], expected.reshape(-1)[coordinates], rtol=1e-5, atol=1e-7
         )
 
 
 def test_row_gradients_need_compact_grads_and_leave_eval_alone():
     model = tiny_llama()
     optimizer = BlockLLM(model.named_parameters(), sparsity=0.9)
-    with pytest.raises(ValueError, match="use_row_gradients\\(\\) needs compact_grads=True"):
-        optimizer.use_row_gradients(model)
+    with pytest.raises(ValueError, match="RowGradients needs an optimizer with compact_grads=True"):
+        RowGradients(model, optimizer)
     optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, compact_grads=True)
     tokens = next(patterned_batches(1))
     before = model(input_ids=tokens).logits.detach()
-    optimizer.use_row_gradients(model)
+    RowGradients(model, optimizer)
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
@@ -114,7 +113,7 @@ def test_only_plain_linear_and_embedding_modules_are_patched():
 
     model = nn.Sequential(Scaled(10, 4), nn.Linear(4, 10), nn.Embedding(10, 4, max_norm=1.0))
     optimizer = BlockLLM(model.named_parameters(), sparsity=0.5, compact_grads=True)
-    assert optimizer.use_row_gradients(model) == ["1"]
+    assert RowGradients(model, optimizer).patched == ["1"]
 
 
 def test_row_gradients_with_bias_under_bf16_autocast():
@@ -126,7 +125,7 @@ def test_row_gradients_with_bias_under_bf16_autocast():
             compact_grads=True, fused=False,
         )  # fmt: skip
         if row_gradients:
-            assert optimizer.use_row_gradients(model) == ["0", "1"]
+            assert RowGradients(model, optimizer).patched == ["0", "1"]
         generator = torch.Generator().manual_seed(1)
         partial_steps = 0
         for _ in range(8):
@@ -159,7 +158,7 @@ def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
         model.named_parameters(), sparsity=0.97, trigger="interval", patience=50,
         compact_grads=True,
     )  # fmt: skip
-    optimizer.use_row_gradients(model)
+    RowGradients(model, optimizer)
     tokens = next(patterned_batches(1))
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step(loss=1.0)
@@ -168,6 +167,6 @@ def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
     copied.requires_grad_(True)
     copied(input_ids=tokens, labels=tokens).loss.backward()
     # The copy's weights are not the optimizer's: autograd's dense gradients, nothing deposited.
-    assert copied.lm_head.weight.grad is not None and not optimizer._compact
+    assert copied.lm_head.weight.grad is not None and not optimizer.compact_gradients.held
     unpatch_module(model.lm_head)
     assert type(model.lm_head) is nn.Linear and "_blockllm_sink" not in vars(model.lm_head)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blockllm import BlockLLM
-from blockllm.optim.validation import budget_for
+from blockllm.selection.packing import budget_for
 from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot, train_steps
 
 

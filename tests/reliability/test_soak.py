@@ -55,9 +55,9 @@ def bounds(opt: BlockLLM, model: torch.nn.Module, dtype: torch.dtype) -> dict[st
 
 
 def partly_selected_limit(opt: BlockLLM) -> int:
-    if opt.selection_rule == "mask" or opt.max_tensor_share >= 1.0:
+    if opt.config.selection == "mask" or opt.config.max_tensor_share >= 1.0:
         return 1
-    return int(1 / opt.max_tensor_share) + 1
+    return int(1 / opt.config.max_tensor_share) + 1
 
 
 def soak(steps, *, selection="tensor", trigger="interval", patience=1, dtype=torch.float32,

@@ -1,7 +1,7 @@
-"""Integrations of BlockLLM with training frameworks (Hugging Face Trainer, accelerate, FSDP2).
+"""Integrations of BlockLLM with training frameworks (Hugging Face Trainer, accelerate).
 
-FSDP2 checkpoints (``torch.distributed.checkpoint``) live in :mod:`blockllm.integrations.fsdp`,
-imported by module path.
+FSDP2 checkpoints (``torch.distributed.checkpoint``) live in
+:mod:`blockllm.distributed.fsdp2_checkpoint`, imported by module path.
 
 Nothing here is imported until it is used, so ``import blockllm`` never needs ``transformers``.
 Asking for a name from :mod:`blockllm.integrations.hf` without ``transformers`` installed raises an

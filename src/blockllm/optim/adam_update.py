@@ -13,6 +13,8 @@ same kernels ``torch.optim.AdamW`` runs (fused, foreach or for-loop). BlockLLM o
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +117,56 @@ class UpdateBatch:
                     scatter_coordinates(param, coordinates, updated)
 
 
+def update_selected_(
+    param_groups: list[dict[str, Any]],
+    state: dict[torch.Tensor, dict[str, Any]],
+    grads: dict[int, torch.Tensor],
+    selection: dict[int, torch.Tensor | None],
+    index_of: Callable[[torch.Tensor], int | None],
+    local: Callable[[torch.Tensor], torch.Tensor],
+    num_steps: int,
+    entry_warmup: int,
+) -> None:
+    """One AdamW step on every selected block that has a gradient in ``grads``.
+
+    ``grads`` and ``selection`` are keyed by candidate index (``index_of(param)``); a block
+    without state gets fresh state (zero moments, master copy) here. Blocks still in their entry
+    warmup run in batches of their own, at a scaled lr.
+    """
+    for group in param_groups:
+        batches: dict[float, UpdateBatch] = defaultdict(UpdateBatch)
+        for param in group["params"]:
+            index = index_of(param)
+            if index is None or index not in grads:
+                continue
+            coordinates = selection[index]
+            held = state[param]
+            if not held:
+                fused, _ = resolve_implementation(group, [param])
+                held.update(init_state(local(param), coordinates, fused))
+            factor = _warmup_factor(held, num_steps, entry_warmup)
+            batches[factor].add(local(param), coordinates, grads[index], held)
+        for factor, batch in batches.items():
+            batch.run(group if factor == 1.0 else {**group, "lr": group["lr"] * factor})
+
+
+def _warmup_factor(state: dict[str, Any], num_steps: int, entry_warmup: int) -> float:
+    """The lr multiplier of a block whose state has made ``state["step"]`` updates.
+
+    A block enters with zero moments, so Adam's first updates are about ``lr * sign(g)`` per
+    coordinate, several times larger than its steady-state steps; a short linear ramp keeps a
+    reselection from kicking the loss up. A block in since the first update is left to the
+    learning-rate schedule's own warmup.
+    """
+    if entry_warmup <= 0:
+        return 1.0  # without reading the step counter, which may sit on a GPU
+    done = int(state["step"])
+    if done >= num_steps:
+        return 1.0
+    return min(1.0, (done + 1) / entry_warmup)
+
+
+
 def gather(tensor: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
     """The entries of ``tensor`` at the flat ``coordinates``, as a new 1-D tensor."""
     return tensor.reshape(-1).index_select(0, coordinates)
@@ -144,3 +196,25 @@ def resolve_implementation(group: dict[str, Any], tensors: list[torch.Tensor]) -
         fused = all(t.device.type in _FUSED_DEVICES and t.is_floating_point() for t in tensors)
         foreach = False
     return bool(fused), bool(foreach)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity.
+
+    One multi-tensor 2-norm per (device, dtype), the kernel ``clip_grad_norm_`` uses: NaN and
+    inf survive it, and it is the cheapest full pass we measured (sums and inf-norms were several
+    times slower on CPU). A norm that overflows (entries near 1e19 and up) also reads as
+    non-finite; a gradient that large is not worth applying either.
+    """
+    if not tensors:
+        return True
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_kind[(tensor.device, tensor.dtype)].append(tensor)
+    device = tensors[0].device
+    norms = [
+        norm.float().to(device)
+        for group in by_kind.values()
+        for norm in torch._foreach_norm(group, 2)
+    ]
+    return bool(torch.isfinite(torch.stack(norms)).all())

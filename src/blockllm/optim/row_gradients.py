@@ -6,8 +6,9 @@ head's forward, for an embedding a dense ``(vocab, hidden)`` buffer, and all of 
 again but for the selected rows. On Gemma-3-270M (262k-token tied embedding) that is a 670 MB
 gradient and a quarter of the step's arithmetic per step.
 
-The classes here replace ``nn.Linear``/``nn.Embedding`` forwards by ones whose backward asks
-the optimizer which rows it trains. When it trains a few rows of that weight (an ordinary step),
+:class:`RowGradients` (``RowGradients(model, optimizer)``) switches the model's plain
+``nn.Linear``/``nn.Embedding`` modules whose weight is a candidate to subclasses whose backward asks
+it which rows the optimizer trains. When it trains a few rows of that weight (an ordinary step),
 only those rows' gradient is computed, gathered to the selected coordinates and handed to the
 optimizer, which keeps it as a compacted gradient (``compact_grads``); the weight's ``.grad``
 stays empty. On a selection step, or when the weight is selected whole or not at all, the
@@ -18,13 +19,19 @@ patch. The input gradient is always computed in full.
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from blockllm.optim.blockllm import BlockLLM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ def row_target(coordinates: torch.Tensor, shape: torch.Size) -> RowTarget:
 
 
 class RowGradientSink(Protocol):
-    """What the patched modules ask of the optimizer (BlockLLM implements it)."""
+    """What the patched modules ask of their handle (:class:`RowGradients` implements it)."""
 
     def row_target(self, weight: torch.Tensor) -> RowTarget | None: ...
 
@@ -203,3 +210,88 @@ def unpatch_module(module: nn.Module) -> None:
     if type(module) in _ORIGINAL:
         module.__class__ = _ORIGINAL[type(module)]
         module.__dict__.pop("_blockllm_sink", None)
+
+
+class RowGradients:
+    """Row-sparse weight gradients for one model trained by one BlockLLM optimizer.
+
+    Patches every plain ``nn.Linear``/``nn.Embedding`` of ``model`` whose weight is a candidate
+    of ``optimizer``: on ordinary steps a partly selected output head then costs a matrix product
+    over its selected rows instead of all of them, and no dense gradient of it (or of the
+    embedding) is ever built. Selection steps, and weights selected whole or not at all, keep
+    autograd's own backward. The gradients go where ``compact_grads`` puts them (clip with
+    ``optimizer.clip_grad_norm_``). FSDP2 parameters are left alone. The optimizer keeps the
+    handle alive; :meth:`remove` gives the modules their classes back.
+
+    Args:
+        model: the model whose parameters ``optimizer`` was built on.
+        optimizer: a :class:`~blockllm.BlockLLM` with ``compact_grads=True``.
+
+    Attributes:
+        patched: names of the patched modules.
+
+    Raises:
+        ValueError: the optimizer does not compact gradients.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: BlockLLM) -> None:
+        if not optimizer.compact_grads:
+            raise ValueError(
+                "RowGradients needs an optimizer with compact_grads=True: the row gradients are "
+                "kept compacted, outside .grad"
+            )
+        self._optimizer = weakref.ref(optimizer)
+        # Candidate index -> (the coordinates it was built for, its target).
+        self._targets: dict[int, tuple[torch.Tensor, RowTarget | None]] = {}
+        self._modules: list[nn.Module] = []
+        self.patched: list[str] = []
+        if optimizer.communicator.shards_parameters:
+            return  # FSDP2: the weights are DTensors; autograd's backward stays
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(weight, torch.Tensor)
+                and optimizer.candidate_index(weight) is not None
+                and weight.ndim == 2
+                and patchable(module)
+            ):
+                patch_module(module, self)
+                self._modules.append(module)
+                self.patched.append(name)
+        # The modules hold only a weak reference to this handle; the optimizer keeps it alive.
+        optimizer.compact_gradients.sources.append(self)
+        kinds = sorted({type(module).__name__ for module in self._modules})
+        logger.info(
+            "BlockLLM: row gradients for %d modules (%s)", len(self.patched), ", ".join(kinds) or "none"
+        )
+        logger.debug("row gradients for: %s", ", ".join(self.patched))
+
+    def remove(self) -> None:
+        """Give every patched module its own class back."""
+        for module in self._modules:
+            unpatch_module(module)
+        self._modules.clear()
+
+    def row_target(self, weight: torch.Tensor) -> RowTarget | None:
+        """The rows whose gradient ``weight`` needs now; None for autograd's whole gradient."""
+        optimizer = self._optimizer()
+        index = None if optimizer is None else optimizer.candidate_index(weight)
+        if index is None or optimizer.selection_pending:
+            return None  # not ours, or a selection step: every gradient is scored whole
+        coordinates = optimizer.selector.selection.get(index)
+        if coordinates is None:
+            return None  # selected whole, or not selected
+        cached = self._targets.get(index)
+        if cached is not None and cached[0] is coordinates:
+            return cached[1]
+        target: RowTarget | None = row_target(coordinates, weight.shape)
+        if 2 * target.rows.numel() > weight.shape[0]:
+            target = None  # coordinates spread over most rows: the whole product is cheaper
+        self._targets[index] = (coordinates, target)
+        return target
+
+    def add_compact_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` (the selected coordinates' gradient of ``weight``) to what step() uses."""
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            optimizer.compact_gradients.add(optimizer.candidate_index(weight), grad)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from fractions import Fraction
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -306,13 +307,60 @@ def tensor_cap(sizes: list[int], budget: int, share: float) -> int:
     return low
 
 
-def make_packer(
-    selection: str,
-    sizes: list[int],
-    budget: int,
-    caps: list[int] | None = None,
-    row_sizes: list[int] | None = None,
-) -> BudgetPacker:
-    if selection == "tensor":
+def budget_for(sparsity: float, total: int) -> int:
+    """``k = floor((1 - sparsity) * total)``, in decimal arithmetic.
+
+    ``(1 - 0.9) * 100`` is ``9.999...`` in binary floating point; users mean 10. Reading the
+    float through its shortest decimal repr gives the value they typed.
+    """
+    return math.floor((1 - Fraction(repr(float(sparsity)))) * total)
+
+
+@runtime_checkable
+class SelectionRule(Protocol):
+    """Builds the packer of a selection; plug in your own as ``selection=``.
+
+    ``packer`` is called again whenever the candidates change (``add_param_group``). ``caps``
+    (the most coordinates each candidate may take, from ``max_tensor_share``) and ``row_sizes``
+    (coordinates per row, when ``partial="rows"``) are None when not in use; a rule may ignore
+    them. The packer must keep its plans score-ordered prefixes (see the module docstring).
+    """
+
+    def packer(
+        self,
+        sizes: list[int],
+        budget: int,
+        caps: list[int] | None,
+        row_sizes: list[int] | None,
+    ) -> BudgetPacker: ...
+
+
+class WholeTensors:
+    """``selection="tensor"``: :class:`WholeTensorPacker`."""
+
+    def packer(self, sizes, budget, caps, row_sizes) -> BudgetPacker:
         return WholeTensorPacker(sizes, budget, caps, row_sizes)
-    return PaperMaskPacker(sizes, budget)
+
+
+class PaperMask:
+    """``selection="mask"``: :class:`PaperMaskPacker` (no caps, no rows: the paper's rule)."""
+
+    def packer(self, sizes, budget, caps, row_sizes) -> BudgetPacker:
+        return PaperMaskPacker(sizes, budget)
+
+
+SELECTION_RULES = {"tensor": WholeTensors, "mask": PaperMask}
+
+
+def make_selection_rule(spec: str | SelectionRule) -> SelectionRule:
+    """The built-in rule ``spec`` names, or ``spec`` itself when an object.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec not in SELECTION_RULES:
+        choices = ", ".join(map(repr, SELECTION_RULES))
+        raise ValueError(f"Invalid selection: {spec!r} (choose from {choices})")
+    return SELECTION_RULES[spec]()

@@ -22,6 +22,7 @@ import torch
 from blockllm.selection.packing import BudgetPacker, Coordinates, Plan
 
 ScoreFn = Callable[[int, torch.Tensor], float]
+AverageFn = Callable[[list[tuple[int, torch.Tensor]]], None]
 
 
 class ScoringPass:
@@ -31,6 +32,8 @@ class ScoringPass:
         params: the candidate tensors, by candidate index.
         packer: turns scores into a plan and a plan into coordinates.
         score_fn: ``(candidate index, gradient) -> score``.
+        average: data parallel: averages ``[(index, gradient)]`` over the ranks in place (each
+            gradient once per local contribution), so that every rank ranks the same numbers.
     """
 
     def __init__(
@@ -38,15 +41,12 @@ class ScoringPass:
         params: Sequence[torch.Tensor],
         packer: BudgetPacker,
         score_fn: ScoreFn,
-        reduce_fn: Callable[[torch.Tensor], None] | None = None,
+        average: AverageFn | None = None,
     ):
         self.params = params
         self.packer = packer
         self.score_fn = score_fn
-        # Data parallel: average each gradient over the ranks before it is scored, so that every
-        # rank ranks the same numbers and selects the same blocks.
-        self.reduce_fn = reduce_fn
-        self.reduced: set[int] = set()
+        self.average = average
         self.scores: dict[int, float] = {}
         self.plan = Plan((), (), 0)
         self.closed = False
@@ -105,11 +105,8 @@ class ScoringPass:
         self.peak_held_bytes = max(self.peak_held_bytes, held)
 
     def _reduce(self, index: int, grad: torch.Tensor) -> None:
-        # Averaging again after a later micro-batch is still right: the part averaged before is
-        # the same on every rank, so its mean is itself.
-        if self.reduce_fn is not None:
-            self.reduce_fn(grad)
-            self.reduced.add(index)
+        if self.average is not None:
+            self.average([(index, grad)])
 
     def close(self) -> None:
         """The first backward is over: the ranking is fixed; freeze what the plan cannot use."""

@@ -4,7 +4,27 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Trigger(Protocol):
+    """Decides, from the observed losses, when to reselect. Plug in your own as ``trigger=``.
+
+    ``observe`` is called once per optimizer step (with the step's loss, or None when no loss was
+    given) and returns True to start a reselection; the optimizer then calls ``reset``.
+    ``state_dict``/``load_state_dict`` round-trip everything it needs to resume.
+    """
+
+    needs_loss: bool
+
+    def observe(self, loss: float | None) -> bool: ...
+
+    def reset(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class LossPlateauTrigger:
@@ -67,7 +87,17 @@ class IntervalTrigger:
         self.observed = int(state["observed"])
 
 
-def make_trigger(kind: str, patience: int) -> LossPlateauTrigger | IntervalTrigger:
-    if kind == "loss":
-        return LossPlateauTrigger(patience)
-    return IntervalTrigger(patience)
+TRIGGERS = {"loss": LossPlateauTrigger, "interval": IntervalTrigger}
+
+
+def make_trigger(spec: str | Trigger, patience: int) -> Trigger:
+    """The trigger ``spec`` names (built with ``patience``), or ``spec`` itself when an object.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec not in TRIGGERS:
+        raise ValueError(f"Invalid trigger: {spec!r} (choose from {', '.join(map(repr, TRIGGERS))})")
+    return TRIGGERS[spec](patience)

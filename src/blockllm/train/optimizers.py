@@ -154,6 +154,7 @@ register_optimizer(
 
 def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> torch.optim.Optimizer:
     from blockllm.optim import BlockLLM
+    from blockllm.optim.row_gradients import RowGradients
     from blockllm.train.distributed import data_parallel_group
 
     settings: dict[str, Any] = {
@@ -174,7 +175,7 @@ def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> to
         weight_decay=config.weight_decay, **settings,
     )  # fmt: skip
     # Partly selected embedding and head rows: no dense weight gradient, no full head product.
-    optimizer.use_row_gradients(model)
+    RowGradients(model, optimizer)
     return optimizer
 
 

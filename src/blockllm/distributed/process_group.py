@@ -1,4 +1,4 @@
-"""Data parallelism for BlockLLM without DDP's reducer.
+"""Data parallelism for BlockLLM without DDP's reducer (``BlockLLM(process_group=...)``).
 
 DDP decides which tensors to all-reduce when it is built, so tensors frozen at that moment are
 never synchronised once BlockLLM selects them. BlockLLM therefore averages gradients itself, and
@@ -6,24 +6,38 @@ only the ones it is about to use: the selected tensors (the selected coordinates
 selected one) on an ordinary step, every candidate on a selection step (so that scores, and with
 them the selection, are the same on every rank). Communication per ordinary step is about
 ``k`` values instead of ``N``.
+
+Each gradient is averaged exactly once: :meth:`ProcessGroupSync.touched` marks a candidate whose
+gradient received a local contribution (a backward, a row-gradient deposit), and
+:meth:`ProcessGroupSync.average_grads_` averages only marked ones, whoever asks first (the scoring
+pass as a gradient lands, ``clip_grad_norm_``, or ``step()``).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from blockllm.distributed.base import local_grad_norm
+from blockllm.distributed.buckets import all_reduce_mean_, broadcast_
+from blockllm.selection.packing import BudgetPacker, Coordinates
 
 
-class GradientAverager:
-    """Averages tensors over a process group, a few flat collectives at a time.
+class ProcessGroupSync:
+    """Averages over a process group, a few flat collectives at a time.
 
     Args:
         group: the ``torch.distributed`` process group (``dist.group.WORLD`` for all ranks).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
     """
+
+    syncs_gradients = True
+    shards_parameters = False
 
     def __init__(self, group: Any) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -31,42 +45,65 @@ class GradientAverager:
                 "BlockLLM(process_group=...) needs torch.distributed to be initialized first "
                 "(torch.distributed.init_process_group, or launch with torchrun)"
             )
-        self.group = group
+        self.process_group = group
         self.world_size = dist.get_world_size(group)
         self.source_rank = dist.get_global_rank(group, 0) if group is not None else 0
         self.bytes_communicated = 0
+        # Candidates whose gradient holds a local contribution nobody has averaged yet.
+        self._pending: set[int] = set()
+
+    def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor
+
+    def grad_norm(self, grad: torch.Tensor) -> float:
+        return local_grad_norm(grad)  # averaged before it is scored, so the same on every rank
+
+    def touched(self, index: int) -> None:
+        self._pending.add(index)
+
+    def average_grads_(self, grads: list[tuple[int, torch.Tensor]]) -> None:
+        # Averaging a gradient that holds an averaged part plus a later micro-batch's local part
+        # is still right: the averaged part is the same on every rank, so its mean is itself.
+        todo = [grad for index, grad in grads if index in self._pending]
+        self._pending.difference_update(index for index, _ in grads)
+        self.average_(todo)
+
+    def forget_grads(self) -> None:
+        self._pending.clear()
 
     def average_(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor, in place, by its mean over the group."""
         if self.world_size == 1 or not tensors:
             return
-        for bucket in _buckets(tensors):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.world_size)
-            self.bytes_communicated += flat.numel() * flat.element_size()
-            for tensor, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                tensor.copy_(averaged)
+        self.bytes_communicated += all_reduce_mean_(tensors, self.process_group, self.world_size)
 
-    def average_scalar(self, value: float, device: torch.device) -> float:
+    def average_loss(self, value: float, device: torch.device) -> float:
         if self.world_size == 1:
             return value
         scalar = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(scalar, group=self.group)
+        dist.all_reduce(scalar, group=self.process_group)
         return float(scalar.item()) / self.world_size
 
     def broadcast_(self, tensors: list[torch.Tensor]) -> None:
         """Copy rank 0's values into every rank's tensors (identical replicas from the start)."""
         if self.world_size == 1 or not tensors:
             return
-        for bucket in _buckets(tensors):
-            flat = _flatten_dense_tensors(bucket)
-            dist.broadcast(flat, src=self.source_rank, group=self.group)
-            for tensor, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                tensor.copy_(value)
+        broadcast_(tensors, self.source_rank, self.process_group)
+
+    def all_true(self, flag: bool) -> bool:
+        return flag  # the gradients are averaged, so every rank reaches the same verdict
+
+    def packer(self, inner: BudgetPacker, params: Sequence[torch.Tensor]) -> BudgetPacker:
+        return inner
+
+    def staying(self, old: Coordinates, new: Coordinates) -> set[int] | None:
+        return None
+
+    def count(self, coordinates: torch.Tensor) -> int:
+        return coordinates.numel()
 
 
-def check_not_ddp_wrapped(names: list[str], process_group: Any) -> None:
+def check_not_ddp_wrapped(names: Sequence[str], process_group: Any) -> None:
     """Refuse the parameters of a ``DistributedDataParallel`` model when nothing else syncs them.
 
     DDP registers the tensors that are trainable when it is built and reduces only those; a
@@ -88,10 +125,4 @@ def check_not_ddp_wrapped(names: list[str], process_group: Any) -> None:
     )
 
 
-def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    # One flat buffer per (device, dtype): collectives need a single dtype, and few large
-    # collectives beat many small ones.
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for tensor in tensors:
-        groups[(tensor.device, tensor.dtype)].append(tensor)
-    return list(groups.values())
+__all__ = ["ProcessGroupSync", "check_not_ddp_wrapped"]

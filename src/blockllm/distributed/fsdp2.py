@@ -5,11 +5,11 @@ and FSDP itself reduce-scatters (averages) the gradients before BlockLLM's hooks
 unlike ``process_group=`` data parallelism, BlockLLM averages no gradient here. What it must add
 is agreement: each rank sees only its shard, yet every rank has to toggle ``requires_grad`` on
 the same tensors (FSDP's collectives hang or silently misalign otherwise) and make the same
-decisions. :class:`ShardedSync` holds the few collectives that buy that agreement:
+decisions. :class:`FSDP2Sync` holds the few collectives that buy that agreement:
 
 * a tensor's score is the norm of its *full* gradient: the shards' sums of squares, all-reduced;
 * the coordinates of a partly selected tensor come from one global threshold over row norms or
-  magnitudes (:mod:`blockllm.selection.sharded_top`); each rank keeps those inside its shard, as
+  magnitudes (:mod:`blockllm.distributed.fsdp2_top`); each rank keeps those inside its shard, as
   flat indices *local to that shard*, so the update gathers and scatters on local tensors only;
 * whether a partly selected tensor keeps its moments across a reselection (its coordinates did
   not change) is decided on all ranks together;
@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from blockllm.distributed.base import local_grad_norm
+from blockllm.distributed.fsdp2_top import ShardedPacker
 from blockllm.selection.packing import BudgetPacker, Coordinates
-from blockllm.selection.sharded_top import ShardedPacker
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,20 @@ def local_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor
 
 
-class ShardedSync:
+class FSDP2Sync:
     """Agreement across the ranks of the 1-D device mesh the candidate DTensors live on.
 
     Build it with :meth:`detect`. Every method that communicates must be called by all ranks in
     the same order; BlockLLM only calls them from ``step()`` and from gradient hooks, which FSDP
-    runs in the same order on every rank.
+    runs in the same order on every rank. FSDP averages the gradients itself, so the gradient
+    methods of :class:`~blockllm.distributed.base.Communicator` do nothing here.
     """
+
+    # BlockLLM averages no gradient under FSDP2 and has no process group of its own.
+    process_group = None
+    syncs_gradients = False
+    shards_parameters = True
+    bytes_communicated = 0
 
     def __init__(self, mesh: Any) -> None:
         self.mesh = mesh
@@ -68,8 +76,8 @@ class ShardedSync:
     @classmethod
     def detect(
         cls, names: Sequence[str], params: Sequence[torch.Tensor], process_group: Any
-    ) -> ShardedSync | None:
-        """A :class:`ShardedSync` when the candidates are FSDP2 DTensors; None when none is.
+    ) -> FSDP2Sync | None:
+        """A :class:`FSDP2Sync` when the candidates are FSDP2 DTensors; None when none is.
 
         Raises:
             ValueError: some candidates are DTensors and others are not, they are not placed the
@@ -135,22 +143,37 @@ class ShardedSync:
         """``inner``'s plan, with the coordinates of partly selected tensors chosen across ranks."""
         return ShardedPacker(inner, [param.numel() for param in params], self)
 
+    # ------------------------------------------------------------------ gradients (FSDP's job)
+
+    def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return local_view(tensor)
+
+    def touched(self, index: int) -> None:
+        pass
+
+    def average_grads_(self, grads: list[tuple[int, torch.Tensor]]) -> None:
+        pass
+
+    def forget_grads(self) -> None:
+        pass
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        pass  # fully_shard distributes the one model; nothing is replicated
+
     # ------------------------------------------------------------------ collectives
 
     def grad_norm(self, grad: torch.Tensor) -> float:
         """2-norm of the full gradient from the local shard: the squared local norms, summed."""
-        local = local_view(grad)
-        low = local.dtype in (torch.bfloat16, torch.float16)
         # The local norm in the dtype one process would use, squared and summed in float64 so
         # the sum adds no rounding of its own; every rank receives the identical sum.
-        norm = torch.linalg.vector_norm(local, dtype=torch.float32 if low else None)
-        squared = norm.detach().to(torch.float64).square().reshape(1)
+        norm = torch.tensor([local_grad_norm(local_view(grad).detach())], dtype=torch.float64)
+        squared = norm.square()
         dist.all_reduce(squared, group=self.group)
         return float(squared.sqrt().item())
 
-    def average_scalar(self, value: float) -> float:
+    def average_loss(self, value: float, device: torch.device) -> float:
         """The mean of ``value`` over the ranks (the loss differs per rank; the trigger may not)."""
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(total, group=self.group)
         return float(total.item()) / self.world_size
 
@@ -193,10 +216,10 @@ class ShardedSync:
         self._counts = {key: entry for key, entry in self._counts.items() if entry[0]() is not None}
         self._counts[id(coordinates)] = (weakref.ref(coordinates), int(count))
 
-    def global_count(self, coordinates: torch.Tensor) -> int:
+    def count(self, coordinates: torch.Tensor) -> int:
         """The global count recorded for ``coordinates``; its local length if none was recorded.
 
-        Counts are recorded by every selection and by :func:`blockllm.integrations.fsdp`'s loader;
+        Counts are recorded by every selection and by :mod:`blockllm.distributed.fsdp2_checkpoint`'s loader;
         only a per-rank ``state_dict`` loaded by hand falls back to the local length until the
         next selection.
         """

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from blockllm.distributed.fsdp2 import FSDP2Sync
 from blockllm.errors import StateDictMismatchError
-from blockllm.optim.sharded import ShardedSync
 from blockllm.selection.packing import compact_index
 
 if TYPE_CHECKING:
@@ -168,13 +168,12 @@ def load_sharded_state_dict(
     )
     # num_selected counts every rank's coordinates; the local lists alone cannot tell.
     for name, count in counts.items():
-        index = optimizer.candidate_names.index(name)
-        sync.remember_count(optimizer._selection[index], count)
+        sync.remember_count(optimizer.coordinates(name), count)
 
 
-def _sync_of(optimizer: BlockLLM) -> ShardedSync:
-    sync = getattr(optimizer, "_sharded", None)
-    if sync is None:
+def _sync_of(optimizer: BlockLLM) -> FSDP2Sync:
+    sync = optimizer.communicator
+    if not isinstance(sync, FSDP2Sync):
         raise TypeError(
             "Invalid optimizer: its parameters are not FSDP2 DTensors; use "
             "optimizer.state_dict() with torch.save for a single process or process_group="
@@ -183,7 +182,7 @@ def _sync_of(optimizer: BlockLLM) -> ShardedSync:
 
 
 def _candidates_by_name(optimizer: BlockLLM) -> dict[str, torch.Tensor]:
-    return dict(zip(optimizer._candidate_names, optimizer._candidates))
+    return dict(optimizer.named_candidates())
 
 
 def _param_ids(optimizer: BlockLLM) -> dict[int, int]:
@@ -192,7 +191,7 @@ def _param_ids(optimizer: BlockLLM) -> dict[int, int]:
     return {id(param): position for position, param in enumerate(params)}
 
 
-def _gather_in_shard_order(piece: torch.Tensor, sync: ShardedSync) -> torch.Tensor:
+def _gather_in_shard_order(piece: torch.Tensor, sync: FSDP2Sync) -> torch.Tensor:
     """The concatenation of every rank's 1-D ``piece``, in the order of their shards.
 
     Pieces differ in length (a rank holds the coordinates inside its shard), and collectives

@@ -3,13 +3,13 @@
 ``torch.distributed.checkpoint`` (DCP) saves each rank's shards in parallel and can load them on
 a different number of ranks. BlockLLM's optimizer state is not shaped like torch's Adam state
 (moments exist only for the selection, and a partly selected tensor keeps compact moments for
-the coordinates in each shard), so it goes through :mod:`blockllm.optim.sharded_state`: sharded
+the coordinates in each shard), so it goes through :mod:`blockllm.distributed.fsdp2_state`: sharded
 moments as DTensors, the rest in one small entry that is the same on every rank.
 
 Every function here is collective: call it on all ranks.
 
 Example:
-    >>> from blockllm.integrations.fsdp import load_checkpoint, save_checkpoint
+    >>> from blockllm.distributed.fsdp2_checkpoint import load_checkpoint, save_checkpoint
     >>> save_checkpoint("ckpt/step-100", model, optimizer)
     >>> # later, in fresh processes, after fully_shard and BlockLLM(...) as before:
     >>> load_checkpoint("ckpt/step-100", model, optimizer)
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed.checkpoint as dcp
 
-from blockllm.optim.sharded_state import (
+from blockllm.distributed.fsdp2_state import (
     META_KEY,
     STATE_KEY,
     load_sharded_state_dict,

@@ -1,0 +1,176 @@
+"""The knobs of BlockLLM's selection, in one place: one default, one check and one help text each.
+
+:class:`BlockLLMConfig` is what :class:`blockllm.BlockLLM` reads its keyword arguments into, what
+:func:`blockllm.integrations.create_blockllm_optimizer` takes, and where the command line's run
+configuration gets its BlockLLM flags (names, defaults and help) from. The Adam hyperparameters
+(``lr``, ``betas``, ``eps``, ``weight_decay``) are not here: they are per param group, as in every
+``torch.optim`` optimizer, and checked by :mod:`blockllm.optim.validation`.
+
+Policies may be given as a name or as an object: ``trigger`` (a
+:class:`~blockllm.selection.triggers.Trigger`), ``selection`` (a
+:class:`~blockllm.selection.packing.SelectionRule`) and ``score`` (a
+:class:`~blockllm.selection.scorers.Scorer`). A name picks a built-in; an unknown name raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blockllm.selection.names import NameMatcher, Pattern
+from blockllm.selection.packing import SELECTION_RULES, SelectionRule
+from blockllm.selection.scorers import SCORERS, Scorer
+from blockllm.selection.triggers import TRIGGERS, Trigger
+
+PARTIALS = ("coordinates", "rows")
+
+
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class BlockLLMConfig:
+    """BlockLLM's selection settings. Every field is checked on construction.
+
+    Raises:
+        ValueError, TypeError: a field's value is invalid; the message names the field and value.
+        TypeError: :meth:`from_dict` got keys that are no field (the message lists the fields).
+    """
+
+    sparsity: float = _knob(
+        0.9, "fraction of candidate coordinates NOT updated at a step, in [0, 1); "
+        "the budget is k = floor((1 - sparsity) * N)")
+    patience: int = _knob(
+        100, "losses observed since the last selection before the loss trigger may fire; "
+        "with trigger 'interval', the steps between selections")
+    trigger: str | Trigger = _knob(
+        "loss", "when to reselect: 'loss' (the paper's plateau rule) or 'interval' (every "
+        "patience steps), or a Trigger object")
+    selection: str | SelectionRule = _knob(
+        "tensor", "'tensor' (whole tensors in score order, the remainder on the best one that "
+        "did not fit) or 'mask' (the paper's |G| >= tau mask), or a SelectionRule object")
+    score: str | Scorer = _knob(
+        "grad_norm", "how tensors are ranked: 'grad_norm' or 'random' (the ablation baseline), "
+        "or a Scorer object")
+    visit_penalty: bool = _knob(
+        True, "divide each tensor's score by 1 + the times it was selected before")
+    max_tensor_share: float = _knob(
+        0.25, "the largest share of the budget one tensor may take, raised automatically when "
+        "the candidates could not use the whole budget otherwise; 1 = no cap")
+    partial: str = _knob(
+        "rows", "a partly selected tensor trains its 'rows' with the largest gradient norm (the "
+        "few leftover coordinates by |G|) or its largest-|G| 'coordinates'")
+    entry_warmup: int = _knob(
+        0, "steps over which a block entering at a reselection ramps its lr up from "
+        "lr / entry_warmup; 0 = off")
+    include: Pattern = _knob(
+        None, "names that may be selected: a regex (fullmatch) or a list of exact names and "
+        "suffixes; None = all")
+    exclude: Pattern = _knob(
+        None, "names never selected (and frozen), same forms; exclusion wins over inclusion")
+    seed: int = _knob(0, "seed of the generator behind score 'random'")
+    skip_nonfinite: bool = _knob(
+        True, "skip a step whose loss or gradients are NaN/inf, leaving everything untouched")
+    compact_grads: bool = _knob(
+        False, "gather a partly selected tensor's gradient to its selected coordinates as it "
+        "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
+
+    def __post_init__(self) -> None:
+        value = check_real("sparsity", self.sparsity)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid sparsity: {self.sparsity} (must be in [0, 1))")
+        _integer("patience", self.patience, minimum=1)
+        _policy("trigger", self.trigger, TRIGGERS, Trigger)
+        _policy("selection", self.selection, SELECTION_RULES, SelectionRule)
+        _policy("score", self.score, SCORERS, Scorer)
+        _flag("visit_penalty", self.visit_penalty)
+        share = check_real("max_tensor_share", self.max_tensor_share)
+        if not 0.0 < share <= 1.0:
+            raise ValueError(
+                f"Invalid max_tensor_share: {self.max_tensor_share} (must be in (0, 1])"
+            )
+        _choice("partial", self.partial, PARTIALS)
+        _integer("entry_warmup", self.entry_warmup, minimum=0)
+        NameMatcher("include", self.include)
+        NameMatcher("exclude", self.exclude)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TypeError(f"Invalid seed: expected an int, got {self.seed!r}")
+        _flag("skip_nonfinite", self.skip_nonfinite)
+        _flag("compact_grads", self.compact_grads)
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The knobs, in declaration order (each with ``default`` and ``metadata["help"]``)."""
+        return dataclasses.fields(cls)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The knobs as a plain dict (policy objects are kept as they are)."""
+        return {knob.name: getattr(self, knob.name) for knob in self.fields()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BlockLLMConfig:
+        """A config from a dict of knobs; unknown keys raise ``TypeError`` naming the valid ones."""
+        names = [knob.name for knob in cls.fields()]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise TypeError(
+                f"Invalid BlockLLMConfig keys: {', '.join(map(repr, unknown))} (valid keys: "
+                f"{', '.join(names)})"
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> BlockLLMConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a finite float (a one-element tensor is read out), or a named error."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a bool, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")
+
+
+def _policy(name: str, value: Any, choices: Sequence[str], protocol: type) -> None:
+    """A built-in's name, or an object that has the protocol's methods."""
+    if isinstance(value, str) or not isinstance(value, protocol):
+        if not isinstance(value, str):
+            raise TypeError(
+                f"Invalid {name}: expected one of {', '.join(map(repr, choices))} or a "
+                f"{protocol.__name__}, got {type(value).__name__} {value!r}"
+            )
+        _choice(name, value, choices)
+
+
+DEFAULTS = BlockLLMConfig()
+"""The defaults, for signatures that spell the knobs out (``BlockLLM.__init__``)."""
+
+__all__ = ["DEFAULTS", "PARTIALS", "BlockLLMConfig", "check_real"]

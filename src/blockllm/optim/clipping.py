@@ -1,0 +1,63 @@
+"""Gradient clipping over exactly what a BlockLLM step will apply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from blockllm.distributed.base import Communicator
+from blockllm.optim.adam_update import gather
+from blockllm.optim.compact_grads import CompactGradients
+from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.packing import Coordinates
+
+
+@torch.no_grad()
+def clip_selected_(
+    max_norm: float,
+    norm_type: float,
+    parameters: Iterable[torch.Tensor],
+    candidates: CandidateSet,
+    selection: Coordinates | None,
+    compact: CompactGradients,
+    comm: Communicator,
+) -> torch.Tensor:
+    """Scale the held gradients to a total norm of at most ``max_norm``; returns the norm before.
+
+    The norm is taken over whole tensors' gradients and the *selected coordinates* of partly
+    selected ones (``selection``), compacted or not; ``selection=None`` (a selection step, the
+    coordinates not chosen yet) counts every held gradient whole. ``parameters`` decides which
+    ``.grad`` tensors take part and in what order they are summed: the model's order gives
+    ``torch.nn.utils.clip_grad_norm_``'s norm to the last bit. Under data parallelism every
+    gradient is averaged first (once), so that the whole batch's gradient is clipped.
+    """
+    grads: list[torch.Tensor] = []
+    measured: list[torch.Tensor] = []
+    pairs: list[tuple[int, torch.Tensor]] = []
+    for param in parameters:
+        grad = comm.local(param.grad)
+        if grad is None:
+            continue
+        grads.append(grad)
+        index = candidates.index(param)
+        if index is not None:
+            pairs.append((index, grad))
+        coordinates = None if selection is None else selection.get(index)
+        measured.append(grad if coordinates is None else (grad, coordinates))
+    pairs += compact.held.items()
+    comm.average_grads_(pairs)
+    # Gathered only now, after averaging.
+    measured = [m if isinstance(m, torch.Tensor) else gather(*m) for m in measured]
+    grads += compact.held.values()
+    measured += compact.held.values()
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(measured, norm_type)
+    coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(coefficient.to(grad.device, grad.dtype))
+    return total
+
+
+__all__ = ["clip_selected_"]

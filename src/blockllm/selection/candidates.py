@@ -1,0 +1,94 @@
+"""The candidate tensors of one optimizer: which parameters BlockLLM may select, by index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from blockllm.selection.names import NameMatcher, Pattern
+
+
+class CandidateSet:
+    """Parameters that may be selected, in param-group order, with their names.
+
+    A parameter the user froze (``requires_grad=False``) is never a candidate and never touched.
+    One matched by ``exclude`` (or not by ``include``) is frozen, but only by
+    :meth:`freeze_excluded`, which the optimizer calls once every check has passed: a constructor
+    that raises leaves the model exactly as it was.
+
+    Args:
+        include, exclude: the optimizer's name patterns (see :class:`NameMatcher`).
+        aliases: a tensor's kept name -> the other names it was given (tied weights).
+    """
+
+    def __init__(self, include: Pattern, exclude: Pattern, aliases: dict[str, list[str]]) -> None:
+        self.include = NameMatcher("include", include)
+        self.exclude = NameMatcher("exclude", exclude)
+        self.aliases = aliases
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self.excluded_names: list[str] = []
+        self._index: dict[int, int] = {}
+        self._to_freeze: list[tuple[str, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def check_patterns(self, names: list[str]) -> None:
+        """Raise ``NoMatchingParamsError`` for an include/exclude pattern that matches nothing."""
+        every_name = names + [alias for more in self.aliases.values() for alias in more]
+        for matcher in (self.include, self.exclude):
+            if matcher.active:
+                matcher.check_all_used(every_name)
+
+    def register(self, group: dict[str, Any]) -> None:
+        """Add the candidates of a normalised param group (see :mod:`blockllm.optim.params`)."""
+        for name, param in zip(group["param_names"], group["params"]):
+            if not param.requires_grad:
+                continue  # frozen by the user: never a candidate, never touched
+            names = [name, *self.aliases.get(name, [])]
+            excluded = self.exclude.matches(names)
+            if self.include.active and not self.include.matches(names):
+                excluded = True
+            if excluded:
+                self._to_freeze.append((name, param))
+                continue
+            if param.is_complex():
+                raise TypeError(
+                    f"Invalid params: {name!r} is complex ({param.dtype}); BlockLLM supports real "
+                    "floating-point parameters only"
+                )
+            self._index[id(param)] = len(self.params)
+            self.params.append(param)
+            self.names.append(name)
+
+    def freeze_excluded(self) -> None:
+        """Freeze the excluded tensors registered since the last call."""
+        for name, param in self._to_freeze:
+            param.requires_grad_(False)
+            self.excluded_names.append(name)
+        self._to_freeze.clear()
+
+    def index(self, param: torch.Tensor) -> int | None:
+        """The candidate index of ``param``, or None when it is no candidate."""
+        return self._index.get(id(param))
+
+    @property
+    def numel(self) -> int:
+        return sum(param.numel() for param in self.params)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [param.numel() for param in self.params]
+
+    @property
+    def row_sizes(self) -> list[int]:
+        """Coordinates per row (``numel // shape[0]``) of each candidate; 1 for vectors."""
+        return [
+            param.numel() // param.shape[0] if param.ndim >= 2 and param.shape[0] else 1
+            for param in self.params
+        ]
+
+
+__all__ = ["CandidateSet"]

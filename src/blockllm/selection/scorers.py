@@ -1,0 +1,59 @@
+"""How candidate tensors are ranked at a selection: small objects, pluggable as ``score=``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+NormFn = Callable[[torch.Tensor], float]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores one candidate from its gradient on a selection step; higher is selected first.
+
+    Args of ``score``:
+        grad: the candidate's gradient (under FSDP2 a DTensor; this rank's shard inside it).
+        norm: the 2-norm of a whole gradient, reduced over shards where needed; use it rather
+            than ``torch.linalg.vector_norm`` so that the score is the same on every rank.
+        generator: the optimizer's seeded generator (checkpointed with it), for random scores.
+
+    The optimizer divides the score by ``1 + visits`` afterwards when ``visit_penalty`` is on.
+    """
+
+    def score(self, grad: torch.Tensor, *, norm: NormFn, generator: torch.Generator) -> float: ...
+
+
+class GradNormScorer:
+    """``score="grad_norm"``: ``||G_l||_2``, the paper's criterion."""
+
+    def score(self, grad: torch.Tensor, *, norm: NormFn, generator: torch.Generator) -> float:
+        return norm(grad)
+
+
+class RandomScorer:
+    """``score="random"``: a uniform draw, the ablation baseline (how much does the gradient buy?)."""
+
+    def score(self, grad: torch.Tensor, *, norm: NormFn, generator: torch.Generator) -> float:
+        return float(torch.rand((), generator=generator))
+
+
+SCORERS = {"grad_norm": GradNormScorer, "random": RandomScorer}
+
+
+def make_scorer(spec: str | Scorer) -> Scorer:
+    """The built-in scorer ``spec`` names, or ``spec`` itself when an object.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec not in SCORERS:
+        raise ValueError(f"Invalid score: {spec!r} (choose from {', '.join(map(repr, SCORERS))})")
+    return SCORERS[spec]()
+
+
+__all__ = ["SCORERS", "GradNormScorer", "RandomScorer", "Scorer", "make_scorer"]
