@@ -135,8 +135,13 @@ def test_frozen_tensors_are_bitwise_unchanged_over_training():
     opt = BlockLLM(model.named_parameters(), lr=5e-2, weight_decay=0.5, sparsity=0.9,
                    trigger="interval", patience=1000)  # fmt: skip
     one_step(model, opt, make_batches(1)[0])
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in opt.selected}
+    selected = list(opt.selected)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in selected}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if n in selected}
     train_steps(model, opt, make_batches(25))
+    params = dict(model.named_parameters())
     for name, value in frozen.items():
-        assert torch.equal(dict(model.named_parameters())[name], value)
-    assert snapshot(model)  # sanity: the model still exists
+        assert torch.equal(params[name], value)
+    # The test proves something only if some tensors were frozen and the others trained.
+    assert frozen and opt.selected == selected
+    assert any(not torch.equal(params[name], value) for name, value in trained.items())
