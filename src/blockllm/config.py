@@ -25,6 +25,7 @@ import torch
 
 from blockllm.selection.names import NameMatcher, Pattern
 from blockllm.selection.packing import SELECTION_RULES, SelectionRule
+from blockllm.selection.rest_rules import REST_RULES, RestRule
 from blockllm.selection.scorers import SCORERS, Scorer
 from blockllm.selection.triggers import TRIGGERS, Trigger
 
@@ -81,6 +82,20 @@ class BlockLLMConfig:
     compact_grads: bool = _knob(
         False, "gather a partly selected tensor's gradient to its selected coordinates as it "
         "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
+    rest: str | RestRule = _knob(
+        "none", "the state-free step of the candidate coordinates Adam does not update: 'none' "
+        "(frozen until selected: the paper's method), 'sign' (signSGD) or 'colnorm' (each row "
+        "scaled to unit RMS, as SCALE), or a RestRule object")
+    rest_lr_scale: float = _knob(
+        1.0, "the rest step is lr * rest_lr_scale * direction")
+    rest_weight_decay: float | None = _knob(
+        None, "decoupled weight decay of the rest; None = the param group's weight_decay")
+    rest_in_backward: bool = _knob(
+        True, "take the rest step in the gradient hooks, freeing each gradient at once (no "
+        "full-model gradient); False = in step(), holding every gradient until then")
+    always_adam: Pattern = _knob(
+        None, "names trained with Adam whole at every step, outside the budget (same forms as "
+        "include); their state counts in memory_report()")
 
     def __post_init__(self) -> None:
         value = check_real("sparsity", self.sparsity)
@@ -104,6 +119,16 @@ class BlockLLMConfig:
             raise TypeError(f"Invalid seed: expected an int, got {self.seed!r}")
         _flag("skip_nonfinite", self.skip_nonfinite)
         _flag("compact_grads", self.compact_grads)
+        _policy("rest", self.rest, REST_RULES, RestRule)
+        if check_real("rest_lr_scale", self.rest_lr_scale) <= 0.0:
+            raise ValueError(f"Invalid rest_lr_scale: {self.rest_lr_scale} (must be > 0)")
+        if self.rest_weight_decay is not None:
+            if check_real("rest_weight_decay", self.rest_weight_decay) < 0.0:
+                raise ValueError(
+                    f"Invalid rest_weight_decay: {self.rest_weight_decay} (must be >= 0)"
+                )
+        _flag("rest_in_backward", self.rest_in_backward)
+        NameMatcher("always_adam", self.always_adam)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

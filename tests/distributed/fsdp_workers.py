@@ -59,10 +59,10 @@ def train(model, opt, start, stop, rank, world_size, on_step=None) -> list[dict]
     return history
 
 
-def single_process_reference() -> dict:
+def single_process_reference(options: dict | None = None) -> dict:
     """The same training on one process with the whole batch."""
     model = make_model()
-    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS)
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
 
     def on_step(step, entry):
         entry["partial"] = partial_record(opt, lambda name: 0)
@@ -77,7 +77,7 @@ def single_process_reference() -> dict:
     }
 
 
-def _setup(rank: int, world_size: int, store: str):
+def _setup(rank: int, world_size: int, store: str, options: dict | None = None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -88,7 +88,7 @@ def _setup(rank: int, world_size: int, store: str):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS)
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
     return mesh, model, opt
 
 
@@ -139,6 +139,20 @@ def fsdp_train_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
         }
         outcome["params"] = _full_params(model)
         torch.save(outcome, Path(out_dir) / f"train{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_options_worker(
+    rank: int, world_size: int, store: str, out_dir: str, options: dict | None = None
+) -> None:
+    """Train STEPS steps under FSDP2 with extra optimizer options; save the full parameters."""
+    mesh, model, opt = _setup(rank, world_size, store, options)
+    try:
+        history = train(model, opt, 0, STEPS, rank, world_size)
+        outcome = {"history": history, "reselections": opt.num_reselections}
+        outcome["params"] = _full_params(model)
+        torch.save(outcome, Path(out_dir) / f"options{rank}.pt")
     finally:
         dist.destroy_process_group()
 

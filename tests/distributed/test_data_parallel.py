@@ -1,5 +1,7 @@
 """BlockLLM(process_group=...) on 2 CPU processes (gloo): identical replicas and selections."""
 
+import functools
+
 import pytest
 import torch
 
@@ -9,8 +11,13 @@ from tests.distributed.workers import STEPS, data_parallel_worker, single_proces
 pytestmark = pytest.mark.distributed
 
 
-def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_path):
-    run_workers(data_parallel_worker, tmp_path)
+# With a state-free rule for the rest every gradient is averaged (in the hooks, as it lands).
+OPTIONS = [{}, {"rest": "sign"}, {"rest": "colnorm", "compact_grads": True}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["frozen-rest", "sign", "colnorm"])
+def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_path, options):
+    run_workers(functools.partial(data_parallel_worker, options=options), tmp_path)
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -21,7 +28,7 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_p
         assert torch.equal(value, rank1["params"][name]), name
 
     # and they match one process on the concatenated batch
-    reference = single_process_reference()
+    reference = single_process_reference(options)
     assert reference["history"] == rank0["history"]
     for name, value in reference["params"].items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)

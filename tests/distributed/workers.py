@@ -26,7 +26,9 @@ def _train(model, opt, halves, rank, world_size):
     return history
 
 
-def data_parallel_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+def data_parallel_worker(
+    rank: int, world_size: int, store: str, out_dir: str, options: dict | None = None
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
@@ -34,7 +36,10 @@ def data_parallel_worker(rank: int, world_size: int, store: str, out_dir: str) -
     try:
         torch.manual_seed(100 + rank)  # different initial weights: the optimizer broadcasts
         model = TinyNet(width=24)
-        opt = BlockLLM(model.named_parameters(), process_group=dist.group.WORLD, **OPTIMIZER_KWARGS)
+        opt = BlockLLM(
+            model.named_parameters(), process_group=dist.group.WORLD,
+            **OPTIMIZER_KWARGS, **(options or {}),
+        )  # fmt: skip
         history = _train(model, opt, make_batches(STEPS, batch=16), rank, world_size)
         torch.save(
             {
@@ -49,11 +54,11 @@ def data_parallel_worker(rank: int, world_size: int, store: str, out_dir: str) -
         dist.destroy_process_group()
 
 
-def single_process_reference() -> dict:
+def single_process_reference(options: dict | None = None) -> dict:
     """The same training on one process with the whole (concatenated) batch."""
     torch.manual_seed(100)  # rank 0's initial weights, which the broadcast hands everyone
     model = TinyNet(width=24)
-    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS)
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
     history = _train(model, opt, make_batches(STEPS, batch=16), 0, 1)
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},

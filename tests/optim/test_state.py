@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blockllm import BlockLLM, StateDictMismatchError
-from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot, train_steps
+from tests.optim.helpers import TinyNet, loss_of, make_batches, train_steps
 
 
 def one_step(model, opt, batch, loss_value=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -20,6 +21,7 @@ from blockllm.optim.compact_grads import CompactGradients
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.memory_report import count_bytes
 from blockllm.optim.params import normalize_group, normalize_param_groups
+from blockllm.optim.rest_step import RestStepper
 from blockllm.optim.state_format import (
     STATE_FORMAT_VERSION,
     check_same_model,
@@ -29,6 +31,7 @@ from blockllm.optim.state_format import (
 from blockllm.optim.validation import check_adam_arguments
 from blockllm.selection.candidates import CandidateSet
 from blockllm.selection.names import Pattern
+from blockllm.selection.rest_rules import make_rest_rule
 from blockllm.selection.selector import BlockSelector
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,11 @@ class BlockLLM(Optimizer):
         seed: int = DEFAULTS.seed,
         skip_nonfinite: bool = DEFAULTS.skip_nonfinite,
         compact_grads: bool = DEFAULTS.compact_grads,
+        rest: Any = DEFAULTS.rest,
+        rest_lr_scale: float = DEFAULTS.rest_lr_scale,
+        rest_weight_decay: float | None = DEFAULTS.rest_weight_decay,
+        rest_in_backward: bool = DEFAULTS.rest_in_backward,
+        always_adam: Pattern = DEFAULTS.always_adam,
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group: Any = None,
@@ -139,7 +147,9 @@ class BlockLLM(Optimizer):
         knobs = {knob.name: value for knob, value in _knob_values(locals())}
         self.config = config = BlockLLMConfig(**knobs)
         groups, aliases = normalize_param_groups(params)
-        self._candidates = candidates = CandidateSet(config.include, config.exclude, aliases)
+        self._candidates = candidates = CandidateSet(
+            config.include, config.exclude, aliases, config.always_adam
+        )
         candidates.check_patterns([name for group in groups for name in group["param_names"]])
         self._hooks = GradHooks(self, BlockLLM._on_grad_ready)
         self._constructed = False
@@ -159,7 +169,13 @@ class BlockLLM(Optimizer):
                 f"(exclude={config.exclude!r}, include={config.include!r})"
             )
         self._comm = choose_communicator(candidates.names, candidates.params, process_group)
-        self._selector = BlockSelector(candidates, config, self._comm)
+        rule = make_rest_rule(config.rest)
+        self._rest = None if rule is None else RestStepper(
+            rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params,
+            self._groups_of_candidates(), self._comm, config.rest_in_backward,
+        )  # fmt: skip
+        release = None if self._rest is None else self._rest.release
+        self._selector = BlockSelector(candidates, config, self._comm, release)
         self._compact = CompactGradients(config.compact_grads, self._comm)
         self._constructed = True
         self._activate()
@@ -257,6 +273,8 @@ class BlockLLM(Optimizer):
         self._selector.restart_if_scored()
         self._compact.clear()
         self._comm.forget_grads()
+        if self._rest is not None:
+            self._rest.end_step()
         super().zero_grad(set_to_none=set_to_none)
 
     def clip_grad_norm_(
@@ -281,16 +299,44 @@ class BlockLLM(Optimizer):
         elif isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         selection = None if self._selector.pending else self._selector.selection
+        consumed = [] if self._rest is None else self._rest.consumed_squares
+        if self._rest is not None and selection is not None:
+            # Every coordinate's gradient is used: a held gradient counts whole unless the rest
+            # step already took (and counted) its unselected part.
+            selection = {i: c for i, c in selection.items() if i in self._rest.stepped}
         return clip_selected_(
-            max_norm, norm_type, parameters, self._candidates, selection, self._compact, self._comm
-        )
+            max_norm, norm_type, parameters, self._candidates, selection, self._compact,
+            self._comm, consumed,
+        )  # fmt: skip
 
     def _on_grad_ready(self, index: int, param: torch.Tensor) -> None:
         self._comm.touched(index)
+        selection = self._selector.selection
         if self._selector.pending:
             self._selector.observe_grad(index, param)
-        else:
-            self._compact.capture(index, param, self._selector.selection.get(index))
+        elif index in selection:
+            coordinates = selection[index]
+            if self._rest is not None and coordinates is not None:
+                if self._rest.holding:
+                    return  # step() steps its unselected part with this dense gradient
+                self._rest.release_rest_of(index, coordinates)
+            self._compact.capture(index, param, coordinates)
+        elif self._rest is not None:  # only a rest rule keeps unselected tensors trainable
+            self._rest.release(index)
+
+    def hold_gradients(self) -> contextlib.AbstractContextManager[None]:
+        """Keep this context's gradients for later: wrap all but the last backward of a step.
+
+        With a state-free ``rest`` rule stepping in the gradient hooks, a gradient is used the
+        moment it lands; under gradient accumulation the earlier micro-batches' backward passes
+        must keep theirs (in ``.grad``) so that the last one steps with the sum. Without a rest
+        rule this does nothing.
+        """
+        return contextlib.nullcontext() if self._rest is None else self._rest.hold()
+
+    def _groups_of_candidates(self) -> list[dict[str, Any]]:
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        return [group_of[id(param)] for param in self._candidates.params]
 
     # ------------------------------------------------------------------ param groups
 
@@ -301,6 +347,8 @@ class BlockLLM(Optimizer):
         super().add_param_group(group)
         self._candidates.register(group)
         if self._constructed:
+            if self._rest is not None:
+                self._rest.groups = self._groups_of_candidates()
             self._selector.refresh()
             self._activate()
             self._selector.start()
@@ -351,9 +399,14 @@ class BlockLLM(Optimizer):
 
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
+        if self._rest is not None:  # before the dense gradients of partly selected tensors go
+            self._rest.sweep(selection)
         grads = self._compact.for_update(selection, self._candidates.params, self._candidates.names)
         self._comm.average_grads_(list(grads.items()))
-        if self.config.skip_nonfinite and not self._is_finite(observed, grads):
+        finite = not self.config.skip_nonfinite or self._is_finite(observed, grads)
+        if self._rest is not None:
+            self._rest.end_step()
+        if not finite:
             self._skip_step(discard_selection=chosen is not None)
             return closure_loss
         if chosen is not None:
@@ -369,7 +422,10 @@ class BlockLLM(Optimizer):
             return False
         if self._selector.saw_nonfinite:
             return False
-        return self._comm.all_true(all_finite(list(grads.values())))
+        finite = all_finite(list(grads.values()))
+        if self._rest is not None:
+            finite = finite and self._rest.all_finite()
+        return self._comm.all_true(finite)
 
     def _skip_step(self, discard_selection: bool) -> None:
         self.num_skipped_steps += 1
@@ -410,7 +466,7 @@ class BlockLLM(Optimizer):
         state_dict["blockllm"] = {
             "format_version": STATE_FORMAT_VERSION,
             "candidates": list(self._candidates.names),
-            "numels": self._candidates.sizes,
+            "numels": [param.numel() for param in self._candidates.params],
             "sparsity": self.sparsity,
             "budget": self.budget,
             **self._selector.state_dict(),

@@ -22,6 +22,7 @@ def clip_selected_(
     selection: Coordinates | None,
     compact: CompactGradients,
     comm: Communicator,
+    consumed_squares: list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Scale the held gradients to a total norm of at most ``max_norm``; returns the norm before.
 
@@ -31,6 +32,11 @@ def clip_selected_(
     ``.grad`` tensors take part and in what order they are summed: the model's order gives
     ``torch.nn.utils.clip_grad_norm_``'s norm to the last bit. Under data parallelism every
     gradient is averaged first (once), so that the whole batch's gradient is clipped.
+    ``consumed_squares``: squared norms of gradients a state-free rest step has already used and
+    freed; they count in the 2-norm (the rest step itself is invariant to the clip).
+
+    Raises:
+        ValueError: a norm other than the 2-norm while rest gradients were consumed.
     """
     grads: list[torch.Tensor] = []
     measured: list[torch.Tensor] = []
@@ -51,9 +57,18 @@ def clip_selected_(
     measured = [m if isinstance(m, torch.Tensor) else gather(*m) for m in measured]
     grads += compact.held.values()
     measured += compact.held.values()
-    if not grads:
+    if consumed_squares and float(norm_type) != 2.0:
+        raise ValueError(
+            f"Invalid norm_type: {norm_type}; with a rest rule stepping in the gradient hooks only "
+            "the 2-norm can be clipped (use rest_in_backward=False for other norms)"
+        )
+    if not grads and not consumed_squares:
         return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(measured, norm_type)
+    total = torch.nn.utils.get_total_norm(measured, norm_type) if measured else None
+    if consumed_squares:
+        squares = torch.stack([s.to(consumed_squares[0].device) for s in consumed_squares]).sum()
+        held = torch.zeros_like(squares) if total is None else total.float().to(squares.device)
+        total = (held.square() + squares).sqrt()
     coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
     for grad in grads:
         grad.mul_(coefficient.to(grad.device, grad.dtype))

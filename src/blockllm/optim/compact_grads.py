@@ -37,8 +37,11 @@ class CompactGradients:
         self.sources: list[object] = []
 
     def add(self, index: int, part: torch.Tensor) -> None:
-        """Add a micro-batch's selected-coordinate gradient to what the step will use."""
-        self.touched(index)
+        """Deposit a micro-batch's selected-coordinate gradient computed outside autograd."""
+        self.touched(index)  # no hook saw it: mark it for averaging here
+        self._accumulate(index, part)
+
+    def _accumulate(self, index: int, part: torch.Tensor) -> None:
         held = self.held.get(index)
         self.held[index] = part if held is None else held.add_(part)
 
@@ -47,7 +50,7 @@ class CompactGradients:
         grad = self.local(param.grad)
         if not self.enabled or coordinates is None or grad is None or grad.is_sparse:
             return
-        self.add(index, gather(grad, coordinates))
+        self._accumulate(index, gather(grad, coordinates))  # the hook marked it already
         param.grad = None
 
     def clear(self) -> None:
@@ -71,7 +74,7 @@ class CompactGradients:
             grad = self.local(params[index].grad)
             if index in self.held and coordinates is not None:
                 if grad is not None:  # a backward after the hooks compacted: add it in
-                    self.add(index, gather(grad, coordinates))
+                    self._accumulate(index, gather(grad, coordinates))
                     params[index].grad = None
                 grads[index] = self.held[index]
                 continue

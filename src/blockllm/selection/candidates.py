@@ -17,17 +17,28 @@ class CandidateSet:
     :meth:`freeze_excluded`, which the optimizer calls once every check has passed: a constructor
     that raises leaves the model exactly as it was.
 
+    Candidates matched by ``always_adam`` are *pinned*: always updated (with Adam), outside the
+    budget and the selection.
+
     Args:
-        include, exclude: the optimizer's name patterns (see :class:`NameMatcher`).
+        include, exclude, always_adam: the optimizer's name patterns (see :class:`NameMatcher`).
         aliases: a tensor's kept name -> the other names it was given (tied weights).
     """
 
-    def __init__(self, include: Pattern, exclude: Pattern, aliases: dict[str, list[str]]) -> None:
+    def __init__(
+        self,
+        include: Pattern,
+        exclude: Pattern,
+        aliases: dict[str, list[str]],
+        always_adam: Pattern = None,
+    ) -> None:
         self.include = NameMatcher("include", include)
         self.exclude = NameMatcher("exclude", exclude)
+        self.always_adam = NameMatcher("always_adam", always_adam)
         self.aliases = aliases
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
+        self.pinned: frozenset[int] = frozenset()
         self.excluded_names: list[str] = []
         self._index: dict[int, int] = {}
         self._to_freeze: list[tuple[str, torch.Tensor]] = []
@@ -38,7 +49,7 @@ class CandidateSet:
     def check_patterns(self, names: list[str]) -> None:
         """Raise ``NoMatchingParamsError`` for an include/exclude pattern that matches nothing."""
         every_name = names + [alias for more in self.aliases.values() for alias in more]
-        for matcher in (self.include, self.exclude):
+        for matcher in (self.include, self.exclude, self.always_adam):
             if matcher.active:
                 matcher.check_all_used(every_name)
 
@@ -59,6 +70,8 @@ class CandidateSet:
                     f"Invalid params: {name!r} is complex ({param.dtype}); BlockLLM supports real "
                     "floating-point parameters only"
                 )
+            if self.always_adam.matches(names):
+                self.pinned = self.pinned | {len(self.params)}
             self._index[id(param)] = len(self.params)
             self.params.append(param)
             self.names.append(name)
@@ -76,11 +89,13 @@ class CandidateSet:
 
     @property
     def numel(self) -> int:
-        return sum(param.numel() for param in self.params)
+        """Coordinates of the candidates that compete for the budget (the pinned do not)."""
+        return sum(self.sizes)
 
     @property
     def sizes(self) -> list[int]:
-        return [param.numel() for param in self.params]
+        """Coordinates of each candidate; 0 for a pinned one (it takes no budget)."""
+        return [0 if i in self.pinned else p.numel() for i, p in enumerate(self.params)]
 
     @property
     def row_sizes(self) -> list[int]:

@@ -34,6 +34,13 @@ class ScoringPass:
         score_fn: ``(candidate index, gradient) -> score``.
         average: data parallel: averages ``[(index, gradient)]`` over the ranks in place (each
             gradient once per local contribution), so that every rank ranks the same numbers.
+        release: called with the index of a tensor whose gradient the selection cannot use, in
+            place of freeing it (a state-free rule may step with it first); None: free it.
+        freeze: freeze (``requires_grad=False``) the tensors outside the plan once the first
+            backward is over, so later micro-batches skip them. Off when every candidate keeps
+            training (a state-free rule for the rest): gradients outside the plan are then kept
+            until released, since a later micro-batch adds to them.
+        pinned: candidates outside the selection (always updated): never scored or released.
     """
 
     def __init__(
@@ -42,11 +49,17 @@ class ScoringPass:
         packer: BudgetPacker,
         score_fn: ScoreFn,
         average: AverageFn | None = None,
+        release: Callable[[int], None] | None = None,
+        freeze: bool = True,
+        pinned: frozenset[int] = frozenset(),
     ):
         self.params = params
         self.packer = packer
         self.score_fn = score_fn
         self.average = average
+        self.release = release if release is not None else self._free
+        self.freeze = freeze
+        self.pinned = pinned
         self.scores: dict[int, float] = {}
         self.plan = Plan((), (), 0)
         self.closed = False
@@ -72,13 +85,13 @@ class ScoringPass:
             # (Closing here rather than from an end-of-backward callback keeps reentrant
             # activation checkpointing, whose inner backward passes end early, scoring everything.)
             self.close()
-        if param.grad is None:
+        if param.grad is None or index in self.pinned:
             return
         if self.closed:
             # A later micro-batch of the same step: the plan's tensors keep accumulating (the
             # coordinates and the update use the whole step's gradient), the rest are dropped.
             if index not in self.plan.members:
-                param.grad = None
+                self.release(index)
             else:
                 self._reduce(index, param.grad)
             return
@@ -94,9 +107,9 @@ class ScoringPass:
         self.plan = self.packer.plan(self.scores)
         members = self.plan.members
         for dropped in previous - members - self.nonfinite:
-            self.params[dropped].grad = None
+            self.release(dropped)
         if index not in members and index not in self.nonfinite:
-            param.grad = None
+            self.release(index)
         held = sum(
             self.params[i].grad.numel() * self.params[i].grad.element_size()
             for i in members
@@ -113,7 +126,8 @@ class ScoringPass:
         if self.closed or not self.started:
             return
         self.closed = True
-        self._freeze_all_but(self.plan.members, keep_grads=self.nonfinite)
+        if self.freeze:
+            self._freeze_all_but(self.plan.members | self.pinned, keep_grads=self.nonfinite)
 
     def finish(self) -> Coordinates:
         """Fix the selection from the step's (accumulated) gradients and freeze the rest."""
@@ -126,9 +140,18 @@ class ScoringPass:
             if self.params[index].grad is not None
         }
         chosen = self.packer.coordinates(self.plan, grads)
+        chosen.update((index, None) for index in self.pinned)
         self.chosen = {i: c for i, c in chosen.items() if self.params[i].grad is not None}
-        self._freeze_all_but(self.chosen)
+        if self.freeze:
+            self._freeze_all_but(self.chosen)
+        else:
+            for index, param in enumerate(self.params):
+                if index not in self.chosen and param.grad is not None:
+                    self.release(index)
         return self.chosen
+
+    def _free(self, index: int) -> None:
+        self.params[index].grad = None
 
     def _freeze_all_but(self, keep, keep_grads: set[int] = frozenset()) -> None:
         for index, param in enumerate(self.params):

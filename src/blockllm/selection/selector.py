@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,18 +40,28 @@ class BlockSelector:
     """Selects blocks for one optimizer.
 
     Args:
-        candidates: the tensors that may be selected.
+        candidates: the tensors that may be selected (the pinned ones are always selected).
         config: sparsity, patience and the policies (names or objects).
         comm: how scores, coordinates and the loss are agreed on with other ranks.
+        release: with a state-free rule for the rest, called with a candidate whose gradient
+            the selection does not use (it steps with it and frees it); every candidate then
+            stays trainable. None: such gradients are freed and unselected candidates frozen.
 
     Raises:
         ValueError: an unknown policy name, or a sparsity that leaves no budget.
     """
 
-    def __init__(self, candidates: CandidateSet, config: BlockLLMConfig, comm: Communicator):
+    def __init__(
+        self,
+        candidates: CandidateSet,
+        config: BlockLLMConfig,
+        comm: Communicator,
+        release: Callable[[int], None] | None = None,
+    ):
         self.candidates = candidates
         self.config = config
         self.comm = comm
+        self.release = release
         self.trigger = make_trigger(config.trigger, config.patience)
         self.scorer = make_scorer(config.score)
         self.rule = make_selection_rule(config.selection)
@@ -71,6 +82,10 @@ class BlockSelector:
         self.visits += [0] * (len(self.candidates) - len(self.visits))
         self.total = self.candidates.numel
         self.budget = budget_for(self.config.sparsity, self.total)
+        if self.total == 0 and self.candidates.pinned:
+            # Every candidate is pinned (always_adam): plain AdamW, nothing to select.
+            self.packer = self.rule.packer(self.candidates.sizes, 0, None, None)
+            return
         if self.total == 0:
             raise ValueError(
                 "BlockLLM has no coordinates to train: every candidate tensor is empty "
@@ -101,10 +116,11 @@ class BlockSelector:
     @property
     def num_selected(self) -> int:
         """Coordinates that may change at the next step, over all ranks."""
-        params = self.candidates.params
+        params, pinned = self.candidates.params, self.candidates.pinned
         return sum(
             params[index].numel() if coordinates is None else self.comm.count(coordinates)
             for index, coordinates in self.selection.items()
+            if index not in pinned
         )
 
     # ------------------------------------------------------------------ one selection
@@ -121,7 +137,10 @@ class BlockSelector:
             return
         packer = self.comm.packer(self.packer, params)
         average = self.comm.average_grads_ if self.comm.syncs_gradients else None
-        self.scoring = ScoringPass(params, packer, self._score, average)
+        self.scoring = ScoringPass(
+            params, packer, self._score, average, release=self.release,
+            freeze=self.release is None, pinned=self.candidates.pinned,
+        )  # fmt: skip
         for param in params:
             param.requires_grad_(True)
 
@@ -179,7 +198,7 @@ class BlockSelector:
             if index in chosen:
                 param.requires_grad_(True)
                 self.visits[index] += 1
-            else:
+            elif self.release is None:  # with a rest rule every candidate keeps training
                 param.grad = None
                 param.requires_grad_(False)
         self.selection = dict(chosen)
@@ -243,9 +262,11 @@ class BlockSelector:
         self.generator.set_state(section["generator_state"].cpu())
         self.scoring = None
         for index, param in enumerate(params):
-            param.requires_grad_(index in self.selection)
-            if index not in self.selection:
+            if index not in self.selection and self.release is None:
                 param.grad = None
+                param.requires_grad_(False)
+            else:
+                param.requires_grad_(True)
         if section["selection_pending"]:
             self.start()
 

@@ -1,0 +1,160 @@
+"""The state-free step of "the rest": candidate coordinates that Adam does not update this step.
+
+:class:`RestStepper` moves every such coordinate once per optimizer step, by the rule of
+:mod:`blockllm.selection.rest_rules`, and frees the gradient it used. By default it runs inside the
+gradient hooks, as each tensor's gradient lands (BREAD's trick), so at any moment at most one
+unselected tensor's gradient exists besides the selected block's: no full-model gradient is ever
+held, and the backward itself is the only pass over the weights.
+
+When a step's gradient arrives in several backward passes (gradient accumulation), a tensor's
+gradient is complete only after the last one: wrap the other backward passes in
+``optimizer.hold_gradients()`` (their gradients are then kept, in ``.grad``, and stepped with in
+the last backward or in ``step()``), or build the optimizer with ``rest_in_backward=False``
+(everything is stepped in ``step()``; the cost is a full gradient held, as for AdamW).
+
+Gradient clipping: both built-in rules are invariant to the gradient's scale, so a clip
+coefficient does not change the rest step. What clipping needs from the rest is its gradient
+norm, which is measured here before the gradient is freed; ``BlockLLM.clip_grad_norm_`` adds
+it to the norm of the gradients still held, so the total is the norm of the whole gradient, as
+``torch.nn.utils.clip_grad_norm_`` over all parameters would compute it (up to summation
+order), and the coefficient scales Adam's part exactly as it would. Non-finite gradients: a
+tensor whose gradient holds NaN/inf takes no rest step, and the optimizer skips the step's
+Adam update; rest steps taken earlier in that backward stay taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from blockllm.distributed.base import Communicator
+from blockllm.selection.packing import Coordinates
+from blockllm.selection.rest_rules import RestRule
+
+
+class RestStepper:
+    """State-free steps for the unselected coordinates of one optimizer's candidates.
+
+    Args:
+        rule: the direction of the step.
+        lr_scale: the step is ``group lr * lr_scale * direction``.
+        weight_decay: decoupled weight decay of the rest; None: the param group's.
+        params: the candidate tensors, by candidate index.
+        groups: the param group of each candidate (for its current lr).
+        comm: averages a gradient over data-parallel ranks before it is used; local shards.
+        in_backward: step in the gradient hooks (True) or only in ``step()``.
+    """
+
+    def __init__(
+        self,
+        rule: RestRule,
+        lr_scale: float,
+        weight_decay: float | None,
+        params: Sequence[torch.Tensor],
+        groups: Sequence[dict[str, Any]],
+        comm: Communicator,
+        in_backward: bool,
+    ) -> None:
+        self.rule = rule
+        self.lr_scale = lr_scale
+        self.weight_decay = weight_decay
+        self.params = params
+        self.groups = groups
+        self.comm = comm
+        self.in_backward = in_backward
+        self._holding = 0
+        # This step's gradients already stepped with and freed: squared norms (for clipping)
+        # and whether each was finite (checked once, at the step).
+        self.consumed_squares: list[torch.Tensor] = []
+        self._finite: list[torch.Tensor] = []
+        self.stepped: set[int] = set()
+
+    @property
+    def holding(self) -> bool:
+        return self._holding > 0 or not self.in_backward
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep gradients (do not step with them) while the context is open."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+    # ------------------------------------------------------------------ from the hooks
+
+    def release(self, index: int) -> None:
+        """The whole tensor is none of Adam's this step: step with its gradient and free it."""
+        if not self.holding:
+            self._check_once(index)
+            self._step(index, None)
+
+    def release_rest_of(self, index: int, coordinates: torch.Tensor) -> None:
+        """A partly selected tensor: step its unselected coordinates; the gradient stays."""
+        if not self.holding:
+            self._check_once(index)
+            self._step(index, coordinates)
+
+    def _check_once(self, index: int) -> None:
+        if index in self.stepped:
+            raise RuntimeError(
+                "BlockLLM: a second gradient arrived for a tensor whose state-free rest step was "
+                "already taken in this step. For gradient accumulation wrap every backward but "
+                "the last in `with optimizer.hold_gradients():`, or build the optimizer with "
+                "rest_in_backward=False."
+            )
+
+    # ------------------------------------------------------------------ from step()
+
+    def sweep(self, selection: Coordinates) -> None:
+        """Step with every gradient still held that Adam will not use (held or deferred ones)."""
+        for index, param in enumerate(self.params):
+            if param.grad is None or index in self.stepped:
+                continue
+            if index not in selection:
+                self._step(index, None)
+            elif selection[index] is not None:
+                self._step(index, selection[index])
+
+    def all_finite(self) -> bool:
+        """True when every gradient the rest stepped with this step was finite."""
+        return not self._finite or bool(torch.stack(self._finite).all())
+
+    def end_step(self) -> None:
+        self.consumed_squares.clear()
+        self._finite.clear()
+        self.stepped.clear()
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def _step(self, index: int, selected: torch.Tensor | None) -> None:
+        param = self.params[index]
+        self.comm.average_grads_([(index, param.grad)])
+        grad, weight = self.comm.local(param.grad), self.comm.local(param)
+        self.stepped.add(index)
+        squares = grad.float().square().sum()
+        if selected is not None:
+            squares = squares - grad.reshape(-1)[selected.long()].float().square().sum()
+        finite = torch.isfinite(squares)
+        self.consumed_squares.append(squares)
+        self._finite.append(finite)
+        group = self.groups[index]
+        lr = group["lr"]
+        decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
+        update = self.rule.direction(grad) * (lr * self.lr_scale)
+        if decay:
+            update.add_(weight, alpha=float(decay) * float(lr))
+        if selected is not None:
+            update.reshape(-1).index_fill_(0, selected.long(), 0.0)
+        # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
+        weight.sub_(torch.where(finite, update, torch.zeros_like(update)).to(weight.dtype))
+        if selected is None:
+            param.grad = None
+
+
+__all__ = ["RestStepper"]

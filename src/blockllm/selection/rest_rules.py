@@ -1,0 +1,76 @@
+"""State-free update rules for the candidate coordinates Adam does not update ("the rest").
+
+BlockLLM keeps Adam moments for the gradient-selected block only. With ``rest="none"`` (the
+paper's method) every other candidate is frozen until it is selected. With a state-free rule
+every other candidate coordinate moves every step too, by ``lr * rest_lr_scale * direction(g)``
+(plus decoupled weight decay), where ``direction`` needs nothing but the current gradient:
+
+* ``"sign"``: ``sign(g)`` (signSGD; FRUGAL's rule for the non-Adam part);
+* ``"colnorm"``: each output row of a matrix divided by its root mean square (SCALE's
+  column-normalised SGD; for ``nn.Linear`` weights, shaped ``(out, in)``, a row is one output
+  unit's incoming weights). A vector (a bias, a norm's gain) is read as ``(out, 1)``, one weight
+  per output, so its direction is its sign; this keeps every row whole on one FSDP2 shard.
+
+Both directions are invariant to the gradient's scale, so clipping by a global norm (or a loss
+scaler) does not change the rest step; it only changes Adam's part. A rule is a small object and
+users can plug in their own (``rest=MyRule()``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+# Root mean squares below this are treated as zero gradient rows: no movement, no blow-up.
+_RMS_FLOOR = 1e-8
+
+
+@runtime_checkable
+class RestRule(Protocol):
+    """The direction of the state-free step of a candidate's unselected coordinates.
+
+    ``direction`` gets the gradient (this rank's shard under FSDP2, whose shards are whole rows)
+    and returns a tensor of its shape; the step is ``param -= lr * rest_lr_scale * direction``.
+    Entries at selected coordinates are ignored (Adam updates those). It must be invariant to a
+    positive scale of ``grad`` for clipping to leave the rest step alone (both built-ins are).
+    """
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor: ...
+
+
+class SignRest:
+    """``rest="sign"``: signSGD, ``sign(g)`` (0 where the gradient is 0)."""
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.sign(grad)
+
+
+class ColumnNormRest:
+    """``rest="colnorm"``: every row (the last dimension) scaled to unit root mean square."""
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        work = grad.float() if grad.dtype in (torch.bfloat16, torch.float16) else grad
+        rows = work.reshape(-1, work.shape[-1]) if work.dim() >= 2 else work.reshape(-1, 1)
+        rms = rows.square().mean(dim=1, keepdim=True).sqrt_().clamp_(min=_RMS_FLOOR)
+        return (rows / rms).reshape(grad.shape).to(grad.dtype)
+
+
+REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest}
+
+
+def make_rest_rule(spec: str | RestRule) -> RestRule | None:
+    """The rule ``spec`` names (None for ``"none"``), or ``spec`` itself when an object.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec not in REST_RULES:
+        raise ValueError(f"Invalid rest: {spec!r} (choose from {', '.join(map(repr, REST_RULES))})")
+    rule = REST_RULES[spec]
+    return None if rule is None else rule()
+
+
+__all__ = ["REST_RULES", "ColumnNormRest", "RestRule", "SignRest", "make_rest_rule"]
