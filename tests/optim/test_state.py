@@ -1,9 +1,11 @@
 """Adam state lifecycle, checkpoints and resume equivalence."""
 
 import io
+import re
 
 import pytest
 import torch
+from torch import nn
 
 from blockllm import BlockLLM, StateDictMismatchError
 from tests.optim.helpers import TinyNet, loss_of, make_batches, train_steps
@@ -145,3 +147,36 @@ def test_frozen_tensors_are_bitwise_unchanged_over_training():
     # The test proves something only if some tensors were frozen and the others trained.
     assert frozen and opt.selected == selected
     assert any(not torch.equal(params[name], value) for name, value in trained.items())
+
+
+def test_state_dict_for_tensors_of_another_shape_is_refused():
+    # Same names and element counts, other shapes: the moments would be applied wrongly.
+    square = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 4, bias=False))
+    wide = nn.Sequential(nn.Linear(64, 16, bias=False), nn.Linear(32, 4, bias=False))
+    saved = BlockLLM(square.named_parameters(), sparsity=0.0)
+    square(torch.randn(3, 32)).sum().backward()
+    saved.step(loss=1.0)
+    state = saved.state_dict()
+    target = BlockLLM(wide.named_parameters(), sparsity=0.0)
+    with pytest.raises(StateDictMismatchError, match=re.escape(
+        "Invalid state_dict: it is from a different model ('0.weight' has shape (32, 32) "
+        "there, (16, 64) here)"
+    )):  # fmt: skip
+        target.load_state_dict(state)
+    # A checkpoint without shapes (older format) is still checked through its moments.
+    del state["blockllm"]["shapes"]
+    with pytest.raises(StateDictMismatchError, match=re.escape(
+        "Invalid state_dict: its exp_avg of '0.weight' has shape (32, 32), (16, 64) expected here"
+    )):  # fmt: skip
+        target.load_state_dict(state)
+
+
+def test_state_dict_of_full_precision_tensors_is_refused_for_bf16_ones():
+    model = nn.Linear(16, 16)
+    saved = BlockLLM(model.named_parameters(), sparsity=0.0)
+    model(torch.randn(2, 16)).sum().backward()
+    saved.step(loss=1.0)
+    low = nn.Linear(16, 16).to(torch.bfloat16)
+    target = BlockLLM(low.named_parameters(), sparsity=0.0)
+    with pytest.raises(StateDictMismatchError, match="has no fp32 master copy"):
+        target.load_state_dict(saved.state_dict())

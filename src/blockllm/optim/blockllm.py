@@ -25,6 +25,7 @@ from blockllm.optim.rest_step import RestStepper
 from blockllm.optim.state_format import (
     STATE_FORMAT_VERSION,
     check_same_model,
+    check_state,
     read_section,
     restore_tensor,
 )
@@ -467,6 +468,7 @@ class BlockLLM(Optimizer):
             "format_version": STATE_FORMAT_VERSION,
             "candidates": list(self._candidates.names),
             "numels": [param.numel() for param in self._candidates.params],
+            "shapes": [list(param.shape) for param in self._candidates.params],
             "sparsity": self.sparsity,
             "budget": self.budget,
             **self._selector.state_dict(),
@@ -486,9 +488,11 @@ class BlockLLM(Optimizer):
         names, params = self._candidates.names, self._candidates.params
         check_same_model(section, names, params, self.budget, self.sparsity)
         saved_state = state_dict["state"]
+        every = [param for group in self.param_groups for param in group["params"]]
+        by_id = {id(param): name for name, param in zip(names, params)}
+        check_state(saved_state, every, by_id, section, self._comm.local)
         super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
         # Exact copies: torch's loader would cast the fp32 moments of bf16 blocks to bf16.
-        every = [param for group in self.param_groups for param in group["params"]]
         self.state = defaultdict(dict)
         for key, saved in saved_state.items():
             param = every[int(key)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,12 +56,71 @@ def check_same_model(
                 f"Invalid state_dict: it is from a different model ({name!r} has "
                 f"{saved_numel} elements there, {param.numel()} here)"
             )
+    # Older checkpoints have no shapes; their state tensors are checked by check_state below.
+    for name, shape, param in zip(saved, section.get("shapes", ()), params):
+        if tuple(shape) != tuple(param.shape):
+            raise StateDictMismatchError(
+                f"Invalid state_dict: it is from a different model ({name!r} has shape "
+                f"{tuple(shape)} there, {tuple(param.shape)} here)"
+            )
     if section["budget"] != budget:
         raise StateDictMismatchError(
             f"Invalid state_dict: it was saved with budget {section['budget']} "
             f"(sparsity {section['sparsity']}), this optimizer has {budget} "
             f"(sparsity {sparsity})"
         )
+
+
+def check_state(
+    saved_state: dict[Any, dict[str, Any]],
+    every_param: list[torch.Tensor],
+    names: dict[int, str],
+    section: dict[str, Any],
+    local: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
+) -> None:
+    """Raise ``StateDictMismatchError`` for Adam state that does not fit its parameter.
+
+    A whole selected tensor's moments (and master copy) must have its shape; a partly selected
+    one's must hold one entry per saved coordinate, and the coordinates must lie inside it. A
+    bf16/fp16 parameter needs the fp32 master copy its update runs on.
+
+    Args:
+        saved_state: torch's ``"state"`` (position over all param groups -> entries).
+        every_param: the parameters of all param groups, in order.
+        names: ``id(param)`` -> candidate name, for the candidates.
+        section: the ``"blockllm"`` section (its ``"coordinates"``).
+        local: this rank's shard of a parameter (FSDP2 state is per shard).
+    """
+    for key, entries in saved_state.items():
+        position = int(key)
+        if position >= len(every_param):
+            raise StateDictMismatchError(
+                f"Invalid state_dict: it holds state for parameter {position}, this optimizer "
+                f"has {len(every_param)} parameters"
+            )
+        name = names.get(id(every_param[position]), f"parameter {position}")
+        param = local(every_param[position])
+        coordinates = section["coordinates"].get(name)
+        if coordinates is not None and coordinates.numel():
+            if int(coordinates.max()) >= param.numel():
+                raise StateDictMismatchError(
+                    f"Invalid state_dict: its coordinates of {name!r} reach "
+                    f"{int(coordinates.max())}, beyond its {param.numel()} elements here"
+                )
+        expected = (coordinates.numel(),) if coordinates is not None else tuple(param.shape)
+        for key_name, value in entries.items():
+            if key_name == "step" or not isinstance(value, torch.Tensor):
+                continue
+            if tuple(value.shape) != expected:
+                raise StateDictMismatchError(
+                    f"Invalid state_dict: its {key_name} of {name!r} has shape "
+                    f"{tuple(value.shape)}, {expected} expected here"
+                )
+        if param.dtype in (torch.bfloat16, torch.float16) and "master" not in entries:
+            raise StateDictMismatchError(
+                f"Invalid state_dict: {name!r} is {param.dtype} here, but its state has no fp32 "
+                "master copy (it was saved for a full-precision parameter)"
+            )
 
 
 def restore_tensor(key: str, value: Any, param: torch.Tensor) -> Any:
@@ -76,4 +136,10 @@ def restore_tensor(key: str, value: Any, param: torch.Tensor) -> Any:
     return value.to(device=param.device).clone()
 
 
-__all__ = ["STATE_FORMAT_VERSION", "check_same_model", "read_section", "restore_tensor"]
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "check_same_model",
+    "check_state",
+    "read_section",
+    "restore_tensor",
+]
