@@ -27,10 +27,11 @@ def make_model():
     return LlamaForCausalLM(config)
 
 
-def batches() -> list[torch.Tensor]:
+def batches(vocabulary: int = VOCAB) -> list[torch.Tensor]:
     # Random tokens: the loss cannot fall for long, so the plateau trigger reselects often.
+    # A small ``vocabulary`` leaves most embedding rows at zero gradient: ties everywhere.
     generator = torch.Generator().manual_seed(3)
-    return [torch.randint(0, VOCAB, (4, 12), generator=generator) for _ in range(STEPS)]
+    return [torch.randint(0, vocabulary, (4, 12), generator=generator) for _ in range(STEPS)]
 
 
 def partial_record(opt: BlockLLM, shard_start) -> dict:
@@ -43,9 +44,9 @@ def partial_record(opt: BlockLLM, shard_start) -> dict:
     return record
 
 
-def train(model, opt, start, stop, rank, world_size, on_step=None) -> list[dict]:
+def train(model, opt, start, stop, rank, world_size, on_step=None, vocabulary=VOCAB) -> list[dict]:
     history = []
-    data = batches()
+    data = batches(vocabulary)
     for step in range(start, stop):
         rows = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
         opt.zero_grad(set_to_none=True)
@@ -59,7 +60,7 @@ def train(model, opt, start, stop, rank, world_size, on_step=None) -> list[dict]
     return history
 
 
-def single_process_reference(options: dict | None = None) -> dict:
+def single_process_reference(options: dict | None = None, vocabulary: int = VOCAB) -> dict:
     """The same training on one process with the whole batch."""
     model = make_model()
     opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
@@ -67,7 +68,7 @@ def single_process_reference(options: dict | None = None) -> dict:
     def on_step(step, entry):
         entry["partial"] = partial_record(opt, lambda name: 0)
 
-    history = train(model, opt, 0, STEPS, 0, 1, on_step)
+    history = train(model, opt, 0, STEPS, 0, 1, on_step, vocabulary)
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "history": history,
@@ -144,12 +145,22 @@ def fsdp_train_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
 
 
 def fsdp_options_worker(
-    rank: int, world_size: int, store: str, out_dir: str, options: dict | None = None
+    rank: int,
+    world_size: int,
+    store: str,
+    out_dir: str,
+    options: dict | None = None,
+    vocabulary: int = VOCAB,
 ) -> None:
     """Train STEPS steps under FSDP2 with extra optimizer options; save the full parameters."""
     mesh, model, opt = _setup(rank, world_size, store, options)
     try:
-        history = train(model, opt, 0, STEPS, rank, world_size)
+        shard_start = _shard_start(opt)
+
+        def on_step(step, entry):
+            entry["partial"] = partial_record(opt, shard_start)
+
+        history = train(model, opt, 0, STEPS, rank, world_size, on_step, vocabulary)
         outcome = {"history": history, "reselections": opt.num_reselections}
         outcome["params"] = _full_params(model)
         torch.save(outcome, Path(out_dir) / f"options{rank}.pt")

@@ -189,3 +189,24 @@ def test_fsdp2_with_a_rest_rule_matches_the_single_process_run(tmp_path, rest):
     for name, value in reference["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-5, msg=name)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+
+
+def test_fsdp2_matches_one_process_where_zero_gradients_tie(tmp_path):
+    # Tokens from 6 of 61 words: most embedding rows have zero gradient, so the rows picked for
+    # a partly selected embedding are decided by the tie rule (lowest rows first, on both).
+    run_workers(functools.partial(fsdp_options_worker, vocabulary=6), tmp_path)
+    ranks = [torch.load(tmp_path / f"options{rank}.pt", weights_only=True) for rank in (0, 1)]
+    torch.set_num_threads(1)
+    reference = single_process_reference(vocabulary=6)
+    ties_decided = 0
+    for step in range(STEPS):
+        expected = reference["history"][step]
+        assert ranks[0]["history"][step]["selected"] == expected["selected"], step
+        together = _global_partial(ranks, step)
+        assert together.keys() == expected["partial"].keys(), step
+        for name, coordinates in together.items():
+            assert torch.equal(coordinates, expected["partial"][name]), (step, name)
+            ties_decided += name == "model.embed_tokens.weight"
+    assert ties_decided > 0  # the embedding was partly selected at some step
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=0, atol=1e-5, msg=name)

@@ -80,18 +80,31 @@ _MARGIN = 0.01
 
 
 def top_coordinates(magnitude: torch.Tensor, count: int) -> torch.Tensor:
-    """Sorted flat indices of ``count`` largest entries of the 1-D tensor ``magnitude``.
+    """Sorted flat indices of the ``count`` largest entries of the 1-D tensor ``magnitude``.
+
+    Ties at the threshold go to the lowest indices, the rule the sharded picker
+    (:mod:`blockllm.distributed.fsdp2_top`) follows over dim-0 shards, so one process and FSDP2
+    choose the same coordinates even where many gradients tie (at zero, typically, for the rows
+    of tokens a batch does not contain).
 
     ``torch.topk`` with a large ``count`` costs about a second on a 16M-entry embedding gradient
     on two CPU cores. Instead, bracket the threshold with quantiles of a strided sample: every
     entry above the upper bracket is in for sure, and ``topk`` runs only on the thin band between
-    the brackets. A mask turned into indices comes out sorted for free. When the sample misleads
-    (the brackets do not hold the count), fall back to the full ``topk``; the result is the same
-    set of coordinates either way, up to ties.
+    the brackets to find the threshold. When the sample misleads (the brackets do not hold the
+    count), the full ``topk`` finds it.
     """
     total = magnitude.numel()
     if count >= total:
         return torch.arange(total, device=magnitude.device)
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long, device=magnitude.device)
+    threshold = _kth_largest(magnitude, count)
+    return _threshold_mask(magnitude, threshold, count).nonzero().squeeze(1)
+
+
+def _kth_largest(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count``-th largest entry of ``magnitude`` (1-D, ``0 < count < numel``)."""
+    total = magnitude.numel()
     if total > 4 * _SAMPLE:
         sample = magnitude[:: total // _SAMPLE].float()
         keep = 1.0 - count / total
@@ -99,17 +112,20 @@ def top_coordinates(magnitude: torch.Tensor, count: int) -> torch.Tensor:
             [max(0.0, keep - _MARGIN), min(1.0, keep + _MARGIN)], device=sample.device
         )
         low, high = torch.quantile(sample, levels).tolist()
-        certain = magnitude > high
-        band = (magnitude >= low) & ~certain
-        num_certain = int(certain.sum())
-        num_band = int(band.sum())
-        if num_certain <= count <= num_certain + num_band:
-            band_index = band.nonzero().squeeze(1)
-            best = torch.topk(magnitude[band_index], count - num_certain, sorted=False).indices
-            certain[band_index[best]] = True
-            return certain.nonzero().squeeze(1)
-    chosen = torch.topk(magnitude, count, sorted=False).indices
-    return chosen.sort().values
+        certain = int((magnitude > high).sum())
+        band = magnitude[(magnitude >= low) & (magnitude <= high)]
+        if certain < count <= certain + band.numel():
+            return torch.topk(band, count - certain, sorted=False).values.min()
+    return torch.topk(magnitude, count, sorted=False).values.min()
+
+
+def _threshold_mask(magnitude: torch.Tensor, threshold: torch.Tensor, count: int) -> torch.Tensor:
+    """Entries above ``threshold``, then ties at it by lowest index, ``count`` in all."""
+    mask = magnitude > threshold
+    need = count - int(mask.sum())
+    if need > 0:
+        mask[(magnitude == threshold).nonzero().squeeze(1)[:need]] = True
+    return mask
 
 
 def _top_coordinates(grad: torch.Tensor, count: int) -> torch.Tensor:
@@ -204,7 +220,7 @@ def top_rows(grad: torch.Tensor, count: int, row_size: int) -> torch.Tensor:
     # Low-precision rows are reduced in fp32; fp32/fp64 ones in their own dtype.
     low = by_row.dtype in (torch.bfloat16, torch.float16)
     row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
-    rows = torch.topk(row_norms, rows_wanted, sorted=False).indices.sort().values
+    rows = top_coordinates(row_norms, rows_wanted)
     extra = count - rows_wanted * row_size
     if extra <= 0:
         offsets = torch.arange(row_size, device=flat.device)
@@ -223,24 +239,34 @@ def _top_outside_rows(by_row: torch.Tensor, taken: torch.Tensor, count: int) -> 
     """Flat indices of the ``count`` largest |G| entries outside the ``taken`` rows.
 
     ``count`` is less than a row, so each chunk of rows can only contribute its own best
-    ``count`` entries: a running top-``count`` over chunks gives the same set as one pass over
-    the whole tensor, without the full-size magnitude copies (a 30k-row embedding's gradient
-    would otherwise cost three or four times its own size at the selection step).
+    ``count`` entries: the threshold from those is the one a pass over the whole tensor would
+    find, without the full-size magnitude copies (a 30k-row embedding's gradient would otherwise
+    cost three or four times its own size at the selection step). A second pass takes what lies
+    above it and the ties at it by lowest index, as :func:`top_coordinates` does.
     """
     num_rows, row_size = by_row.shape
     chunk = max(1, _CHUNK_ENTRIES // row_size)
-    values: list[torch.Tensor] = []
-    indices: list[torch.Tensor] = []
-    for start in range(0, num_rows, chunk):
-        stop = min(num_rows, start + chunk)
-        block = by_row[start:stop].abs().float()
-        # Taken rows are marked -1, below every magnitude.
-        block.masked_fill_(taken[start:stop].unsqueeze(1), -1.0)
-        best = torch.topk(block.reshape(-1), min(count, block.numel()), sorted=False)
-        values.append(best.values)
-        indices.append(best.indices + start * row_size)
-    merged = torch.topk(torch.cat(values), count, sorted=False).indices
-    return torch.cat(indices)[merged].sort().values
+
+    def blocks():
+        for start in range(0, num_rows, chunk):
+            stop = min(num_rows, start + chunk)
+            block = by_row[start:stop].abs().float()
+            # Taken rows are marked -1, below every magnitude.
+            block.masked_fill_(taken[start:stop].unsqueeze(1), -1.0)
+            yield start * row_size, block.reshape(-1)
+
+    best = torch.cat(
+        [torch.topk(block, min(count, block.numel()), sorted=False).values for _, block in blocks()]
+    )
+    threshold = best.min() if best.numel() <= count else _kth_largest(best, count)
+    above: list[torch.Tensor] = []
+    ties: list[torch.Tensor] = []
+    for offset, block in blocks():
+        above.append((block > threshold).nonzero().squeeze(1) + offset)
+        ties.append((block == threshold).nonzero().squeeze(1) + offset)
+    chosen = torch.cat(above)
+    chosen = torch.cat([chosen, torch.cat(ties)[: count - chosen.numel()]])
+    return chosen.sort().values
 
 
 class PaperMaskPacker:
