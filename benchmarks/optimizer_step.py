@@ -158,11 +158,11 @@ def run(sparsity: float, repeats: int, candidates: str) -> dict:
             whole_blockllm += timed(lambda: blockllm.step(loss=1.0), 1)
             whole_adamw += timed(adamw_whole.step, 1)
         # The NaN/inf guard reads every selected gradient once more; measure without it too.
-        blockllm.config.skip_nonfinite = False
+        blockllm.config = blockllm.config.replace(skip_nonfinite=False)
         for _ in range(repeats):
             unguarded_blockllm += timed(lambda: blockllm.step(loss=1.0), 1)
             unguarded_adamw += timed(adamw_whole.step, 1)
-        blockllm.config.skip_nonfinite = True
+        blockllm.config = blockllm.config.replace(skip_nonfinite=True)
         for name, grad in partial_grads.items():
             params[name].grad = grad
         del adamw_whole

@@ -36,9 +36,9 @@ def _knob(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockLLMConfig:
-    """BlockLLM's selection settings. Every field is checked on construction.
+    """BlockLLM's selection settings: immutable, every field checked on construction.
 
     Raises:
         ValueError, TypeError: a field's value is invalid; the message names the field and value.
@@ -152,8 +152,8 @@ class BlockLLMConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> BlockLLMConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (and checked); ``self`` when there are none."""
+        return dataclasses.replace(self, **changes) if changes else self  # frozen: shareable
 
 
 def check_real(name: str, value: Any) -> float:
@@ -196,6 +196,6 @@ def _policy(name: str, value: Any, choices: Sequence[str], protocol: type) -> No
 
 
 DEFAULTS = BlockLLMConfig()
-"""The defaults, for signatures that spell the knobs out (``BlockLLM.__init__``)."""
+"""The defaults (``BlockLLM`` starts from them when given no config)."""
 
 __all__ = ["DEFAULTS", "PARTIALS", "BlockLLMConfig", "check_real"]

@@ -15,13 +15,11 @@ from torch.optim import Optimizer
 from blockllm.config import DEFAULTS, BlockLLMConfig
 from blockllm.distributed.base import Communicator, choose_communicator
 from blockllm.errors import BlockLLMError
-from blockllm.optim.adam_update import all_finite, update_selected_
-from blockllm.optim.clipping import clip_selected_
-from blockllm.optim.compact_grads import CompactGradients
+from blockllm.optim.adam_update import update_selected_
 from blockllm.optim.grad_hooks import GradHooks
+from blockllm.optim.gradient_flow import GradientFlow
 from blockllm.optim.memory_report import count_bytes
 from blockllm.optim.params import normalize_group, normalize_param_groups
-from blockllm.optim.rest_step import RestStepper
 from blockllm.optim.state_format import (
     STATE_FORMAT_VERSION,
     check_same_model,
@@ -31,8 +29,6 @@ from blockllm.optim.state_format import (
 )
 from blockllm.optim.validation import check_adam_arguments
 from blockllm.selection.candidates import CandidateSet
-from blockllm.selection.names import Pattern
-from blockllm.selection.rest_rules import make_rest_rule
 from blockllm.selection.selector import BlockSelector
 
 logger = logging.getLogger(__name__)
@@ -41,67 +37,52 @@ logger = logging.getLogger(__name__)
 class BlockLLM(Optimizer):
     r"""Adam(W) on a gradient-selected subset of parameter tensors (BlockLLM, arXiv 2406.17296).
 
-    Each parameter tensor is a block. At any time only the selected blocks are trainable: they alone
-    get gradients (``requires_grad`` is switched off for the others, so autograd neither computes
-    nor stores their weight gradients) and they alone hold Adam moments. The selection is made
-    from real gradients and renewed when the loss stops improving::
+    Each parameter tensor is a block; Adam moments exist only for the selected blocks::
 
         k        = floor((1 - sparsity) * N)                 # N: coordinates of all candidates
         score_l  = ||G_l||_2 / (1 + times l was selected)    # visit frequency spreads the choice
-        select   = whole tensors in score order while they fit into k; the budget left over goes
-                   to the largest-|G| coordinates of the best tensor that did not fit
-                   (selection="mask": the paper's |G| >= tau mask inside a score-ordered prefix)
+        select   = whole tensors in score order while they fit into k (each capped at
+                   max_tensor_share of k); the rest of k to the best rows (or |G|-largest
+                   coordinates) of the first tensor that did not fit
         update   = AdamW on the selected coordinates (torch's own kernels)
-        reselect = after >= patience observed losses, when loss_t >= mean(last patience losses)
+        rest     = "none": every other candidate is frozen (requires_grad off: no gradient, and
+                   backward stops below the lowest selected tensor), the paper's method;
+                   "sign"/"colnorm": every other coordinate takes a state-free step
+                   lr * rest_lr_scale * direction(g) in its gradient hook, which frees the
+                   gradient at once (see :mod:`blockllm.optim.rest_step`)
+        reselect = after >= patience losses, when loss_t >= mean(last patience losses), or
+                   every patience steps (trigger="interval")
 
-    Selection gradients come from the user's own backward: on a selection step every candidate is
-    trainable, and a post-accumulate-grad hook on each tensor records its norm and frees every
-    gradient the selection can no longer use, so a full-model gradient never exists. Blocks that
-    leave the selection lose their moments at once, blocks that enter start from zero moments,
-    blocks that stay keep theirs. bf16/fp16 blocks get fp32 master copies and fp32 moments, for the
-    selected coordinates only. With ``sparsity=0`` every block is always selected and the optimizer
-    is ``torch.optim.AdamW`` step for step.
+    On a selection step every candidate takes part in the user's own backward, and a
+    post-accumulate-grad hook scores each gradient and frees those the selection can no longer
+    use, so no full-model gradient exists. Leaving blocks lose their moments, entering ones start
+    from zero, staying ones keep theirs; bf16/fp16 blocks get fp32 masters and moments for the
+    selected coordinates only. With ``sparsity=0`` this is ``torch.optim.AdamW`` step for step.
+    Unlike BAdam the blocks are chosen by gradient from any layer; unlike the authors' code the
+    budget is used exactly and the whole selection state is checkpointed.
 
-    Unlike BAdam (fixed block order, one layer at a time) the blocks are chosen by gradient and may
-    come from any layer; unlike the authors' code the budget is always used exactly, the loss
-    trigger fires on plateaus, and the whole selection state is checkpointed.
-
-    The selection is made by a :class:`~blockllm.selection.selector.BlockSelector` (``selector``)
-    and everything said to other processes goes through a
-    :class:`~blockllm.distributed.base.Communicator` (``communicator``); this class is the
-    ``torch.optim`` shell around them and the Adam update.
+    The selection is made by a :class:`~blockllm.selection.selector.BlockSelector`
+    (``selector``); everything said to other processes goes through a
+    :class:`~blockllm.distributed.base.Communicator` (``communicator``): nothing with
+    ``process_group=None``, averaging over the group otherwise (data parallel without DDP), and
+    agreement over the device mesh for FSDP2 DTensor parameters, which are detected
+    (``docs/distributed.md``). This class is the ``torch.optim`` shell around them.
 
     Args:
         params: ``model.named_parameters()``, or param groups (dicts) whose ``"params"`` come with a
             parallel ``"names"`` list. Names key the selection and checkpoints.
-        lr: learning rate (default: 1e-3).
-        betas: Adam coefficients (default: (0.9, 0.999)).
-        eps: term added to the denominator (default: 1e-8).
-        weight_decay: decoupled (AdamW) weight decay (default: 0.0).
-        sparsity, patience, trigger, selection, score, visit_penalty, max_tensor_share, partial,
-            entry_warmup, include, exclude, seed, skip_nonfinite, compact_grads: the selection
-            knobs, documented (with their defaults) on :class:`blockllm.config.BlockLLMConfig`.
-            ``trigger``, ``selection`` and ``score`` also take policy objects.
-        foreach: use torch's foreach Adam kernels (default: None, see ``fused``).
-        fused: use torch's fused Adam kernel; ``None`` with ``foreach=None`` picks fused on CPU and
-            CUDA (default: None).
-        process_group: a ``torch.distributed`` process group for data parallelism without DDP:
-            parameters are broadcast from the group's first rank at construction, the selected
-            gradients (every candidate's on a selection step) and the loss are averaged over
-            the group, each once, so all ranks select the same blocks and stay identical.
-            ``None`` (default): no communication, unless the parameters are FSDP2 DTensors.
-
-    FSDP2 (``fully_shard``) needs no argument: DTensor parameters are detected. FSDP averages the
-    gradients itself; BlockLLM scores each tensor by its full gradient's norm (reduced from the
-    shards over the parameters' device mesh), picks a partly selected tensor's coordinates with
-    one global threshold, averages the trigger's loss over the mesh, and updates the local
-    shards. Moments, masters and coordinate lists (``coordinates()`` returns flat indices into
-    this rank's shard) are local, and ``memory_report()`` counts this rank's bytes. Save and
-    resume with :mod:`blockllm.distributed.fsdp2_checkpoint` (``torch.distributed.checkpoint``).
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
+        config: the selection knobs as a :class:`blockllm.config.BlockLLMConfig`; keyword
+            arguments named like its fields (``sparsity=0.9``, ``patience=100``, ``rest="sign"``
+            ...) override it. Every knob, its default and meaning is documented there.
+        foreach, fused: torch's Adam kernels; both None picks fused on CPU and CUDA.
+        process_group: a ``torch.distributed`` group for data parallelism without DDP: parameters
+            are broadcast from its first rank, and the gradients BlockLLM uses and the loss are
+            averaged over it, each once. None: no communication (FSDP2 is detected).
 
     Raises:
         ValueError, TypeError: on any invalid argument, naming it and its value.
-        NoMatchingParamsError: an ``include``/``exclude`` pattern matches no parameter.
+        NoMatchingParamsError: an ``include``/``exclude``/``always_adam`` pattern matches nothing.
 
     Example:
         >>> opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9, patience=100)
@@ -119,34 +100,17 @@ class BlockLLM(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        sparsity: float = DEFAULTS.sparsity,
-        patience: int = DEFAULTS.patience,
-        trigger: Any = DEFAULTS.trigger,
-        selection: Any = DEFAULTS.selection,
-        score: Any = DEFAULTS.score,
-        visit_penalty: bool = DEFAULTS.visit_penalty,
-        max_tensor_share: float = DEFAULTS.max_tensor_share,
-        partial: str = DEFAULTS.partial,
-        entry_warmup: int = DEFAULTS.entry_warmup,
-        include: Pattern = DEFAULTS.include,
-        exclude: Pattern = DEFAULTS.exclude,
-        seed: int = DEFAULTS.seed,
-        skip_nonfinite: bool = DEFAULTS.skip_nonfinite,
-        compact_grads: bool = DEFAULTS.compact_grads,
-        rest: Any = DEFAULTS.rest,
-        rest_lr_scale: float = DEFAULTS.rest_lr_scale,
-        rest_weight_decay: float | None = DEFAULTS.rest_weight_decay,
-        rest_in_backward: bool = DEFAULTS.rest_in_backward,
-        always_adam: Pattern = DEFAULTS.always_adam,
+        config: BlockLLMConfig | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         process_group: Any = None,
+        **options: Any,
     ) -> None:
         check_adam_arguments(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused
         )
-        knobs = {knob.name: value for knob, value in _knob_values(locals())}
-        self.config = config = BlockLLMConfig(**knobs)
+        # The knobs: a config, keyword arguments, or both (the arguments win).
+        self.config = config = (config or DEFAULTS).replace(**_known_options(options))
         groups, aliases = normalize_param_groups(params)
         self._candidates = candidates = CandidateSet(
             config.include, config.exclude, aliases, config.always_adam
@@ -170,14 +134,9 @@ class BlockLLM(Optimizer):
                 f"(exclude={config.exclude!r}, include={config.include!r})"
             )
         self._comm = choose_communicator(candidates.names, candidates.params, process_group)
-        rule = make_rest_rule(config.rest)
-        self._rest = None if rule is None else RestStepper(
-            rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params,
-            self._groups_of_candidates(), self._comm, config.rest_in_backward,
-        )  # fmt: skip
-        release = None if self._rest is None else self._rest.release
-        self._selector = BlockSelector(candidates, config, self._comm, release)
-        self._compact = CompactGradients(config.compact_grads, self._comm)
+        self._flow = GradientFlow(candidates, config, self._comm, self._groups_of_candidates)
+        self._selector = BlockSelector(candidates, config, self._comm, self._flow.release)
+        self._flow.attach(self._selector)
         self._constructed = True
         self._activate()
         with torch.no_grad():
@@ -196,7 +155,7 @@ class BlockLLM(Optimizer):
     compact_grads = property(lambda self: self.config.compact_grads)
     selector = property(lambda self: self._selector, doc="The selection engine.")
     communicator = property(lambda self: self._comm, doc="How this optimizer talks to its peers.")
-    compact_gradients = property(lambda self: self._compact, doc="Gradients kept outside .grad.")
+    compact_gradients = property(lambda self: self._flow.compact, doc="Grads kept outside .grad.")
     budget = property(lambda self: self._selector.budget, doc="k: the most coordinates per step.")
     num_coordinates = property(lambda self: self._selector.total, doc="N: candidate coordinates.")
     num_candidates = property(lambda self: len(self._candidates))
@@ -251,7 +210,7 @@ class BlockLLM(Optimizer):
         """
         return count_bytes(
             self.param_groups, self.state, self._selector.selection.values(),
-            self._compact.nbytes, self._comm.local,
+            self._flow.compact.nbytes, self._comm.local,
         )  # fmt: skip
 
     def record_loss(self, loss: Any) -> None:
@@ -272,10 +231,7 @@ class BlockLLM(Optimizer):
         belong to discarded gradients: the next backward scores every candidate again.
         """
         self._selector.restart_if_scored()
-        self._compact.clear()
-        self._comm.forget_grads()
-        if self._rest is not None:
-            self._rest.end_step()
+        self._flow.clear()
         super().zero_grad(set_to_none=set_to_none)
 
     def clip_grad_norm_(
@@ -299,31 +255,10 @@ class BlockLLM(Optimizer):
             parameters = [p for group in self.param_groups for p in group["params"]]
         elif isinstance(parameters, torch.Tensor):
             parameters = [parameters]
-        selection = None if self._selector.pending else self._selector.selection
-        consumed = [] if self._rest is None else self._rest.consumed_squares
-        if self._rest is not None and selection is not None:
-            # Every coordinate's gradient is used: a held gradient counts whole unless the rest
-            # step already took (and counted) its unselected part.
-            selection = {i: c for i, c in selection.items() if i in self._rest.stepped}
-        return clip_selected_(
-            max_norm, norm_type, parameters, self._candidates, selection, self._compact,
-            self._comm, consumed,
-        )  # fmt: skip
+        return self._flow.clip_(max_norm, norm_type, parameters)
 
     def _on_grad_ready(self, index: int, param: torch.Tensor) -> None:
-        self._comm.touched(index)
-        selection = self._selector.selection
-        if self._selector.pending:
-            self._selector.observe_grad(index, param)
-        elif index in selection:
-            coordinates = selection[index]
-            if self._rest is not None and coordinates is not None:
-                if self._rest.holding:
-                    return  # step() steps its unselected part with this dense gradient
-                self._rest.release_rest_of(index, coordinates)
-            self._compact.capture(index, param, coordinates)
-        elif self._rest is not None:  # only a rest rule keeps unselected tensors trainable
-            self._rest.release(index)
+        self._flow.on_ready(index, param)
 
     def hold_gradients(self) -> contextlib.AbstractContextManager[None]:
         """Keep this context's gradients for later: wrap all but the last backward of a step.
@@ -333,7 +268,7 @@ class BlockLLM(Optimizer):
         must keep theirs (in ``.grad``) so that the last one steps with the sum. Without a rest
         rule this does nothing.
         """
-        return contextlib.nullcontext() if self._rest is None else self._rest.hold()
+        return self._flow.hold()
 
     def _groups_of_candidates(self) -> list[dict[str, Any]]:
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -348,8 +283,7 @@ class BlockLLM(Optimizer):
         super().add_param_group(group)
         self._candidates.register(group)
         if self._constructed:
-            if self._rest is not None:
-                self._rest.groups = self._groups_of_candidates()
+            self._flow.candidates_changed()
             self._selector.refresh()
             self._activate()
             self._selector.start()
@@ -400,13 +334,9 @@ class BlockLLM(Optimizer):
 
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
-        if self._rest is not None:  # before the dense gradients of partly selected tensors go
-            self._rest.sweep(selection)
-        grads = self._compact.for_update(selection, self._candidates.params, self._candidates.names)
-        self._comm.average_grads_(list(grads.items()))
+        grads = self._flow.for_update(selection)
         finite = not self.config.skip_nonfinite or self._is_finite(observed, grads)
-        if self._rest is not None:
-            self._rest.end_step()
+        self._flow.end_step()
         if not finite:
             self._skip_step(discard_selection=chosen is not None)
             return closure_loss
@@ -423,10 +353,7 @@ class BlockLLM(Optimizer):
             return False
         if self._selector.saw_nonfinite:
             return False
-        finite = all_finite(list(grads.values()))
-        if self._rest is not None:
-            finite = finite and self._rest.all_finite()
-        return self._comm.all_true(finite)
+        return self._comm.all_true(self._flow.all_finite(grads))
 
     def _skip_step(self, discard_selection: bool) -> None:
         self.num_skipped_steps += 1
@@ -502,9 +429,16 @@ class BlockLLM(Optimizer):
         self._selector.load_state_dict(section)
 
 
-def _knob_values(arguments: dict[str, Any]):
-    """(field, value) for every :class:`BlockLLMConfig` knob among a call's ``locals()``."""
-    return ((knob, arguments[knob.name]) for knob in BlockLLMConfig.fields())
+def _known_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if every key is a :class:`BlockLLMConfig` knob; a TypeError naming them if not."""
+    names = [knob.name for knob in BlockLLMConfig.fields()]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(
+            f"BlockLLM got unexpected keyword arguments {', '.join(map(repr, unknown))} (its "
+            f"selection knobs are {', '.join(names)})"
+        )
+    return options
 
 
 def _as_float(loss: Any) -> float:

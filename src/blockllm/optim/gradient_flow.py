@@ -1,0 +1,143 @@
+"""Where each gradient goes once it lands: the scoring pass, Adam's store, or the rest step.
+
+:class:`GradientFlow` is called from every candidate's post-accumulate-grad hook and from
+``step()``. On a selection step a gradient goes to the selector's scoring pass. On an ordinary
+step a selected tensor's gradient stays for Adam (a partly selected one is compacted to its
+selected coordinates, :mod:`blockllm.optim.compact_grads`), and, with a state-free rule for the
+rest, every other candidate coordinate's gradient is stepped with and freed at once
+(:mod:`blockllm.optim.rest_step`). It also hands ``step()`` the gradients Adam applies, averaged
+once over data-parallel ranks, and clips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from blockllm.config import BlockLLMConfig
+from blockllm.distributed.base import Communicator
+from blockllm.optim.adam_update import all_finite
+from blockllm.optim.clipping import clip_selected_
+from blockllm.optim.compact_grads import CompactGradients
+from blockllm.optim.rest_step import RestStepper
+from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.packing import Coordinates
+from blockllm.selection.rest_rules import make_rest_rule
+from blockllm.selection.selector import BlockSelector
+
+
+class GradientFlow:
+    """Routes one optimizer's gradients.
+
+    Args:
+        candidates: the candidate tensors.
+        config: ``compact_grads`` and the rest rule's knobs.
+        comm: averaging and local shards.
+        groups: returns the param group of each candidate (for the rest step's lr).
+
+    The selector is attached with :meth:`attach` (it needs :meth:`release` at construction).
+    """
+
+    def __init__(
+        self,
+        candidates: CandidateSet,
+        config: BlockLLMConfig,
+        comm: Communicator,
+        groups: Callable[[], list[dict[str, Any]]],
+    ) -> None:
+        self.candidates = candidates
+        self.comm = comm
+        self.groups = groups
+        self.compact = CompactGradients(config.compact_grads, comm)
+        rule = make_rest_rule(config.rest)
+        self.rest = None if rule is None else RestStepper(
+            rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
+            comm, config.rest_in_backward,
+        )  # fmt: skip
+        self.selector: BlockSelector | None = None
+
+    @property
+    def release(self) -> Callable[[int], None] | None:
+        """What the selector calls for a gradient it cannot use: the rest step, or None (free)."""
+        return None if self.rest is None else self.rest.release
+
+    def attach(self, selector: BlockSelector) -> None:
+        self.selector = selector
+
+    def candidates_changed(self) -> None:
+        if self.rest is not None:
+            self.rest.groups = self.groups()
+
+    # ------------------------------------------------------------------ during backward
+
+    def on_ready(self, index: int, param: torch.Tensor) -> None:
+        """A candidate's gradient was accumulated (the post-accumulate-grad hook)."""
+        self.comm.touched(index)
+        selector = self.selector
+        if selector.pending:
+            selector.observe_grad(index, param)
+            return
+        selection = selector.selection
+        if index in selection:
+            coordinates = selection[index]
+            if self.rest is not None and coordinates is not None:
+                if self.rest.holding:
+                    return  # step() steps its unselected part with this dense gradient
+                self.rest.release_rest_of(index, coordinates)
+            self.compact.capture(index, param, coordinates)
+        elif self.rest is not None:  # only a rest rule keeps unselected tensors trainable
+            self.rest.release(index)
+
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.rest is None else self.rest.hold()
+
+    # ------------------------------------------------------------------ at the step
+
+    def clip_(
+        self, max_norm: float, norm_type: float, parameters: Iterable[torch.Tensor]
+    ) -> torch.Tensor:
+        """Clip what the step will apply against the whole gradient's norm; see the optimizer."""
+        selection = None if self.selector.pending else self.selector.selection
+        consumed = [] if self.rest is None else self.rest.consumed_squares
+        if self.rest is not None and selection is not None:
+            # Every coordinate's gradient is used: a held gradient counts whole unless the rest
+            # step already took (and counted) its unselected part.
+            selection = {i: c for i, c in selection.items() if i in self.rest.stepped}
+        return clip_selected_(
+            max_norm, norm_type, parameters, self.candidates, selection, self.compact,
+            self.comm, consumed,
+        )  # fmt: skip
+
+    def for_update(self, selection: Coordinates) -> dict[int, torch.Tensor]:
+        """The gradients Adam applies, by candidate index, averaged over ranks once.
+
+        Steps the rest with every gradient still held first (deferred or held ones, and the
+        unselected part of partly selected tensors on a selection step).
+        """
+        if self.rest is not None:
+            self.rest.sweep(selection)
+        grads = self.compact.for_update(selection, self.candidates.params, self.candidates.names)
+        self.comm.average_grads_(list(grads.items()))
+        return grads
+
+    def all_finite(self, grads: dict[int, torch.Tensor]) -> bool:
+        finite = all_finite(list(grads.values()))
+        if self.rest is not None:
+            finite = finite and self.rest.all_finite()
+        return finite
+
+    def end_step(self) -> None:
+        if self.rest is not None:
+            self.rest.end_step()
+
+    def clear(self) -> None:
+        """Gradients were zeroed."""
+        self.compact.clear()
+        self.comm.forget_grads()
+        self.end_step()
+
+
+__all__ = ["GradientFlow"]
