@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from blockllm.app.data import batch_for_step
 from blockllm.cli.main import main
-from blockllm.data import batch_for_step
 from blockllm.train import ConfigError, RunConfig
 from blockllm.train.checkpoint import list_checkpoints, load_checkpoint
 from blockllm.train.distributed import DataParallel, launch_info

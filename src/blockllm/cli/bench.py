@@ -181,7 +181,7 @@ def _prepare(suite: Suite, cache_dir: Path) -> None:
             print("preparing the corpus slice and the tokenizer (cached) ...", flush=True)
             prepare_tokenizer(*suite.corpus, cache_dir)
         if suite.prepare_gemma:
-            from blockllm.models.gemma_cache import gemma_checkpoint
+            from blockllm.app.models.gemma_cache import gemma_checkpoint
 
             print("converting Gemma-3-270M (cached; 70-90 s the first time) ...", flush=True)
             gemma_checkpoint(cache_dir)

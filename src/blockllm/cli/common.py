@@ -208,9 +208,9 @@ def prepare_tokenizer(max_chars: int, vocab_size: int, cache_dir: Path) -> None:
     The data layer's progress lines are quieted unless the user asked for debug output: the
     command has already said what is happening.
     """
-    from blockllm.data import load_documents, train_or_load_tokenizer
+    from blockllm.app.data import load_documents, train_or_load_tokenizer
 
-    data_logger = logging.getLogger("blockllm.data")
+    data_logger = logging.getLogger("blockllm.app.data")
     previous_level = data_logger.level
     if data_logger.getEffectiveLevel() >= logging.INFO:
         data_logger.setLevel(logging.WARNING)

@@ -278,11 +278,11 @@ class RunConfig:
             raise ConfigError("Invalid eval_fraction: 0.0 (must be above 0: evaluation needs data)")
 
         if self.command == "pretrain":
-            from blockllm.models.presets import PRESETS
+            from blockllm.app.models.presets import PRESETS
 
             _choice("model", self.model, tuple(PRESETS), what="preset")
         else:
-            from blockllm.models.pretrained import FINETUNE_MODELS
+            from blockllm.app.models.pretrained import FINETUNE_MODELS
 
             if self.model not in FINETUNE_MODELS and not Path(self.model).expanduser().is_dir():
                 listed = ", ".join(repr(name) for name in FINETUNE_MODELS)
@@ -290,7 +290,7 @@ class RunConfig:
                     f"Invalid model: {self.model!r} (choose from {listed}, or give the path of a "
                     "saved Hugging Face model directory)"
                 )
-            from blockllm.data.tasks import TASKS
+            from blockllm.app.data.tasks import TASKS
 
             if self.task not in TASKS and not self.task.endswith(".jsonl"):
                 listed = ", ".join(repr(name) for name in TASKS)

@@ -58,8 +58,8 @@ def resolve_task_kind(config: RunConfig) -> str:
 
 def build_finetune_workload(config: RunConfig, cache_dir: Path) -> Workload:
     """The classification or text-to-label workload for ``config``."""
-    from blockllm.data import load_task
-    from blockllm.models.pretrained import load_finetune_model
+    from blockllm.app.data import load_task
+    from blockllm.app.models.pretrained import load_finetune_model
 
     started = time.perf_counter()
     task = load_task(

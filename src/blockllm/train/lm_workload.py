@@ -33,8 +33,8 @@ class LanguageModelingWorkload:
     """
 
     def __init__(self, config: RunConfig, cache_dir: Path) -> None:
-        from blockllm.data import build_lm_splits, load_documents, train_or_load_tokenizer
-        from blockllm.models.presets import build_llama, count_parameters
+        from blockllm.app.data import build_lm_splits, load_documents, train_or_load_tokenizer
+        from blockllm.app.models.presets import build_llama, count_parameters
 
         started = time.perf_counter()
         documents = load_documents(config.data, max_chars=config.max_chars)
@@ -78,7 +78,7 @@ class LanguageModelingWorkload:
         )  # fmt: skip
 
     def train_batch(self, index: int) -> Batch:
-        from blockllm.data import batch_for_step
+        from blockllm.app.data import batch_for_step
 
         return {"blocks": batch_for_step(self.train_blocks, index, self.batch_size, seed=self.seed)}
 

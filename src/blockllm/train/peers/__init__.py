@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from blockllm.data._deps import require_module
+from blockllm.app.deps import require_module
 
 # method name -> (import name, install command), for the peers that need a package.
 REQUIREMENTS: dict[str, tuple[str, str]] = {

@@ -1,4 +1,4 @@
-"""Argument checks shared by ``blockllm.data`` and ``blockllm.models``.
+"""Argument checks shared by ``blockllm.app.data`` and ``blockllm.app.models``.
 
 Every message names the argument and the value it got, in the same shape as the optimizer's own
 checks (``Invalid <name>: <value> ...``), so a typo in a CLI flag is reported where it was made.

@@ -8,8 +8,8 @@
 ``transformers`` and the model packages are imported only when a function needs them.
 """
 
-from blockllm.models.presets import PRESETS, build_llama, count_parameters
-from blockllm.models.pretrained import (
+from blockllm.app.models.presets import PRESETS, build_llama, count_parameters
+from blockllm.app.models.pretrained import (
     FINETUNE_MODELS,
     TASK_KINDS,
     load_finetune_model,

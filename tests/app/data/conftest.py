@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from blockllm.data import load_documents, train_or_load_tokenizer  # noqa: E402
+from blockllm.app.data import load_documents, train_or_load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

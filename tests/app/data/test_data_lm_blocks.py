@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blockllm.data import LMSplits, batch_for_step, build_lm_splits
+from blockllm.app.data import LMSplits, batch_for_step, build_lm_splits
 
 
 class CountingTokenizer:

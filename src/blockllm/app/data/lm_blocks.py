@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blockllm.data._checks import check_fraction, check_int, check_optional_int
+from blockllm.app.checks import check_fraction, check_int, check_optional_int
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,7 +61,7 @@ def build_lm_splits(
     permutation seeded with ``seed``, become the eval split; both splits keep corpus order.
 
     Args:
-        documents: The texts, e.g. from :func:`blockllm.data.load_documents`.
+        documents: The texts, e.g. from :func:`blockllm.app.data.load_documents`.
         tokenizer: A Hugging Face tokenizer with an EOS token.
         seq_len: Tokens per training sequence (each block holds one more, for the labels).
         eval_fraction: Share of blocks held out for evaluation, strictly between 0 and 1.

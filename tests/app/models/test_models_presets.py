@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blockllm.models import PRESETS, build_llama, count_parameters
+from blockllm.app.models import PRESETS, build_llama, count_parameters
 
 # (hidden, intermediate, layers, heads): the GaLore / BlockLLM paper sizes.
 EXPECTED_SHAPES = {

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blockllm.data._checks import check_int
-from blockllm.data._deps import HF_PIP_LINE, require_module
+from blockllm.app.checks import check_int
+from blockllm.app.deps import HF_PIP_LINE, require_module
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

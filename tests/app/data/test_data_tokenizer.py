@@ -3,8 +3,8 @@
 import pytest
 import transformers
 
-from blockllm.data import EOS_TOKEN, train_or_load_tokenizer
-from blockllm.data import tokenizer as tokenizer_mod
+from blockllm.app.data import EOS_TOKEN, train_or_load_tokenizer
+from blockllm.app.data import tokenizer as tokenizer_mod
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",
@@ -85,7 +85,7 @@ def test_failed_write_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def test_small_corpus_warns_about_smaller_vocab(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="blockllm.data.tokenizer"):
+    with caplog.at_level("WARNING", logger="blockllm.app.data.tokenizer"):
         tok = train_or_load_tokenizer(["tiny corpus"], 5000, tmp_path)
     assert len(tok) < 5000
     assert "fewer than vocab_size=5000" in caplog.text

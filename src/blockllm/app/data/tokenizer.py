@@ -18,8 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from blockllm.data._checks import check_int
-from blockllm.data._deps import HF_PIP_LINE, require_module
+from blockllm.app.checks import check_int
+from blockllm.app.deps import HF_PIP_LINE, require_module
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -15,9 +15,9 @@ import tokenize
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from blockllm.data._checks import check_optional_int
-from blockllm.data._deps import require_module
-from blockllm.data.jsonl import iter_text_records
+from blockllm.app.checks import check_optional_int
+from blockllm.app.data.jsonl import iter_text_records
+from blockllm.app.deps import require_module
 
 logger = logging.getLogger(__name__)
 

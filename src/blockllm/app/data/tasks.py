@@ -19,9 +19,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockllm.data._checks import check_int, check_optional_int
-from blockllm.data._deps import package_dir
-from blockllm.data.jsonl import iter_text_records
+from blockllm.app.checks import check_int, check_optional_int
+from blockllm.app.data.jsonl import iter_text_records
+from blockllm.app.deps import package_dir
 
 logger = logging.getLogger(__name__)
 
