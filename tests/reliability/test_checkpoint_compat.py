@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM, StateDictMismatchError
-from blockllm.cli.main import main
-from blockllm.train import RunConfig, Trainer
-from blockllm.train.checkpoint import (
+from blockllm.app.cli.main import main
+from blockllm.app.training import RunConfig, Trainer
+from blockllm.app.training.checkpoint import (
     CHECKPOINT_KIND,
     load_checkpoint,
     restore_rng_state,
 )
-from blockllm.train.errors import CheckpointVersionError
+from blockllm.app.training.run_errors import CheckpointVersionError
+from tests.app.tiny import snapshot, tiny_config
 from tests.reliability.helpers import COUNTS, exact, read_lines
-from tests.train.tiny import snapshot, tiny_config
 
 RELEASE_0_1_0 = Path(__file__).parent / "data" / "release-0.1.0-format1.ckpt"
 
@@ -107,7 +107,7 @@ def _from_a_newer_release(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["checksum-line", "record"])
 def test_a_checkpoint_of_a_newer_format_fails_with_a_versioned_message(tmp_path, how):
-    from blockllm.train.checkpoint import save_checkpoint
+    from blockllm.app.training.checkpoint import save_checkpoint
 
     path = save_checkpoint(tmp_path, 5, {"x": torch.ones(3)}, keep=1)
     _from_a_newer_release(path, how)

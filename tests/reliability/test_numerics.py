@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.train import Trainer
+from blockllm.app.training import Trainer
+from tests.app.tiny import tiny_config
 from tests.reliability.helpers import (
     COUNTS,
     digest,
@@ -31,7 +32,6 @@ from tests.reliability.helpers import (
     tiny_llama,
     token_batches,
 )
-from tests.train.tiny import tiny_config
 
 NAN, INF = float("nan"), float("inf")
 GRAD_FAULTS = {"nan-grad": NAN, "inf-grad": INF, "-inf-grad": -INF, "huge-grad": 1e30}

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from blockllm import BlockLLM
-from blockllm.train import Trainer
+from blockllm.app.training import Trainer
+from tests.app.tiny import tiny_config
 from tests.reliability.helpers import (
     COUNTS,
     current_rss_bytes,
@@ -27,7 +28,6 @@ from tests.reliability.helpers import (
     tiny_llama,
     token_batches,
 )
-from tests.train.tiny import tiny_config
 
 # Measured: after the warm-up, resident memory moves by under 0.2 MB over 2,500 steps and the
 # live-object count by about a dozen. A leak of 2 kB or one Python object per selection would
