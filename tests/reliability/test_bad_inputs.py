@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.app.training import RunConfig, get_optimizer_spec
+from blockllm.app.methods import get_optimizer_spec
+from blockllm.app.training import RunConfig
 from blockllm.app.training.run_errors import ConfigError
 from tests.reliability.helpers import COUNTS, tiny_llama
 

@@ -16,7 +16,7 @@ from blockllm.app.bench.records import (
 from blockllm.app.bench.suites import PAPER_METHOD, SUITES, MethodEntry, select_entries
 from blockllm.app.cli.common import FINETUNE_FIELDS, PRETRAIN_FIELDS, config_from_args
 from blockllm.app.cli.main import build_parser, main
-from blockllm.app.methods.registry import OPTIMIZERS
+from blockllm.app.methods import OPTIMIZERS
 
 # Every field the issue asks of a finished method's record (environment included).
 ISSUE_FIELDS = {

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from blockllm.app.cli.main import build_parser, main
-from blockllm.app.methods.peer_packages import REQUIREMENTS
-from blockllm.app.methods.registry import OPTIMIZERS, get_optimizer_spec, missing_package
+from blockllm.app.methods import OPTIMIZERS, get_optimizer_spec
+from blockllm.app.methods.peer_packages import REQUIREMENTS, missing_requirement
 from blockllm.app.training import RunConfig
 from blockllm.app.training.memory import tensor_bytes
 from tests.app.tiny import TINY_FLAGS
@@ -79,9 +79,9 @@ def test_missing_peer_is_reported_with_the_install_line(name, monkeypatch, tmp_p
 def test_missing_package_lookup(monkeypatch):
     import blockllm.app.methods.peer_packages as peers
 
-    assert missing_package("adamw") is None and missing_package("lisa") is None
+    assert missing_requirement("adamw") is None and missing_requirement("lisa") is None
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda module: None)
-    assert missing_package("galore").splitlines()[-1] == "pip install galore-torch"
+    assert missing_requirement("galore").splitlines()[-1] == "pip install galore-torch"
 
 
 class _Holder:

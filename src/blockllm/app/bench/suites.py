@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 # The paper's exact method (mask selection, no cap, loss-plateau trigger): see
-# blockllm.app.methods.registry.
+# blockllm.app.methods.blockllm_variants.
 PAPER_METHOD = "blockllm-paper"
 
 

@@ -74,7 +74,7 @@ def add_bench_parser(subparsers: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from blockllm.app.bench.report import load_run
-    from blockllm.app.methods.registry import OPTIMIZERS
+    from blockllm.app.methods import OPTIMIZERS
 
     suite = SUITES[args.suite]
     entries = list(suite.methods)
@@ -191,14 +191,15 @@ def _prepare(suite: Suite, cache_dir: Path) -> None:
 
 def _unavailable(optimizer: str) -> str | None:
     """Why ``optimizer`` cannot run here (not registered, or its package missing), or None."""
-    from blockllm.app.methods.registry import OPTIMIZERS, missing_package
+    from blockllm.app.methods import OPTIMIZERS
+    from blockllm.app.methods.peer_packages import missing_requirement
 
     if optimizer not in OPTIMIZERS:
         return (
             f"optimizer {optimizer!r} is not registered in this blockllm "
             "(see PAPER_METHOD in blockllm.app.bench.suites)"
         )
-    return missing_package(optimizer)
+    return missing_requirement(optimizer)
 
 
 def _not_run(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
@@ -15,8 +16,6 @@ if TYPE_CHECKING:
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     bnb = require_peer("adamw-8bit")
-    from blockllm.app.methods.registry import decay_groups
-
     groups = decay_groups(model, config.weight_decay)
     for group in groups:
         group.pop("names")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """A BAdam ``BlockOptimizer`` (random block order, switch every ``patience`` steps)."""
     badam = require_peer("badam")
-    from blockllm.app.methods.registry import decay_groups
 
     class MeasuredBlockOptimizer(badam.BlockOptimizer):  # type: ignore[misc, name-defined]
         """BAdam's optimizer plus the byte counts the loop's memory tracker reads.

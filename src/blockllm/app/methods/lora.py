@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ def prepare_model(model: nn.Module, config: RunConfig) -> nn.Module:
 
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    from blockllm.app.methods.registry import decay_groups
-
     groups = decay_groups(model, config.weight_decay)
     for group in groups:
         group.pop("names")

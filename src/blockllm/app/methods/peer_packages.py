@@ -1,7 +1,7 @@
-"""Adapters for the methods BlockLLM is compared with, one small file each.
+"""The third-party packages the peer methods need, and the error when one is missing.
 
-Each module exposes ``build(model, config) -> Optimizer`` (and, where needed, ``prepare_model``
-and ``stats``); :mod:`blockllm.app.methods.registry` registers them by name and imports a module only
+The adapters themselves are one small module each (``lisa``, ``badam``, ``galore``, ``lora``,
+``adamw8bit``); :mod:`blockllm.app.methods.peers` registers them by name and imports a module only
 when its method is built, so a missing peer package costs nothing until that method is asked for.
 The third-party packages sit behind ``pip install "blockllm[bench]"``; a missing one raises an
 ``ImportError`` whose last line is the exact ``pip install`` command.

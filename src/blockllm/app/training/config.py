@@ -221,7 +221,7 @@ class RunConfig:
             )
         if int(self.entry_warmup) < 0:
             raise ConfigError(f"Invalid entry_warmup: {self.entry_warmup} (must be >= 0)")
-        from blockllm.app.methods.registry import OPTIMIZERS
+        from blockllm.app.methods import OPTIMIZERS
 
         _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.fullmatch(self.device):

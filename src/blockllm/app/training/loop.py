@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from blockllm.app.methods.registry import get_optimizer_spec
+from blockllm.app.methods import get_optimizer_spec
 from blockllm.app.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,

@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.app.methods.registry import decay_groups
-from blockllm.app.training import (
+from blockllm.app.methods import (
     OPTIMIZERS,
     OptimizerSpec,
-    RunConfig,
+    decay_groups,
     get_optimizer_spec,
     register_optimizer,
 )
+from blockllm.app.training import RunConfig
 
 
 class Net(nn.Module):
