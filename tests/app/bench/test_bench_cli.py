@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from blockllm.app.cli.bench_command import git_commit, markdown_table
+from blockllm.app.bench.records import markdown_table
+from blockllm.app.bench.runner import git_commit
 from blockllm.app.cli.main import main
 
 REQUIRED = {

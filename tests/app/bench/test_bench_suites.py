@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import blockllm.app.cli.bench_command as bench
+import blockllm.app.bench.runner as bench
 from blockllm.app.bench.records import (
     add_equal_time,
     choose_baseline,

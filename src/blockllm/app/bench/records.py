@@ -1,8 +1,8 @@
 """Turn finished bench runs into records: one per method, comparable side by side.
 
-Kept apart from the runner (:mod:`blockllm.app.cli.bench_command`) so that the arithmetic the results rest on
-(the record's fields, the equal-time interpolation, the choice of the reference row, the table) is
-plain functions of plain data, tested without starting any training.
+Kept apart from the runner (:mod:`blockllm.app.bench.runner`) so that the arithmetic the results
+rest on (the record's fields, the equal-time interpolation, the choice of the reference row, the
+table) is plain functions of plain data, tested without starting any training.
 """
 
 from __future__ import annotations

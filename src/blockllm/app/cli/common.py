@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from blockllm.app.training.config import RunConfig, defaults_for, field_help
-from blockllm.app.training.run_errors import RunDirError
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.
@@ -187,35 +185,3 @@ __all__ = [
     "config_from_args",
     "resolve_cache_dir",
 ]
-
-
-def require_empty_output_dir(output: Path, command: str) -> None:
-    """Refuse an output directory that already holds something: nothing is ever overwritten.
-
-    Raises:
-        RunDirError: ``output`` exists and is a file or a non-empty directory.
-    """
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise RunDirError(
-            f"{command} output directory {output} exists and is not empty; choose another "
-            "--output-dir"
-        )
-
-
-def prepare_tokenizer(max_chars: int, vocab_size: int, cache_dir: Path) -> None:
-    """Train (or find cached) the stdlib tokenizer once in the parent, before child runs start.
-
-    The data layer's progress lines are quieted unless the user asked for debug output: the
-    command has already said what is happening.
-    """
-    from blockllm.app.data import load_documents, train_or_load_tokenizer
-
-    data_logger = logging.getLogger("blockllm.app.data")
-    previous_level = data_logger.level
-    if data_logger.getEffectiveLevel() >= logging.INFO:
-        data_logger.setLevel(logging.WARNING)
-    try:
-        documents = load_documents("stdlib", max_chars=max_chars)
-        train_or_load_tokenizer(documents, vocab_size, cache_dir / "tokenizers")
-    finally:
-        data_logger.setLevel(previous_level)

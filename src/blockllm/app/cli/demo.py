@@ -20,12 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.app.cli.common import (
-    add_runtime_flags,
-    prepare_tokenizer,
-    require_empty_output_dir,
-    resolve_cache_dir,
-)
+from blockllm.app.bench.runner import prepare_tokenizer, require_empty_output_dir
+from blockllm.app.cli.common import add_runtime_flags, resolve_cache_dir
 from blockllm.errors import BlockLLMError
 
 METHODS = ("adamw", "blockllm")
