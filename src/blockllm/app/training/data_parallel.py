@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from blockllm.app.training.devices import resolve_device
 from blockllm.app.training.run_errors import ConfigError, DistributedTrainingError
 from blockllm.errors import BlockLLMError
 
@@ -366,8 +367,6 @@ def data_parallel(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ite
         return
     if not timeout_s > 0:
         raise ConfigError(f"Invalid dist_timeout: {timeout_s} (must be > 0 seconds)")
-    from blockllm.app.training.loop import resolve_device
-
     device = resolve_device(device_name)
     if device.type == "mps":
         raise ConfigError("Invalid device: 'mps' cannot run under torchrun (use cpu or cuda)")

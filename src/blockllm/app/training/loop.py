@@ -59,6 +59,7 @@ from blockllm.app.training.checkpoint import (
 )
 from blockllm.app.training.config import RunConfig
 from blockllm.app.training.data_parallel import DataParallel, NullMetrics
+from blockllm.app.training.devices import resolve_device, resolve_precision
 from blockllm.app.training.memory import MemoryTracker, current_rss_bytes
 from blockllm.app.training.metrics import MetricsWriter
 from blockllm.app.training.progress import LogProgress, Progress
@@ -74,41 +75,12 @@ from blockllm.app.training.rundir import (
     write_text_atomic,
 )
 from blockllm.app.training.schedule import build_scheduler
-from blockllm.app.training.workloads.workload import (
-    Workload,
-    build_workload,
-    default_cache_dir,
-    to_device,
-)
+from blockllm.app.training.workloads import build_workload
+from blockllm.app.training.workloads.workload import Workload, default_cache_dir, to_device
 
 logger = logging.getLogger(__name__)
 
 _MB = 1e6
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU.
-
-    Raises:
-        ValueError: a CUDA/MPS device was asked for and is not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {name!r} (torch sees no CUDA device; use --device cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"Invalid device: {name!r} (MPS is not available; use --device cpu)")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def seed_everything(seed: int) -> None:
@@ -657,4 +629,4 @@ def _json(values: dict[str, Any]) -> str:
     return json.dumps(values, indent=2) + "\n"
 
 
-__all__ = ["Trainer", "resolve_device", "resolve_precision", "seed_everything"]
+__all__ = ["Trainer", "seed_everything"]

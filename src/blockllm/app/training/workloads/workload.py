@@ -1,8 +1,10 @@
 """What the training loop trains: a model, its batches, its loss and its evaluation.
 
 The loop (:mod:`blockllm.app.training.loop`) is the same for pretraining and finetuning; a
-:class:`Workload` supplies the parts that differ. Batches are a pure function of their index, so a
-resumed run sees exactly the batches an uninterrupted one would, with no sampler state to save.
+:class:`Workload` supplies the parts that differ, and
+:func:`blockllm.app.training.workloads.build_workload` picks it. Batches are a pure function of
+their index, so a resumed run sees exactly the batches an uninterrupted one would, with no
+sampler state to save.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    pass
 
 Batch = dict[str, torch.Tensor]
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -47,21 +49,6 @@ class Workload(Protocol):
     ) -> dict[str, float]:
         """Held-out metrics, with ``eval_loss`` among them (the model is in eval mode, no grad)."""
         ...
-
-
-def build_workload(config: RunConfig, cache_dir: Path) -> Workload:
-    """The workload ``config`` describes.
-
-    Raises:
-        FileNotFoundError, ValueError, ImportError: from loading data, tokenizer or model.
-    """
-    if config.command == "pretrain":
-        from blockllm.app.training.workloads.lm import LanguageModelingWorkload
-
-        return LanguageModelingWorkload(config, cache_dir)
-    from blockllm.app.training.workloads.finetune import build_finetune_workload
-
-    return build_finetune_workload(config, cache_dir)
 
 
 def default_cache_dir() -> Path:
@@ -99,7 +86,6 @@ def example_indices(count: int, index: int, batch_size: int, seed: int) -> list[
 __all__ = [
     "Batch",
     "Workload",
-    "build_workload",
     "default_cache_dir",
     "example_indices",
     "to_device",
