@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from blockllm.app.cli.main import main
-from blockllm.app.training import Trainer
+from blockllm.app.training import TrainingRun
 from blockllm.app.training import checkpoint as checkpoint_module
 from blockllm.app.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from blockllm.app.training.run_errors import (
@@ -176,7 +176,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_each_and_touching_nothing(
     _cut_short(run / "checkpoints" / "step_00000006.pt")
     before = snapshot(run)
     with pytest.raises(CorruptCheckpointError) as caught:
-        Trainer(tiny_config(**CONFIG), run, resume=True, cache_dir=cache_dir)
+        TrainingRun(tiny_config(**CONFIG), run, resume=True, cache_dir=cache_dir)
     message = str(caught.value)
     assert "every checkpoint in" in message and "nothing to resume from" in message
     assert "step_00000008.pt is corrupt: checksum mismatch" in message
@@ -295,10 +295,10 @@ def test_a_real_write_failure_mid_run_costs_a_log_line_not_the_run(
 ):
     run = tmp_path / "run"
     limit = _FileSizeLimit(run, low_at=3, restore_at=5)
-    trainer = Trainer(tiny_config(**CONFIG), run, cache_dir=cache_dir, progress=limit)
+    training_run = TrainingRun(tiny_config(**CONFIG), run, cache_dir=cache_dir, progress=limit)
     caplog.set_level(logging.ERROR, logger="blockllm")
     try:
-        trainer.run()
+        training_run.run()
     finally:
         limit.restore()
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -249,16 +249,16 @@ def test_finetune_suite_records_accuracy(tmp_path, cache_dir, monkeypatch):
 
 
 def test_save_every_minus_one_writes_no_checkpoint_unless_interrupted(tmp_path, cache_dir):
-    from blockllm.app.training import Trainer, TrainingInterrupted
+    from blockllm.app.training import TrainingInterrupted, TrainingRun
     from tests.app.tiny import tiny_config
     from tests.app.training.test_training_loop import signal_during_step
 
     config = tiny_config(max_steps=2, eval_every=0, save_every=-1)
-    Trainer(config, tmp_path / "never", cache_dir=cache_dir).run()
+    TrainingRun(config, tmp_path / "never", cache_dir=cache_dir).run()
     assert (tmp_path / "never" / "summary.json").is_file()
     assert not list((tmp_path / "never").rglob("*.pt"))
     # A signal still leaves a checkpoint: an interrupted run stays resumable.
-    trainer = signal_during_step(Trainer(config, tmp_path / "stopped", cache_dir=cache_dir), 1)
+    training_run = signal_during_step(TrainingRun(config, tmp_path / "stopped", cache_dir=cache_dir), 1)
     with pytest.raises(TrainingInterrupted):
-        trainer.run()
+        training_run.run()
     assert [p.name for p in (tmp_path / "stopped").rglob("*.pt")] == ["step_00000001.pt"]

@@ -46,7 +46,7 @@ class _RankFormatter(logging.Formatter):
 def report_before_teardown(parallel: DataParallel) -> Iterator[None]:
     """While running data parallel, ignore SIGINT/SIGTERM once a peer failure has been detected.
 
-    Until then the signals behave as before (the trainer turns the first one into "checkpoint
+    Until then the signals behave as before (the training run turns the first one into "checkpoint
     and stop"). Afterwards the process is only printing its one-line error and exiting, so the
     signals stay ignored to the end; torchrun still SIGKILLs a worker that does not exit.
     """

@@ -1,4 +1,4 @@
-"""``blockllm pretrain`` and ``blockllm finetune``: build the config, run the Trainer, print a summary."""
+"""``blockllm pretrain`` and ``blockllm finetune``: build the config, train a TrainingRun, print a summary."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
     """Run one pretrain/finetune command; errors propagate to ``main`` for reporting."""
     from blockllm.app.cli.torchrun import report_before_teardown
     from blockllm.app.training.data_parallel import data_parallel
-    from blockllm.app.training.loop import Trainer
+    from blockllm.app.training.loop import TrainingRun
 
     config = config_from_args(command, args, fields)
     if getattr(args, "log_level", "info") != "debug":
@@ -83,7 +83,7 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
             # Rank 0 alone shows progress and the summary.
             mode = args.progress if parallel.is_main else "off"
             progress = make_progress(mode, f"{config.model}/{config.optimizer}")
-            trainer = Trainer(
+            training_run = TrainingRun(
                 config,
                 args.output_dir,
                 resume=args.resume,
@@ -93,9 +93,9 @@ def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[
                 parallel=parallel,
             )
             with logging_around_bar():
-                summary = trainer.run()
+                summary = training_run.run()
     if parallel.is_main:
-        print(format_summary(summary, str(trainer.run_dir.path)))
+        print(format_summary(summary, str(training_run.run_dir.path)))
     return 0
 
 

@@ -1,7 +1,7 @@
 """The training recipe behind ``blockllm pretrain`` and ``blockllm finetune``.
 
-:class:`Trainer` follows torchtune's recipe shape (``setup / train / evaluate / save_checkpoint /
-cleanup``). One optimizer step is::
+:class:`TrainingRun` follows torchtune's recipe shape (``setup / train / evaluate /
+save_checkpoint / cleanup``). One optimizer step is::
 
     for micro in range(grad_accum):              # batches are a pure function of the step
         loss = workload.loss(model, batch)       # under bf16 autocast when asked
@@ -91,8 +91,8 @@ def seed_everything(seed: int) -> None:
         sys.modules["numpy"].random.seed(seed)
 
 
-class Trainer:
-    """Train one run end to end: ``Trainer(config, output_dir).run()``.
+class TrainingRun:
+    """Train one run end to end: ``TrainingRun(config, output_dir).run()``.
 
     Args:
         config: What to train.
@@ -629,4 +629,4 @@ def _json(values: dict[str, Any]) -> str:
     return json.dumps(values, indent=2) + "\n"
 
 
-__all__ = ["Trainer", "seed_everything"]
+__all__ = ["TrainingRun", "seed_everything"]

@@ -42,7 +42,7 @@ class RunDir:
     Attributes:
         path: The directory.
         resume_from: The newest checkpoint to continue from, or None for a fresh start. The
-            trainer verifies it and falls back to an older one when it is damaged.
+            training run verifies it and falls back to an older one when it is damaged.
         restart: ``--resume`` of a run that stopped before its first checkpoint: it starts from
             step 0 and its partial outputs are replaced.
     """
