@@ -101,7 +101,8 @@ def build_llama(
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        attn_implementation=_attention_backend(),
+        # SDPA picks a fused kernel where one exists and is exact otherwise.
+        attn_implementation="sdpa",
         **PRESETS[preset],
     )
     # fork_rng restores the global RNG afterwards, so building a model does not shift the
@@ -120,14 +121,6 @@ def build_llama(
         config._attn_implementation,
     )
     return model
-
-
-def _attention_backend() -> str:
-    # SDPA picks a fused kernel where one exists and is exact otherwise; very old torch lacks it.
-    if hasattr(torch.nn.functional, "scaled_dot_product_attention"):
-        return "sdpa"
-    logger.warning("torch has no scaled_dot_product_attention; using eager attention")
-    return "eager"
 
 
 def count_parameters(model: torch.nn.Module) -> int:

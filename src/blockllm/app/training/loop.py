@@ -450,7 +450,8 @@ class TrainingRun:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return True
-        return math.isfinite(float(_total_norm(grads)))
+        # The global 2-norm, NaN/inf when any entry is; the gradients are left as they are.
+        return math.isfinite(float(torch.nn.utils.get_total_norm(grads, 2.0)))
 
     def _record(self, lr: float, grad_norm: float | None) -> dict[str, Any]:
         loss, tokens, seconds = self._window.take()
@@ -604,16 +605,6 @@ def _check_checkpoint_config(record: dict[str, Any], config: RunConfig, path: Pa
         raise CheckpointError(
             f"checkpoint {path} was saved by a different run (differs in: {names})"
         )
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global 2-norm of ``grads`` (NaN/inf when any entry is), without changing them."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:  # torch >= 2.6
-        return get_total_norm(grads, 2.0)
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-    )
 
 
 def _format_eval(values: dict[str, float]) -> str:
