@@ -1,8 +1,8 @@
 """The training loop behind the ``blockllm`` command line: pretraining and finetuning runs.
 
-``TrainingRun(RunConfig.create("pretrain", "tiny", max_steps=100), "runs/tiny").run()`` trains, logs
-``metrics.jsonl`` and TensorBoard events, checkpoints atomically, and resumes bit for bit. The
-optimizer is one of :mod:`blockllm.app.methods`, by name.
+``TrainingRun(RunConfig.create("pretrain", "tiny", max_steps=100), "runs/tiny").run()`` trains,
+logs ``metrics.jsonl`` and TensorBoard events, checkpoints atomically, and resumes bit for bit.
+The optimizer is one of :mod:`blockllm.app.methods`, by name.
 """
 
 from blockllm.app.training.config import RunConfig, defaults_for

@@ -52,7 +52,7 @@ class RunConfig:
     task_kind: str = _field(
         "auto", "finetune head: classification, causal-lm (text-to-label), or auto from the model"
     )
-    optimizer: str = _field("blockllm", "optimizer name (see blockllm.app.training.OPTIMIZERS)")
+    optimizer: str = _field("blockllm", "optimizer name (see blockllm.app.methods.OPTIMIZERS)")
     max_steps: int = _field(1000, "optimizer steps to train")
     batch_size: int = _field(16, "sequences per micro-batch")
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")

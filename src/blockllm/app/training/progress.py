@@ -1,7 +1,7 @@
 """How the loop reports progress: a small protocol, and a logging implementation.
 
-The library never writes to the terminal itself. The CLI passes a progress bar (see
-``blockllm.app.cli.progress_bar``); without one, :class:`LogProgress` logs a line now and then.
+The training loop never writes to the terminal itself. The CLI passes a progress bar (see
+:mod:`blockllm.app.cli.progress_bar`); without one, :class:`LogProgress` logs a line now and then.
 """
 
 from __future__ import annotations
