@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from blockllm.models.presets import build_llama
+from blockllm.app.models.presets import build_llama
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from blockllm import BlockLLM, RowGradients
-from blockllm.models.presets import build_llama
+from blockllm.app.models.presets import build_llama
 
 
 def make_optimizer(kind: str, model: torch.nn.Module, sparsity: float, interval: int):

@@ -24,6 +24,6 @@ def _seed_and_one_thread():
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One tokenizer/model cache for the whole session."""
-    from tests.train.tiny import cache_path
+    from tests.app.tiny import cache_path
 
     return cache_path(tmp_path_factory)

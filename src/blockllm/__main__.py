@@ -2,7 +2,7 @@
 
 import sys
 
-from blockllm.cli.main import main
+from blockllm.app.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from tests.app.tiny import cache_path
 from tests.reliability.helpers import COUNTS
-from tests.train.tiny import cache_path
 
 
 @pytest.fixture(scope="session")

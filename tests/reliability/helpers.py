@@ -22,7 +22,7 @@ from torch import nn
 
 COUNTS: Counter[str] = Counter()
 
-from tests.train.tiny import EXACT_KEYS  # noqa: E402,F401  (re-exported for the suite)
+from tests.app.tiny import EXACT_KEYS  # noqa: E402,F401  (re-exported for the suite)
 
 
 def exact(records: list[dict]) -> list[dict]:

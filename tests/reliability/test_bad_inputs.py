@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.train import RunConfig, get_optimizer_spec
-from blockllm.train.errors import ConfigError
+from blockllm.app.methods import get_optimizer_spec
+from blockllm.app.training import RunConfig
+from blockllm.app.training.run_errors import ConfigError
 from tests.reliability.helpers import COUNTS, tiny_llama
 
 NAN, INF = float("nan"), float("inf")

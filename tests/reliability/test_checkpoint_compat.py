@@ -3,7 +3,7 @@
 ``data/release-0.1.0-format1.ckpt`` was written by blockllm 0.1.0's own ``save_checkpoint`` (format
 1: a bare ``torch.save`` archive, no checksum), holding the state of a 3-step BlockLLM run of
 ``nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))`` (seed 0, lr 1e-2, sparsity 0.5,
-interval trigger, patience 1) in the layout of a Trainer checkpoint. A whole run directory of
+interval trigger, patience 1) in the layout of a TrainingRun checkpoint. A whole run directory of
 0.1.0 is recreated by rewriting a current checkpoint in format 1, exactly as 0.1.0 wrote it.
 """
 
@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM, StateDictMismatchError
-from blockllm.cli.main import main
-from blockllm.train import RunConfig, Trainer
-from blockllm.train.checkpoint import (
+from blockllm.app.cli.main import main
+from blockllm.app.training import RunConfig, TrainingRun
+from blockllm.app.training.checkpoint import (
     CHECKPOINT_KIND,
     load_checkpoint,
     restore_rng_state,
 )
-from blockllm.train.errors import CheckpointVersionError
+from blockllm.app.training.run_errors import CheckpointVersionError
+from tests.app.tiny import snapshot, tiny_config
 from tests.reliability.helpers import COUNTS, exact, read_lines
-from tests.train.tiny import snapshot, tiny_config
 
 RELEASE_0_1_0 = Path(__file__).parent / "data" / "release-0.1.0-format1.ckpt"
 
@@ -82,12 +82,12 @@ def _as_release_0_1_0(path: Path) -> None:
 
 def test_a_run_of_release_0_1_0_resumes_exactly(tmp_path, cache_dir):
     config = tiny_config(max_steps=6, eval_every=3, save_every=3)
-    Trainer(config, tmp_path / "straight", cache_dir=cache_dir).run()
+    TrainingRun(config, tmp_path / "straight", cache_dir=cache_dir).run()
     run = tmp_path / "old"
     shutil.copytree(tmp_path / "straight", run)
     (run / "checkpoints" / "step_00000006.pt").unlink()
     _as_release_0_1_0(run / "checkpoints" / "step_00000003.pt")
-    Trainer(config, run, resume=True, cache_dir=cache_dir).run()
+    TrainingRun(config, run, resume=True, cache_dir=cache_dir).run()
     assert exact(read_lines(run)) == exact(read_lines(tmp_path / "straight"))
     # The continued run writes the current format.
     assert load_checkpoint(run / "checkpoints" / "step_00000006.pt")["format"] == 2
@@ -107,7 +107,7 @@ def _from_a_newer_release(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["checksum-line", "record"])
 def test_a_checkpoint_of_a_newer_format_fails_with_a_versioned_message(tmp_path, how):
-    from blockllm.train.checkpoint import save_checkpoint
+    from blockllm.app.training.checkpoint import save_checkpoint
 
     path = save_checkpoint(tmp_path, 5, {"x": torch.ones(3)}, keep=1)
     _from_a_newer_release(path, how)
@@ -120,7 +120,7 @@ def test_a_checkpoint_of_a_newer_format_fails_with_a_versioned_message(tmp_path,
 
 def test_resuming_from_a_newer_format_is_exit_2_and_touches_nothing(tmp_path, cache_dir, capsys):
     config = tiny_config(max_steps=3, save_every=3)
-    Trainer(config, tmp_path, cache_dir=cache_dir).run()
+    TrainingRun(config, tmp_path, cache_dir=cache_dir).run()
     _from_a_newer_release(tmp_path / "checkpoints" / "step_00000003.pt", "checksum-line")
     before = snapshot(tmp_path)
     code = main(["pretrain", "--output-dir", str(tmp_path), "--resume", "--progress", "off",
@@ -134,7 +134,7 @@ def test_resuming_from_a_newer_format_is_exit_2_and_touches_nothing(tmp_path, ca
 
 def test_optimizer_state_of_a_newer_format_is_refused_by_version(tmp_path, cache_dir):
     config = tiny_config(max_steps=3, save_every=3)
-    Trainer(config, tmp_path, cache_dir=cache_dir).run()
+    TrainingRun(config, tmp_path, cache_dir=cache_dir).run()
     path = tmp_path / "checkpoints" / "step_00000003.pt"
     record = load_checkpoint(path)
     record["optimizer"]["blockllm"]["format_version"] = 99
@@ -142,7 +142,7 @@ def test_optimizer_state_of_a_newer_format_is_refused_by_version(tmp_path, cache
     record.pop("skipped_steps")
     record["format"] = 1
     torch.save(record, path)
-    trainer = Trainer(config, tmp_path, resume=True, cache_dir=cache_dir)
+    training_run = TrainingRun(config, tmp_path, resume=True, cache_dir=cache_dir)
     with pytest.raises(Exception, match=r"format_version 99 cannot be read.*format_version \d"):
-        trainer.setup()
-    trainer.cleanup()
+        training_run.setup()
+    training_run.cleanup()

@@ -18,17 +18,17 @@ import sys
 import pytest
 import torch
 
-from blockllm.cli.main import main
-from blockllm.train import Trainer
-from blockllm.train import checkpoint as checkpoint_module
-from blockllm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from blockllm.train.errors import (
+from blockllm.app.cli.main import main
+from blockllm.app.training import TrainingRun
+from blockllm.app.training import checkpoint as checkpoint_module
+from blockllm.app.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from blockllm.app.training.run_errors import (
     CheckpointError,
     CheckpointVersionError,
     CorruptCheckpointError,
 )
+from tests.app.tiny import TINY_FLAGS, snapshot, tiny_config
 from tests.reliability.helpers import COUNTS, exact, read_lines
-from tests.train.tiny import TINY_FLAGS, snapshot, tiny_config
 
 CONFIG = dict(max_steps=8, eval_every=4, save_every=2)
 FLAGS = [*TINY_FLAGS, "--max-steps", "8", "--eval-every", "4", "--save-every", "2",
@@ -176,7 +176,7 @@ def test_every_checkpoint_damaged_is_an_error_naming_each_and_touching_nothing(
     _cut_short(run / "checkpoints" / "step_00000006.pt")
     before = snapshot(run)
     with pytest.raises(CorruptCheckpointError) as caught:
-        Trainer(tiny_config(**CONFIG), run, resume=True, cache_dir=cache_dir)
+        TrainingRun(tiny_config(**CONFIG), run, resume=True, cache_dir=cache_dir)
     message = str(caught.value)
     assert "every checkpoint in" in message and "nothing to resume from" in message
     assert "step_00000008.pt is corrupt: checksum mismatch" in message
@@ -295,10 +295,10 @@ def test_a_real_write_failure_mid_run_costs_a_log_line_not_the_run(
 ):
     run = tmp_path / "run"
     limit = _FileSizeLimit(run, low_at=3, restore_at=5)
-    trainer = Trainer(tiny_config(**CONFIG), run, cache_dir=cache_dir, progress=limit)
+    training_run = TrainingRun(tiny_config(**CONFIG), run, cache_dir=cache_dir, progress=limit)
     caplog.set_level(logging.ERROR, logger="blockllm")
     try:
-        trainer.run()
+        training_run.run()
     finally:
         limit.restore()
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -316,7 +316,7 @@ def test_a_real_write_failure_mid_run_costs_a_log_line_not_the_run(
 def test_disk_full_at_the_final_save_is_an_error_then_resume_finishes(
     straight, tmp_path, cache_dir, capsys, monkeypatch
 ):
-    from blockllm.train import loop
+    from blockllm.app.training import loop
 
     real_save = loop.save_checkpoint
 
@@ -358,7 +358,7 @@ def test_fallback_never_hides_a_checkpoint_of_another_format(tmp_path):
 def test_a_metrics_line_that_cannot_be_written_stops_the_run_cleanly(
     straight, tmp_path, cache_dir, capsys, monkeypatch
 ):
-    from blockllm.train.metrics import MetricsWriter
+    from blockllm.app.training.metrics import MetricsWriter
 
     real_log = MetricsWriter.log
 

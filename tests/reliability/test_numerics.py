@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blockllm import BlockLLM
-from blockllm.train import Trainer
+from blockllm.app.training import TrainingRun
+from tests.app.tiny import tiny_config
 from tests.reliability.helpers import (
     COUNTS,
     digest,
@@ -31,7 +32,6 @@ from tests.reliability.helpers import (
     tiny_llama,
     token_batches,
 )
-from tests.train.tiny import tiny_config
 
 NAN, INF = float("nan"), float("inf")
 GRAD_FAULTS = {"nan-grad": NAN, "inf-grad": INF, "-inf-grad": -INF, "huge-grad": 1e30}
@@ -182,7 +182,7 @@ class _StepDigests:
     """A Progress that records the digest of the model and optimizer state after every step."""
 
     def __init__(self):
-        self.trainer = None
+        self.training_run = None
         self.params: dict[int, str] = {}
         self.states: dict[int, str] = {}
 
@@ -190,8 +190,8 @@ class _StepDigests:
         pass
 
     def update(self, record):
-        optimizer = self.trainer.optimizer
-        self.params[record["step"]] = digest(self.trainer.model.state_dict())
+        optimizer = self.training_run.optimizer
+        self.params[record["step"]] = digest(self.training_run.model.state_dict())
         state = {
             f"{number}.{key}": value
             for number, entry in enumerate(optimizer.state.values())
@@ -204,18 +204,18 @@ class _StepDigests:
         pass
 
 
-def _poisoned_trainer(config, out_dir, cache_dir, bad_steps, fault, *, resume=False):
+def _poisoned_run(config, out_dir, cache_dir, bad_steps, fault, *, resume=False):
     digests = _StepDigests()
-    trainer = Trainer(config, out_dir, cache_dir=cache_dir, progress=digests, resume=resume)
-    digests.trainer = trainer
-    trainer.setup()
-    clean_loss, clean_step = trainer.workload.loss, trainer._train_step  # noqa: SLF001
+    training_run = TrainingRun(config, out_dir, cache_dir=cache_dir, progress=digests, resume=resume)
+    digests.training_run = training_run
+    training_run.setup()
+    clean_loss, clean_step = training_run.workload.loss, training_run._train_step  # noqa: SLF001
     in_training = []
 
     def loss(model, batch):
         value, count = clean_loss(model, batch)
         # Only training batches: evaluation uses the same loss function and must stay clean.
-        if in_training and trainer.step + 1 in bad_steps:
+        if in_training and training_run.step + 1 in bad_steps:
             value = value * NAN if fault == "nan-loss" else _PoisonGradient.apply(value)
         return value, count
 
@@ -226,16 +226,16 @@ def _poisoned_trainer(config, out_dir, cache_dir, bad_steps, fault, *, resume=Fa
         finally:
             in_training.clear()
 
-    trainer.workload.loss = loss
-    trainer._train_step = train_step  # noqa: SLF001
-    return trainer, digests
+    training_run.workload.loss = loss
+    training_run._train_step = train_step  # noqa: SLF001
+    return training_run, digests
 
 
-def _train(trainer):
+def _train(training_run):
     try:
-        trainer.train()
+        training_run.train()
     finally:
-        trainer.cleanup()
+        training_run.cleanup()
 
 
 LOOP_CASES = [
@@ -253,8 +253,8 @@ def test_the_loop_skips_bad_steps_for_every_optimizer_and_counts_them(
     bad_steps = {2, 5, 6}
     config = tiny_config(max_steps=8, eval_every=4, save_every=4, optimizer=optimizer,
                          patience=2, **overrides)  # fmt: skip
-    trainer, digests = _poisoned_trainer(config, tmp_path, cache_dir, bad_steps, fault)
-    _train(trainer)
+    training_run, digests = _poisoned_run(config, tmp_path, cache_dir, bad_steps, fault)
+    _train(training_run)
     lines = read_lines(tmp_path)
     assert [line["num_skipped_steps"] for line in lines] == [0, 1, 1, 1, 2, 3, 3, 3]
     for step in range(2, 9):
@@ -263,17 +263,17 @@ def test_the_loop_skips_bad_steps_for_every_optimizer_and_counts_them(
         if step in bad_steps:
             assert digests.states[step] == digests.states[step - 1]
     assert all(math.isfinite(line["eval_loss"]) for line in lines if "eval_loss" in line)
-    assert trainer.summary["num_skipped_steps"] == 3
+    assert training_run.summary["num_skipped_steps"] == 3
     COUNTS["faults injected (training loop)"] += len(bad_steps)
 
 
 def test_skip_counts_survive_a_crash_and_resume(tmp_path, cache_dir):
     bad_steps = {3, 6}
     config = tiny_config(max_steps=8, eval_every=4, save_every=4, patience=2)
-    straight, _ = _poisoned_trainer(config, tmp_path / "straight", cache_dir, bad_steps, "nan-loss")
+    straight, _ = _poisoned_run(config, tmp_path / "straight", cache_dir, bad_steps, "nan-loss")
     _train(straight)
 
-    crashing, digests = _poisoned_trainer(
+    crashing, digests = _poisoned_run(
         config, tmp_path / "run", cache_dir, bad_steps, "nan-loss"
     )
     original_update = digests.update
@@ -286,7 +286,7 @@ def test_skip_counts_survive_a_crash_and_resume(tmp_path, cache_dir):
     digests.update = crash_after_step_5
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(crashing)
-    resumed, _ = _poisoned_trainer(config, tmp_path / "run", cache_dir, bad_steps, "nan-loss",
+    resumed, _ = _poisoned_run(config, tmp_path / "run", cache_dir, bad_steps, "nan-loss",
                                    resume=True)  # fmt: skip
     _train(resumed)
     assert exact(read_lines(tmp_path / "run")) == exact(read_lines(tmp_path / "straight"))

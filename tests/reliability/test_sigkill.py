@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from blockllm.cli.main import main
-from blockllm.train.checkpoint import list_checkpoints, load_checkpoint
+from blockllm.app.cli.main import main
+from blockllm.app.training.checkpoint import list_checkpoints, load_checkpoint
+from tests.app.tiny import TINY_FLAGS
 from tests.reliability.helpers import COUNTS, exact, read_lines, start_cli
-from tests.train.tiny import TINY_FLAGS
 
 # Start-up (imports, tokenizer cache, model) takes about 4.5 s on two busy cores.
 STARTUP_KILL_WINDOW_S = 6.0

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from blockllm import BlockLLM
-from blockllm.train import Trainer
+from blockllm.app.training import TrainingRun
+from tests.app.tiny import tiny_config
 from tests.reliability.helpers import (
     COUNTS,
     current_rss_bytes,
@@ -27,7 +28,6 @@ from tests.reliability.helpers import (
     tiny_llama,
     token_batches,
 )
-from tests.train.tiny import tiny_config
 
 # Measured: after the warm-up, resident memory moves by under 0.2 MB over 2,500 steps and the
 # live-object count by about a dozen. A leak of 2 kB or one Python object per selection would
@@ -160,11 +160,11 @@ def test_soak_2500_steps(selection, trigger, patience, dtype):
 
 
 class _Sampler:
-    """A Progress that samples memory, objects and hooks of a running Trainer."""
+    """A Progress that samples memory, objects and hooks of a running TrainingRun."""
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self.trainer: Trainer | None = None
+        self.training_run: TrainingRun | None = None
         self.samples: list[dict] = []
 
     def start(self, total: int, initial: int) -> None:
@@ -173,7 +173,7 @@ class _Sampler:
     def update(self, record: dict) -> None:
         if record["step"] % self.every:
             return
-        model = self.trainer.model
+        model = self.training_run.model
         self.samples.append(
             {
                 "step": record["step"],
@@ -198,17 +198,17 @@ def test_trainer_soak_2000_steps(tmp_path, cache_dir):
     config = tiny_config(max_steps=steps, trigger="interval", patience=1, eval_every=500,
                          save_every=250, tensorboard=True)  # fmt: skip
     sampler = _Sampler(every=100)
-    trainer = Trainer(config, tmp_path, cache_dir=cache_dir, progress=sampler)
-    sampler.trainer = trainer
-    trainer.run()
+    training_run = TrainingRun(config, tmp_path, cache_dir=cache_dir, progress=sampler)
+    sampler.training_run = training_run
+    training_run.run()
     COUNTS["steps soaked"] += steps
-    COUNTS["reselections soaked"] += trainer.optimizer.num_reselections
-    assert trainer.optimizer.num_reselections >= steps - 1
+    COUNTS["reselections soaked"] += training_run.optimizer.num_reselections
+    assert training_run.optimizer.num_reselections >= steps - 1
     samples = sampler.samples
-    opt = trainer.optimizer
+    opt = training_run.optimizer
     assert {s["hooks"] for s in samples} == {opt.num_candidates}
     assert max(s["owners"] for s in samples) <= samples[0]["owners"]
-    limits = bounds(opt, trainer.model, torch.float32)
+    limits = bounds(opt, training_run.model, torch.float32)
     # Peaks are running maxima: flat means they stop moving once every kind of selection occurred.
     assert samples[-1]["peak_optimizer_state_mb"] * 1e6 <= limits["optimizer_state"]
     assert samples[-1]["peak_grads_mb"] * 1e6 <= limits["grads"]

@@ -1,0 +1,106 @@
+"""``--optimizer blockllm`` and its ablations (``blockllm-0.95``, ``blockllm-random`` ...).
+
+Every variant builds :class:`blockllm.BlockLLM` from the run config, with one setting fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from blockllm.app.methods.param_groups import decay_groups
+from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
+
+if TYPE_CHECKING:
+    from blockllm.app.training.config import RunConfig
+
+
+def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> torch.optim.Optimizer:
+    from blockllm.app.training.data_parallel import data_parallel_group
+    from blockllm.optim import BlockLLM
+    from blockllm.optim.row_gradients import RowGradients
+
+    settings: dict[str, Any] = {
+        "sparsity": config.sparsity, "patience": config.patience, "trigger": config.trigger,
+        "selection": config.selection, "seed": config.seed, "exclude": config.exclude,
+        "max_tensor_share": config.max_tensor_share, "partial": config.partial,
+        "entry_warmup": config.entry_warmup,
+        # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly
+        # selected tensors (embedding and head rows) need not outlive the backward.
+        "compact_grads": True,
+        # Under torchrun BlockLLM averages its selected gradients itself (no DDP).
+        "process_group": data_parallel_group(),
+    }  # fmt: skip
+    settings.update(overrides)
+    optimizer = BlockLLM(
+        decay_groups(model, config.weight_decay),
+        lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+        weight_decay=config.weight_decay, **settings,
+    )  # fmt: skip
+    # Partly selected embedding and head rows: no dense weight gradient, no full head product.
+    RowGradients(model, optimizer)
+    return optimizer
+
+
+def _blockllm_stats(optimizer: Any) -> dict[str, float]:
+    return {
+        "num_reselections": optimizer.num_reselections,
+        "num_selected": optimizer.num_selected,
+        "trainable_fraction": optimizer.trainable_fraction,
+        "selection_seconds": optimizer.selection_seconds,
+        "num_skipped_steps": optimizer.num_skipped_steps,
+    }
+
+
+register_optimizer(
+    OptimizerSpec(
+        name="blockllm",
+        build=_build_blockllm,
+        description="BlockLLM: Adam on a gradient-selected (1 - sparsity) share of coordinates",
+        takes_loss=True,
+        stats=_blockllm_stats,
+        skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
+    )
+)
+
+
+# BlockLLM's ablations, one name each, so that every variant runs in its own process under the
+# same flags. Each fixes one setting and takes the rest from the run config.
+_BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "blockllm-0.95": ({"sparsity": 0.95}, "BlockLLM at sparsity 0.95 (whatever --sparsity says)"),
+    "blockllm-random": (
+        {"score": "random"},
+        "BlockLLM ablation: random tensors instead of gradient-selected ones, same budget",
+    ),
+    "blockllm-novisit": (
+        {"visit_penalty": False},
+        "BlockLLM ablation: scores not divided by 1 + times selected",
+    ),
+    "blockllm-mask": (
+        {"selection": "mask"},
+        "BlockLLM with the paper's |G| >= tau coordinate mask instead of whole tensors",
+    ),
+    "blockllm-uncapped": (
+        {"max_tensor_share": 1.0, "partial": "coordinates"},
+        "BlockLLM ablation: no per-tensor cap, leftover budget as single coordinates (0.1.0 rule)",
+    ),
+    "blockllm-paper": (
+        {"selection": "mask", "max_tensor_share": 1.0, "partial": "coordinates",
+         "trigger": "loss", "entry_warmup": 0},
+        "The paper's method as published: |G| >= tau mask, loss-plateau trigger (--patience)",
+    ),
+}
+for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():
+    register_optimizer(
+        OptimizerSpec(
+            name=_name,
+            build=functools.partial(_build_blockllm, **_overrides),
+            description=_description,
+            takes_loss=True,
+            stats=_blockllm_stats,
+            skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
+        )
+    )

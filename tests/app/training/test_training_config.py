@@ -1,0 +1,118 @@
+import dataclasses
+import json
+
+import pytest
+
+from blockllm.app.training import ConfigError, RunConfig, defaults_for
+from blockllm.app.training.config import field_help
+
+
+def test_pretrain_defaults_follow_the_galore_recipe():
+    config = RunConfig.create("pretrain")
+    assert (config.model, config.data, config.optimizer) == ("tiny", "stdlib", "blockllm")
+    assert (config.lr, config.min_lr_ratio, config.weight_decay) == (1e-3, 0.1, 0.0)
+    assert config.sparsity == 0.9
+    assert config.resolved_warmup_steps == 100  # 10 % of 1000 steps
+
+
+def test_model_specific_defaults():
+    assert RunConfig.create("pretrain", "llama-60m").seq_len == 256
+    assert RunConfig.create("pretrain", "llama-60m").vocab_size == 32000
+    minilm = RunConfig.create("finetune", "minilm")
+    assert (minilm.lr, minilm.sparsity, minilm.eval_at_start) == (5e-5, 0.95, True)
+    assert RunConfig.create("finetune", "gemma-270m").batch_size == 4
+
+
+def test_overrides_win_over_defaults():
+    config = RunConfig.create("finetune", "minilm", lr=1e-4, max_steps=7)
+    assert (config.lr, config.max_steps, config.batch_size) == (1e-4, 7, 32)
+
+
+def test_json_round_trip(tmp_path):
+    config = RunConfig.create("pretrain", "llama-20m", lr=3e-4, max_chars=1000)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert RunConfig.from_json(path) == config
+    assert json.loads(path.read_text())["lr"] == 3e-4
+
+
+def test_every_field_has_help():
+    for item in dataclasses.fields(RunConfig):
+        assert field_help(item.name)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(
+        TypeError, match=r"Unknown config keys \['learning_rate'\].*valid keys: .*lr"
+    ):
+        RunConfig.from_dict({**defaults_for("pretrain"), "learning_rate": 1})
+    with pytest.raises(TypeError, match="valid keys"):
+        RunConfig.create("pretrain", learning_rate=1)
+
+
+@pytest.mark.parametrize(
+    ("command", "changes", "message"),
+    [
+        (
+            "pretrain",
+            {"model": "llama-7b"},
+            r"Invalid preset: 'llama-7b' \(choose from 'tiny', 'llama-20m', 'llama-60m'",
+        ),
+        (
+            "pretrain",
+            {"optimizer": "sgd"},
+            r"Invalid optimizer: 'sgd' \(choose from .*'adamw'.*'blockllm'",
+        ),
+        (
+            "finetune",
+            {"model": "bert-large"},
+            r"Invalid model: 'bert-large' \(choose from 'minilm', 'gemma-270m'",
+        ),
+        ("finetune", {"task": "mnli"}, r"Invalid task: 'mnli' \(choose from 'tweet-sentiment'"),
+        (
+            "pretrain",
+            {"precision": "fp8"},
+            r"Invalid precision: 'fp8' \(choose from 'auto', 'fp32', 'bf16'\)",
+        ),
+        ("pretrain", {"device": "tpu"}, r"Invalid device: 'tpu'"),
+        ("pretrain", {"max_steps": 0}, r"Invalid max_steps: 0 \(must be >= 1\)"),
+        ("pretrain", {"sparsity": 1.0}, r"Invalid sparsity: 1.0 \(must be < 1.0\)"),
+        ("pretrain", {"lr": -1.0}, r"Invalid lr: -1.0"),
+        ("pretrain", {"lr": float("nan")}, r"Invalid lr: nan"),
+        ("pretrain", {"batch_size": 2.5}, r"Invalid batch_size: 2.5 \(expected an integer\)"),
+        ("pretrain", {"eval_at_start": "yes"}, r"Invalid eval_at_start: 'yes'"),
+        ("pretrain", {"eval_fraction": 0.0}, r"Invalid eval_fraction: 0.0"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_value(command, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.create(command, **changes)
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        RunConfig.create("pretrain", max_steps=-1)
+
+
+def test_finetune_accepts_a_model_directory_and_a_jsonl_task(tmp_path):
+    config = RunConfig.create("finetune", str(tmp_path), task=str(tmp_path / "task.jsonl"))
+    assert config.model == str(tmp_path)
+
+
+def test_differences_skip_resumable_fields():
+    base = RunConfig.create("pretrain")
+    moved = base.replace(save_every=7, keep_checkpoints=5, device="cpu", tensorboard=False)
+    assert base.differences(moved) == {}
+    assert set(base.differences(moved, include_resumable=True)) == {
+        "save_every",
+        "keep_checkpoints",
+        "device",
+        "tensorboard",
+    }
+    assert base.differences(base.replace(lr=2e-3)) == {"lr": (1e-3, 2e-3)}
+
+
+def test_warmup_steps():
+    assert RunConfig.create("pretrain", max_steps=50).resolved_warmup_steps == 5
+    assert RunConfig.create("pretrain", max_steps=50, warmup_steps=0).resolved_warmup_steps == 0
+    assert RunConfig.create("pretrain", max_steps=5, warmup_steps=9).resolved_warmup_steps == 5
