@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blockllm.app.training.config import RunConfig, defaults_for, field_help
+from blockllm.app.training.run_config import RunConfig, defaults_for, field_help
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.

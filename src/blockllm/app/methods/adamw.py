@@ -11,7 +11,7 @@ from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 
 def _build_adamw(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 
 def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from torch import nn
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 UPDATE_PROJ_GAP = 200
 SCALE = 0.25

@@ -16,7 +16,7 @@ from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 RANK = 16
 ALPHA = 32

@@ -41,7 +41,7 @@ from blockllm.errors import BlockLLMError
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
     from blockllm.app.training.workloads.workload import Batch
 
 logger = logging.getLogger(__name__)

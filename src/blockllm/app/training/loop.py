@@ -57,7 +57,7 @@ from blockllm.app.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from blockllm.app.training.config import RunConfig
+from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.data_parallel import DataParallel, NullMetrics
 from blockllm.app.training.devices import resolve_device, resolve_precision
 from blockllm.app.training.memory import MemoryTracker, current_rss_bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blockllm.app.training.config import RunConfig
+from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.workloads.finetune import build_finetune_workload
 from blockllm.app.training.workloads.lm import LanguageModelingWorkload
 from blockllm.app.training.workloads.workload import Workload

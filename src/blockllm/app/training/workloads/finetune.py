@@ -30,7 +30,7 @@ from blockllm.app.training.workloads.workload import (
 )
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 

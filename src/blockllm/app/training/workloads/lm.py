@@ -15,7 +15,7 @@ from blockllm.app.training.metrics import perplexity
 from blockllm.app.training.workloads.workload import AutocastFactory, Batch, to_device
 
 if TYPE_CHECKING:
-    from blockllm.app.training.config import RunConfig
+    from blockllm.app.training.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 

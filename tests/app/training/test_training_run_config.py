@@ -4,7 +4,7 @@ import json
 import pytest
 
 from blockllm.app.training import ConfigError, RunConfig, defaults_for
-from blockllm.app.training.config import field_help
+from blockllm.app.training.run_config import field_help
 
 
 def test_pretrain_defaults_follow_the_galore_recipe():
