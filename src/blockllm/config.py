@@ -6,10 +6,11 @@ configuration gets its BlockLLM flags (names, defaults and help) from. The Adam 
 (``lr``, ``betas``, ``eps``, ``weight_decay``) are not here: they are per param group, as in every
 ``torch.optim`` optimizer, and checked by :mod:`blockllm.optim.validation`.
 
-Policies may be given as a name or as an object: ``trigger`` (a
+Policies may be given as a name or, in Python, as an object: ``trigger`` (a
 :class:`~blockllm.selection.triggers.Trigger`), ``selection`` (a
-:class:`~blockllm.selection.packing.SelectionRule`) and ``score`` (a
-:class:`~blockllm.selection.scorers.Scorer`). A name picks a built-in; an unknown name raises.
+:class:`~blockllm.selection.packing.SelectionRule`), ``score`` (a
+:class:`~blockllm.selection.scorers.Scorer`) and ``rest`` (a
+:class:`~blockllm.selection.rest_rules.RestRule`). A name picks a built-in; an unknown name raises.
 """
 
 from __future__ import annotations
@@ -53,13 +54,12 @@ class BlockLLMConfig:
         "with trigger 'interval', the steps between selections")
     trigger: str | Trigger = _knob(
         "loss", "when to reselect: 'loss' (the paper's plateau rule) or 'interval' (every "
-        "patience steps), or a Trigger object")
+        "patience steps)")
     selection: str | SelectionRule = _knob(
         "tensor", "'tensor' (whole tensors in score order, the remainder on the best one that "
-        "did not fit) or 'mask' (the paper's |G| >= tau mask), or a SelectionRule object")
+        "did not fit) or 'mask' (the paper's |G| >= tau mask)")
     score: str | Scorer = _knob(
-        "grad_norm", "how tensors are ranked: 'grad_norm' or 'random' (the ablation baseline), "
-        "or a Scorer object")
+        "grad_norm", "how tensors are ranked: 'grad_norm' or 'random' (the ablation baseline)")
     visit_penalty: bool = _knob(
         True, "divide each tensor's score by 1 + the times it was selected before")
     max_tensor_share: float = _knob(
@@ -75,7 +75,8 @@ class BlockLLMConfig:
         None, "names that may be selected: a regex (fullmatch) or a list of exact names and "
         "suffixes; None = all")
     exclude: Pattern = _knob(
-        None, "names never selected (and frozen), same forms; exclusion wins over inclusion")
+        None, "names never selected (and frozen): a regex (fullmatch) or a list of exact names "
+        "and suffixes; exclusion wins over inclusion")
     seed: int = _knob(0, "seed of the generator behind score 'random'")
     skip_nonfinite: bool = _knob(
         True, "skip a step whose loss or gradients are NaN/inf, leaving everything untouched")
@@ -85,7 +86,7 @@ class BlockLLMConfig:
     rest: str | RestRule = _knob(
         "none", "the state-free step of the candidate coordinates Adam does not update: 'none' "
         "(frozen until selected: the paper's method), 'sign' (signSGD) or 'colnorm' (each row "
-        "scaled to unit RMS, as SCALE), or a RestRule object")
+        "scaled to unit RMS, as SCALE)")
     rest_lr_scale: float = _knob(
         1.0, "the rest step is lr * rest_lr_scale * direction")
     rest_weight_decay: float | None = _knob(
@@ -94,8 +95,8 @@ class BlockLLMConfig:
         True, "take the rest step in the gradient hooks, freeing each gradient at once (no "
         "full-model gradient); False = in step(), holding every gradient until then")
     always_adam: Pattern = _knob(
-        None, "names trained with Adam whole at every step, outside the budget (same forms as "
-        "include); their state counts in memory_report()")
+        None, "names trained with Adam whole at every step, outside the budget: a regex or a list "
+        "of names, as for exclude")
 
     def __post_init__(self) -> None:
         value = check_real("sparsity", self.sparsity)

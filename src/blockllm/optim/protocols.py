@@ -1,12 +1,13 @@
 """What a training loop may ask of an optimizer beyond ``torch.optim.Optimizer``.
 
 Small typed protocols, so a loop checks ``isinstance(optimizer, ClipsOwnGradients)`` instead of
-probing attributes with ``getattr``. :class:`blockllm.BlockLLM` implements all three; other
+probing attributes with ``getattr``. :class:`blockllm.BlockLLM` implements all four; other
 optimizers implement none and get the loop's standard treatment.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -52,4 +53,15 @@ class SyncsItself(Protocol):
     def last_loss(self) -> float | None: ...
 
 
-__all__ = ["ClipsOwnGradients", "ReportsMemory", "SyncsItself"]
+@runtime_checkable
+class StepsDuringBackward(Protocol):
+    """May use (and free) gradients as they land in backward (BlockLLM with a ``rest`` rule).
+
+    Under gradient accumulation a loop wraps every backward of a step but the last in
+    ``hold_gradients()``, so that the gradients used are the whole step's.
+    """
+
+    def hold_gradients(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+__all__ = ["ClipsOwnGradients", "ReportsMemory", "StepsDuringBackward", "SyncsItself"]

@@ -76,7 +76,7 @@ def test_unknown_key_lists_valid_keys():
         ),
         ("pretrain", {"device": "tpu"}, r"Invalid device: 'tpu'"),
         ("pretrain", {"max_steps": 0}, r"Invalid max_steps: 0 \(must be >= 1\)"),
-        ("pretrain", {"sparsity": 1.0}, r"Invalid sparsity: 1.0 \(must be < 1.0\)"),
+        ("pretrain", {"sparsity": 1.0}, r"Invalid sparsity: 1.0 \(must be in \[0, 1\)\)"),
         ("pretrain", {"lr": -1.0}, r"Invalid lr: -1.0"),
         ("pretrain", {"lr": float("nan")}, r"Invalid lr: nan"),
         ("pretrain", {"batch_size": 2.5}, r"Invalid batch_size: 2.5 \(expected an integer\)"),

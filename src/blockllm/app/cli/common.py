@@ -15,7 +15,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blockllm.app.training.run_config import RunConfig, defaults_for, field_help
+from blockllm.app.training.run_config import (
+    BLOCKLLM_KNOBS,
+    PRECISIONS,
+    TASK_KINDS,
+    RunConfig,
+    defaults_for,
+    field_help,
+)
+from blockllm.config import PARTIALS
+from blockllm.selection.packing import SELECTION_RULES
+from blockllm.selection.rest_rules import REST_RULES
+from blockllm.selection.triggers import TRIGGERS
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.
@@ -24,10 +35,7 @@ _COMMON_GROUPS: dict[str, list[str]] = {
         "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio",
         "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision", "seed",
     ],
-    "BlockLLM": [
-        "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial",
-        "entry_warmup", "exclude",
-    ],
+    "BlockLLM": list(BLOCKLLM_KNOBS),
     "evaluation, logging and checkpoints": [
         "eval_every", "eval_at_start", "log_every", "save_every", "keep_checkpoints", "tensorboard",
     ],
@@ -47,15 +55,18 @@ FINETUNE_FIELDS: dict[str, list[str]] = {
 }
 
 _CHOICES = {
-    "precision": ("auto", "fp32", "bf16"),
-    "trigger": ("loss", "interval"),
-    "selection": ("tensor", "mask"),
-    "partial": ("coordinates", "rows"),
-    "task_kind": ("auto", "classification", "causal-lm"),
+    "precision": PRECISIONS,
+    "task_kind": TASK_KINDS,
+    # The library's registries of built-in policies: the same names BlockLLM(...) accepts.
+    "trigger": tuple(TRIGGERS),
+    "selection": tuple(SELECTION_RULES),
+    "partial": PARTIALS,
+    "rest": tuple(REST_RULES),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
 _METAVARS = {
     "model": "NAME", "data": "SOURCE", "task": "TASK", "optimizer": "NAME", "exclude": "REGEX",
+    "always_adam": "REGEX",
     "lr": "LR", "seed": "SEED", "device": "DEVICE",
 }  # fmt: skip
 # The model flag means different things per command.

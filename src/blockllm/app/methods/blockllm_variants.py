@@ -23,22 +23,16 @@ def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> to
     from blockllm.optim import BlockLLM
     from blockllm.optim.row_gradients import RowGradients
 
-    settings: dict[str, Any] = {
-        "sparsity": config.sparsity, "patience": config.patience, "trigger": config.trigger,
-        "selection": config.selection, "seed": config.seed, "exclude": config.exclude,
-        "max_tensor_share": config.max_tensor_share, "partial": config.partial,
-        "entry_warmup": config.entry_warmup,
-        # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly
-        # selected tensors (embedding and head rows) need not outlive the backward.
-        "compact_grads": True,
-        # Under torchrun BlockLLM averages its selected gradients itself (no DDP).
-        "process_group": data_parallel_group(),
-    }  # fmt: skip
-    settings.update(overrides)
     optimizer = BlockLLM(
         decay_groups(model, config.weight_decay),
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-        weight_decay=config.weight_decay, **settings,
+        weight_decay=config.weight_decay, config=config.blockllm_config(),
+        # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly
+        # selected tensors (embedding and head rows) need not outlive the backward.
+        compact_grads=True,
+        # Under torchrun BlockLLM averages its selected gradients itself (no DDP).
+        process_group=data_parallel_group(),
+        **overrides,
     )  # fmt: skip
     # Partly selected embedding and head rows: no dense weight gradient, no full head product.
     RowGradients(model, optimizer)

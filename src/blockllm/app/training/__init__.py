@@ -5,9 +5,9 @@ logs ``metrics.jsonl`` and TensorBoard events, checkpoints atomically, and resum
 The optimizer is one of :mod:`blockllm.app.methods`, by name.
 """
 
-from blockllm.app.training.run_config import RunConfig, defaults_for
 from blockllm.app.training.loop import TrainingRun
 from blockllm.app.training.metrics import read_metrics
+from blockllm.app.training.run_config import RunConfig, defaults_for
 from blockllm.app.training.run_errors import (
     CheckpointError,
     ConfigError,

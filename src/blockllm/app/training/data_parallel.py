@@ -37,6 +37,7 @@ from torch import nn
 from blockllm.app.training.devices import resolve_device
 from blockllm.app.training.run_errors import ConfigError, DistributedTrainingError
 from blockllm.errors import BlockLLMError
+from blockllm.optim.protocols import SyncsItself
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -89,6 +90,11 @@ def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo | None:
     if world_size < 2:
         return None
     return LaunchInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def syncs_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an optimizer that averages gradients and the loss over its own process group."""
+    return isinstance(optimizer, SyncsItself) and optimizer.process_group is not None
 
 
 def is_main_process() -> bool:
@@ -211,7 +217,7 @@ class DataParallel:
         An optimizer built with a process group (BlockLLM) averages its own gradients; DDP would
         only ever synchronise the tensors trainable at this moment, which BlockLLM changes.
         """
-        self._syncs_itself = getattr(optimizer, "process_group", None) is not None
+        self._syncs_itself = syncs_itself(optimizer)
         if not self.active or self._syncs_itself:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -263,9 +269,14 @@ class DataParallel:
 
         One collective per step carries the loss, the token count and whether any rank got
         SIGINT/SIGTERM, so that all ranks stop after the same step (see :meth:`stop_signal`).
+        An optimizer that syncs itself averages the loss in its own step (the loop then reads
+        it back from ``optimizer.last_loss``); the loss is then left out here, so that it is
+        averaged once.
         """
         if not self.active:
             return loss, tokens
+        if self._syncs_itself:
+            loss = 0.0
         device = _collective_device()
         values = torch.tensor(
             [loss, float(tokens), 0.0 if local_signal is None else 1.0],
@@ -278,7 +289,8 @@ class DataParallel:
             signum = torch.tensor([local_signal or 0], dtype=torch.int64, device=device)
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
             self._agreed_signal = int(signum.item())
-        return float(values[0].item()) / self.world_size, round(values[1].item())
+        mean = loss if self._syncs_itself else float(values[0].item()) / self.world_size
+        return mean, round(values[1].item())
 
     def stop_signal(self, local_signal: int | None) -> int | None:
         """The signal that stops training after this step, the same on every rank.
@@ -287,27 +299,6 @@ class DataParallel:
         :meth:`reduce_step`: a signal that arrives later counts at the next step, on every rank.
         """
         return self._agreed_signal if self.active else local_signal
-
-    def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Average the present gradients before clipping, when the optimizer syncs itself.
-
-        Clipping must see the gradient of the whole batch, as one process would. DDP has
-        averaged already; BlockLLM only averages inside ``step()``, after the loop clips. Its own
-        average of these tensors then averages equal values: exact for 2 (any power-of-two)
-        ranks, within rounding otherwise, and the same on every rank either way.
-        """
-        if not self.active or not self._syncs_itself:
-            return
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for param in params:
-            if param.grad is not None:
-                buckets.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
-        for grads in buckets.values():  # one collective per device and dtype
-            flat = torch.cat([grad.reshape(-1) for grad in grads])
-            dist.all_reduce(flat)
-            flat.div_(self.world_size)
-            for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
-                grad.copy_(averaged.view_as(grad))
 
     def saved(self, ok: bool) -> bool:
         """Wait for rank 0's checkpoint save and learn whether it succeeded (a barrier).

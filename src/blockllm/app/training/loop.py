@@ -57,12 +57,12 @@ from blockllm.app.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from blockllm.app.training.run_config import RunConfig
-from blockllm.app.training.data_parallel import DataParallel, NullMetrics
+from blockllm.app.training.data_parallel import DataParallel, NullMetrics, syncs_itself
 from blockllm.app.training.devices import resolve_device, resolve_precision
 from blockllm.app.training.memory import MemoryTracker, current_rss_bytes
 from blockllm.app.training.metrics import MetricsWriter
 from blockllm.app.training.progress import LogProgress, Progress
+from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.run_errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -77,6 +77,7 @@ from blockllm.app.training.rundir import (
 from blockllm.app.training.schedule import build_scheduler
 from blockllm.app.training.workloads import build_workload
 from blockllm.app.training.workloads.workload import Workload, default_cache_dir, to_device
+from blockllm.optim.protocols import ClipsOwnGradients, StepsDuringBackward
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +371,12 @@ class TrainingRun:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _holding(self, more_to_come: bool) -> contextlib.AbstractContextManager[Any]:
+        """Keep this micro-batch's gradients when the optimizer would use them in backward."""
+        if more_to_come and isinstance(self.optimizer, StepsDuringBackward):
+            return self.optimizer.hold_gradients()
+        return contextlib.nullcontext()
+
     def _train_step(self) -> tuple[float, int, float, float | None]:
         """One optimizer step; returns (mean loss, tokens, lr used, grad norm before clipping)."""
         config = self.config
@@ -380,30 +387,32 @@ class TrainingRun:
             global_batch = self.workload.train_batch(self.step * config.grad_accum + micro)
             batch = to_device(self.parallel.shard(global_batch), self.device)
             more_to_come = micro + 1 < config.grad_accum
-            with self.parallel.accumulating(self._train_model, more_to_come):
+            with self.parallel.accumulating(self._train_model, more_to_come), self._holding(
+                more_to_come
+            ):
                 with self._autocast():
                     loss, count = self.workload.loss(self._train_model, batch)
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().float()
             tokens += count
         loss_value = float(loss_sum) / config.grad_accum  # the one host sync of the step
-        # Data parallel: mean loss and total tokens of all ranks, and the stop vote.
+        # Data parallel: mean loss and total tokens of all ranks, and the stop vote. An optimizer
+        # that syncs itself averages the loss (and every gradient) in its step, once.
         loss_value, tokens = self.parallel.reduce_step(loss_value, tokens, self._stop_signal)
 
         grad_norm = None
         if config.grad_clip > 0:
             with_grad = [param for param in self.model.parameters() if param.grad is not None]
-            self.parallel.average_gradients(with_grad)  # clip the whole batch's gradient
-            # BlockLLM with compact_grads clips its own gradients: those of partly selected
-            # tensors are no longer in any .grad.
-            compacting = getattr(self.optimizer, "compact_grads", False)
-            clip_own = getattr(self.optimizer, "clip_grad_norm_", None) if compacting else None
-            if clip_own is not None:
-                grad_norm = float(clip_own(config.grad_clip, parameters=with_grad))
+            # BlockLLM clips its own gradients: some are compacted out of .grad, some were used
+            # in backward already, and under data parallelism it averages them first.
+            if isinstance(self.optimizer, ClipsOwnGradients):
+                grad_norm = float(self.optimizer.clip_grad_norm_(config.grad_clip, parameters=with_grad))
             elif with_grad:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
         lr = float(self.scheduler.get_last_lr()[0])
         self._optimizer_step(loss_value, grad_norm)
+        if syncs_itself(self.optimizer) and self.optimizer.last_loss is not None:
+            loss_value = self.optimizer.last_loss  # the loss the optimizer averaged over ranks
         self.scheduler.step()
         # Gradients and optimizer state both exist here: their peak is measured now.
         self.memory.sample(self.model, self.optimizer)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from blockllm.optim.protocols import ReportsMemory
+
 CATEGORIES = ("params", "grads", "optimizer_state", "master_weights")
 
 
@@ -53,9 +55,8 @@ def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     lists and master copies); otherwise parameters and gradients come from the model (tied
     weights counted once) and the optimizer state from ``optimizer.state``.
     """
-    report = getattr(optimizer, "memory_report", None)
-    if callable(report):
-        counted = report()
+    if isinstance(optimizer, ReportsMemory):
+        counted = optimizer.memory_report()
         return {category: int(counted.get(category, 0)) for category in CATEGORIES}
     counted = dict.fromkeys(CATEGORIES, 0)
     for param in model.parameters():  # parameters() yields a tied tensor once

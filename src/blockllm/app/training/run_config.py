@@ -22,18 +22,32 @@ from pathlib import Path
 from typing import Any
 
 from blockllm.app.training.run_errors import ConfigError
+from blockllm.config import BlockLLMConfig
 
 COMMANDS = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
 TASK_KINDS = ("auto", "classification", "causal-lm")
-TRIGGERS = ("loss", "interval")
-SELECTIONS = ("tensor", "mask")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+#: The BlockLLM knobs a run sets, named as in :class:`blockllm.config.BlockLLMConfig`, which
+#: gives each its default, its check and its help; ``RunConfig`` adds nothing to them.
+BLOCKLLM_KNOBS = (
+    "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial", "entry_warmup",
+    "exclude", "rest", "rest_lr_scale", "always_adam",
+)  # fmt: skip
+#: What a ``config.json`` written before a knob existed meant by leaving it out.
+_ABSENT_MEANS = {"rest": "none", "rest_lr_scale": 1.0, "always_adam": None}
 
 
 def _field(default: Any, help: str, *, resumable: bool = False) -> Any:
     """A dataclass field whose help string feeds the CLI and the docs."""
     return field(default=default, metadata={"help": help, "resumable": resumable})
+
+
+def _knob(name: str) -> Any:
+    """A BlockLLM knob: default and help from :class:`BlockLLMConfig` (regexes as strings)."""
+    knob = BlockLLMConfig.__dataclass_fields__[name]
+    return _field(knob.default, "BlockLLM: " + knob.metadata["help"])
 
 
 @dataclass
@@ -68,24 +82,17 @@ class RunConfig:
     precision: str = _field(
         "auto", "fp32, bf16 (autocast), or auto = bf16 on a CUDA GPU that has it"
     )
-    sparsity: float = _field(0.9, "BlockLLM: fraction of coordinates NOT updated")
-    patience: int = _field(100, "BlockLLM: losses observed before the reselection trigger may fire")
-    trigger: str = _field(
-        "loss", "BlockLLM: reselect on a loss plateau (loss) or every patience steps"
-    )
-    selection: str = _field("tensor", "BlockLLM: whole tensors (tensor) or the paper's mask (mask)")
-    max_tensor_share: float = _field(
-        0.25, "BlockLLM: the largest share of the budget one tensor may take (1 = no cap)"
-    )
-    partial: str = _field(
-        "rows", "BlockLLM: a partly selected tensor trains whole rows (rows) or coordinates"
-    )
-    entry_warmup: int = _field(
-        0, "BlockLLM: steps over which a block entering at a reselection ramps up its lr"
-    )
-    exclude: str | None = _field(
-        None, "BlockLLM: regex of parameter names never selected (they stay frozen)"
-    )
+    sparsity: float = _knob("sparsity")
+    patience: int = _knob("patience")
+    trigger: str = _knob("trigger")
+    selection: str = _knob("selection")
+    max_tensor_share: float = _knob("max_tensor_share")
+    partial: str = _knob("partial")
+    entry_warmup: int = _knob("entry_warmup")
+    exclude: str | None = _knob("exclude")
+    rest: str = _knob("rest")
+    rest_lr_scale: float = _knob("rest_lr_scale")
+    always_adam: str | None = _knob("always_adam")
     eval_every: int = _field(100, "evaluate every N steps (and at the end); 0 = only at the end")
     eval_batches: int = _field(
         20, "eval batches per evaluation (pretrain); 0 = the whole eval split"
@@ -120,6 +127,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.exclude == "":
             self.exclude = None  # `--exclude ""` switches a model's default exclusion off
+        if self.always_adam == "":
+            self.always_adam = None
         self.validate()
 
     # ------------------------------------------------------------------ construction
@@ -143,7 +152,7 @@ class RunConfig:
         if not isinstance(values, dict):
             raise TypeError(f"Invalid config: expected a JSON object, got {type(values).__name__}")
         _check_keys(values)
-        return cls(**values)
+        return cls(**{**_ABSENT_MEANS, **values})
 
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
@@ -197,6 +206,11 @@ class RunConfig:
             return min(self.warmup_steps, self.max_steps)
         return int(0.1 * self.max_steps)
 
+    def blockllm_config(self) -> BlockLLMConfig:
+        """The BlockLLM knobs of this run (the run's seed seeds the optimizer's generator)."""
+        knobs = {name: getattr(self, name) for name in BLOCKLLM_KNOBS}
+        return BlockLLMConfig(**knobs, seed=self.seed)
+
     @property
     def tokens_per_step_hint(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
@@ -212,15 +226,14 @@ class RunConfig:
         _choice("command", self.command, COMMANDS)
         _choice("task_kind", self.task_kind, TASK_KINDS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("trigger", self.trigger, TRIGGERS)
-        _choice("selection", self.selection, SELECTIONS)
-        _choice("partial", self.partial, ("coordinates", "rows"))
-        if not 0.0 < float(self.max_tensor_share) <= 1.0:
-            raise ConfigError(
-                f"Invalid max_tensor_share: {self.max_tensor_share} (must be in (0, 1])"
-            )
-        if int(self.entry_warmup) < 0:
-            raise ConfigError(f"Invalid entry_warmup: {self.entry_warmup} (must be >= 0)")
+        for name in ("exclude", "always_adam"):  # a run config holds regexes, not lists
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"Invalid {name}: {value!r} (expected a regex string)")
+        try:  # the library's own checks, one per knob
+            self.blockllm_config()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from exc
         from blockllm.app.methods import OPTIMIZERS
 
         _choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
@@ -228,15 +241,6 @@ class RunConfig:
             raise ConfigError(
                 f"Invalid device: {self.device!r} (choose from 'auto', 'cpu', 'cuda', 'cuda:N', 'mps')"
             )
-        if self.exclude is not None and not isinstance(self.exclude, str):
-            raise ConfigError(f"Invalid exclude: {self.exclude!r} (expected a regex string)")
-        if self.exclude is not None:
-            try:
-                re.compile(self.exclude)
-            except re.error as exc:
-                raise ConfigError(
-                    f"Invalid exclude: {self.exclude!r} is not a regex ({exc})"
-                ) from exc
         for name in ("data", "task", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(
@@ -248,7 +252,6 @@ class RunConfig:
         _int("grad_accum", self.grad_accum, 1)
         _int("seq_len", self.seq_len, 2)
         _int("warmup_steps", self.warmup_steps, -1)
-        _int("patience", self.patience, 1)
         _int("eval_every", self.eval_every, 0)
         _int("eval_batches", self.eval_batches, 0)
         _int("save_every", self.save_every, -1)  # -1: no checkpoints (benchmark children)
@@ -272,7 +275,6 @@ class RunConfig:
         _float("beta2", self.beta2, 0.0, 1.0, upper_open=True)
         _float("eps", self.eps, 0.0, None)
         _float("grad_clip", self.grad_clip, 0.0, None)
-        _float("sparsity", self.sparsity, 0.0, 1.0, upper_open=True)
         _float("eval_fraction", self.eval_fraction, 0.0, 1.0, upper_open=True)
         if self.eval_fraction == 0.0:
             raise ConfigError("Invalid eval_fraction: 0.0 (must be above 0: evaluation needs data)")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockllm.app.training.checkpoint import latest_checkpoint, list_checkpoints
-from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.metrics import METRICS_FILE
+from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.run_errors import ConfigError, RunDirError
 
 logger = logging.getLogger(__name__)
