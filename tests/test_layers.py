@@ -13,6 +13,9 @@ methods it is compared with, the benchmark harness). The rules:
 3. No import cycles: none among module-level imports anywhere, and none among the application's
    modules even counting the imports inside functions.
 4. No module name (file name) is used twice, so that a name says which job a module does.
+5. Inside the library, imports run downward only (``docs/architecture.md``): ``selection`` (the
+   policies) imports nothing else of blockllm but ``errors``; ``config`` only ``selection``;
+   ``distributed`` only those; ``optim`` not ``integrations``. Under ``TYPE_CHECKING`` anything.
 
 Imports under ``if TYPE_CHECKING:`` never run: rules 2 and 3 ignore them; rule 1 does not.
 """
@@ -236,6 +239,21 @@ class Package:
                 )
         return problems
 
+    def upward_library_imports(self) -> list[str]:
+        problems = []
+        for name in self.library():
+            layer = _layer(name)
+            allowed = LIBRARY_LAYERS.get(layer)
+            if allowed is None:
+                continue
+            for item in self.imports[name]:
+                target = resolve(item.target, self.modules)
+                if item.kind == "typing" or target is None or _layer(target) == layer:
+                    continue
+                if _layer(target) not in allowed:
+                    problems.append(f"{name}:{item.line} imports {target} ({item.kind})")
+        return problems
+
     def module_level_cycles(self) -> list[str]:
         graph = self.graph({"module"})
         return [describe_cycle(cycle, graph) for cycle in find_cycles(graph)]
@@ -250,6 +268,24 @@ class Package:
             if path.name not in ("__init__.py", "__main__.py"):
                 by_name.setdefault(path.name, []).append(name)
         return [", ".join(names) for names in by_name.values() if len(names) > 1]
+
+
+# What each library layer may import (besides itself); a layer not listed here is unconstrained.
+LIBRARY_LAYERS = {
+    "blockllm.errors": set(),
+    "blockllm.selection": {"blockllm.errors"},
+    "blockllm.config": {"blockllm.selection", "blockllm.errors"},
+    "blockllm.distributed": {"blockllm.selection", "blockllm.config", "blockllm.errors"},
+    "blockllm.optim": {
+        "blockllm.selection", "blockllm.config", "blockllm.distributed", "blockllm.errors",
+    },
+}  # fmt: skip
+
+
+def _layer(module: str) -> str:
+    """``blockllm.selection.packing`` -> ``blockllm.selection``; ``blockllm.config`` itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +314,10 @@ def test_the_library_imports_torch_and_lazily_the_integrations_packages(package)
     assert package.foreign_library_imports() == []
 
 
+def test_library_layers_import_downward_only(package):
+    assert package.upward_library_imports() == []
+
+
 def test_no_import_cycles(package):
     assert package.module_level_cycles() == []
     assert package.app_cycles() == []
@@ -303,6 +343,11 @@ def test_the_rules_catch_planted_violations(tmp_path):
         "blockllm/app/cli.py": "from blockllm.app.loop import run\n",
         "blockllm/app/loop.py": "def run():\n    from blockllm.app.cli import main\n",
         "blockllm/app/other/core.py": "",
+        "blockllm/selection/__init__.py": "",
+        "blockllm/selection/rule.py": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from blockllm.optim import core\n"
+            "def upward():\n    from blockllm.optim.core import later\n"
+        ),
     }
     for relative, text in files.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -323,3 +368,8 @@ def test_the_rules_catch_planted_violations(tmp_path):
     assert planted.app_cycles() == ["blockllm.app.cli -> blockllm.app.loop; "
                                     "blockllm.app.loop -> blockllm.app.cli"]  # fmt: skip
     assert planted.repeated_module_names() == ["blockllm.app.other.core, blockllm.optim.core"]
+    # An upward import inside a function counts; one for type checking only does not.
+    upward = planted.upward_library_imports()
+    assert "blockllm.selection.rule:5 imports blockllm.optim.core (function)" in upward
+    assert "blockllm.optim.core:3 imports blockllm.integrations.hf (module)" in upward
+    assert not any("rule:3" in problem for problem in upward)
