@@ -275,8 +275,9 @@ class DataParallel:
         """
         if not self.active:
             return loss, tokens
+        local_loss = loss
         if self._syncs_itself:
-            loss = 0.0
+            loss = 0.0  # averaged by the optimizer's step instead
         device = _collective_device()
         values = torch.tensor(
             [loss, float(tokens), 0.0 if local_signal is None else 1.0],
@@ -289,7 +290,7 @@ class DataParallel:
             signum = torch.tensor([local_signal or 0], dtype=torch.int64, device=device)
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
             self._agreed_signal = int(signum.item())
-        mean = loss if self._syncs_itself else float(values[0].item()) / self.world_size
+        mean = local_loss if self._syncs_itself else float(values[0].item()) / self.world_size
         return mean, round(values[1].item())
 
     def stop_signal(self, local_signal: int | None) -> int | None:
