@@ -9,7 +9,7 @@ from blockllm.errors import BlockLLMError, NoMatchingParamsError, StateDictMisma
 from blockllm.optim import BlockLLM
 from blockllm.optim.row_gradients import RowGradients
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "BlockLLM",

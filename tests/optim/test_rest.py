@@ -217,3 +217,18 @@ def test_resume_across_a_reselection_continues_exactly():
         second.zero_grad(set_to_none=True)
     assert second.num_reselections >= 2
     assert max_difference(full, resumed_model) == 0.0
+
+
+def test_row_gradients_leave_the_rest_its_gradient():
+    from blockllm import RowGradients
+
+    plain, _, _ = train(steps=10, rest="colnorm", compact_grads=True)
+    model = tiny_llama()
+    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
+                         patience=7, fused=False, rest="colnorm", compact_grads=True)  # fmt: skip
+    assert RowGradients(model, optimizer).patched
+    for tokens in patterned_batches(10):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step(loss=1.0)
+        optimizer.zero_grad(set_to_none=True)
+    assert max_difference(plain, model) == 0.0

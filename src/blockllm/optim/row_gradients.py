@@ -276,8 +276,10 @@ class RowGradients:
         """The rows whose gradient ``weight`` needs now; None for autograd's whole gradient."""
         optimizer = self._optimizer()
         index = None if optimizer is None else optimizer.candidate_index(weight)
-        if index is None or optimizer.selection_pending:
-            return None  # not ours, or a selection step: every gradient is scored whole
+        if index is None or optimizer.selection_pending or optimizer.config.rest != "none":
+            # Not ours, a selection step (every gradient is scored whole), or a rest rule, whose
+            # step needs the unselected rows' gradient too.
+            return None
         coordinates = optimizer.selector.selection.get(index)
         if coordinates is None:
             return None  # selected whole, or not selected
