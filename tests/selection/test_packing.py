@@ -121,9 +121,10 @@ def test_top_rows_takes_whole_rows_by_norm_and_fills_the_rest_by_magnitude():
     grad[1] = 1.0  # norm 2
     grad[3] = torch.tensor([3.0, 0.0, 0.0, 0.0])  # norm 3
     grad[4, 2] = 1.5  # the largest entry outside the two best rows (row norm 1.5)
-    picked = top_rows(grad, count=9, row_size=4)
-    assert torch.equal(picked, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 18]))
-    assert torch.equal(top_rows(grad, count=4, row_size=4), torch.tensor([12, 13, 14, 15]))
+    picked = top_rows(grad, count=9, row_size=4)  # stored as rows [1, 3] plus coordinate 18
+    assert picked.rows.tolist() == [1, 3] and picked.extra.tolist() == [18]
+    assert torch.equal(picked.long().sort().values, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 18]))
+    assert torch.equal(top_rows(grad, count=4, row_size=4).long(), torch.tensor([12, 13, 14, 15]))
 
 
 def test_row_packer_selects_rows_of_the_partial_tensor():
@@ -165,4 +166,4 @@ def test_top_rows_leftovers_are_the_same_when_found_chunk_by_chunk(monkeypatch):
     for chunk_entries in (8, 24, 1 << 20):
         monkeypatch.setattr("blockllm.selection.packing._CHUNK_ENTRIES", chunk_entries)
         picked = top_rows(grad, count=4 * 8 + 5, row_size=8)
-        assert torch.equal(picked, expected.sort().values)
+        assert torch.equal(picked.long().sort().values, expected.sort().values)

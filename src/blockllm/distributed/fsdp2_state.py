@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from blockllm.distributed.fsdp2 import FSDP2Sync
 from blockllm.errors import StateDictMismatchError
-from blockllm.selection.packing import compact_index
+from blockllm.selection.coordinates import compact_index
 
 if TYPE_CHECKING:
     from blockllm.optim.blockllm import BlockLLM

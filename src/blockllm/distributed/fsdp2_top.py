@@ -20,13 +20,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from blockllm.selection.coordinates import compact_index
 from blockllm.selection.packing import (
     BudgetPacker,
     Coordinates,
     PaperMaskPacker,
     Plan,
     WholeTensorPacker,
-    compact_index,
 )
 
 # Bit patterns of non-negative float32 values (NaN included) lie in [0, 2**31).

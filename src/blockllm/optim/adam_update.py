@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.optim.adam import adam
 
+from blockllm.selection.coordinates import Selected, gather, scatter_
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FUSED_DEVICES = ("cpu", "cuda")
 
@@ -29,7 +31,7 @@ def needs_master(param: torch.Tensor) -> bool:
     return param.dtype in LOW_PRECISION
 
 
-def init_state(param: torch.Tensor, coordinates: torch.Tensor | None, fused: bool) -> dict[str, Any]:
+def init_state(param: torch.Tensor, coordinates: Selected | None, fused: bool) -> dict[str, Any]:
     """Fresh state for a block entering the selection: zero moments, step 0, fp32 master."""
     with torch.no_grad():
         value = param.detach() if coordinates is None else gather(param.detach(), coordinates)
@@ -65,7 +67,7 @@ class UpdateBatch:
     def add(
         self,
         param: torch.Tensor,
-        coordinates: torch.Tensor | None,
+        coordinates: Selected | None,
         grad: torch.Tensor,
         state: dict,
     ) -> None:
@@ -114,7 +116,7 @@ class UpdateBatch:
                 if coordinates is None:
                     param.copy_(updated)
                 else:
-                    scatter_coordinates(param, coordinates, updated)
+                    scatter_(param, coordinates, updated)
 
 
 def update_selected_(
@@ -165,24 +167,6 @@ def _warmup_factor(state: dict[str, Any], num_steps: int, entry_warmup: int) -> 
         return 1.0
     return min(1.0, (done + 1) / entry_warmup)
 
-
-
-def gather(tensor: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
-    """The entries of ``tensor`` at the flat ``coordinates``, as a new 1-D tensor."""
-    return tensor.reshape(-1).index_select(0, coordinates)
-
-
-def scatter_coordinates(param: torch.Tensor, coordinates: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` into the flat ``coordinates`` of ``param`` in place."""
-    values = values.to(param.dtype)
-    # Coordinates are stored as int32 when they fit (half the bytes); index_copy_ wants int64.
-    coordinates = coordinates.long()
-    if param.is_contiguous():
-        param.view(-1).index_copy_(0, coordinates, values)
-    else:
-        flat = param.detach().reshape(-1).clone()
-        flat.index_copy_(0, coordinates, values)
-        param.copy_(flat.view_as(param))
 
 
 def resolve_implementation(group: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[bool, bool]:

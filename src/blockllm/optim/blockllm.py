@@ -29,6 +29,7 @@ from blockllm.optim.state_format import (
 )
 from blockllm.optim.validation import check_adam_arguments
 from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.coordinates import as_flat
 from blockllm.selection.selector import BlockSelector
 
 logger = logging.getLogger(__name__)
@@ -195,11 +196,15 @@ class BlockLLM(Optimizer):
         return self._candidates.index(param)
 
     def coordinates(self, name: str) -> torch.Tensor | None:
-        """Flat indices of the selected coordinates of ``name``; ``None`` when it is whole."""
+        """Flat indices of the selected coordinates of ``name``; ``None`` when it is whole.
+
+        In the order of the tensor's compact gradient and moments: for a tensor trained by rows,
+        row by row, then the few leftover coordinates.
+        """
         index = self._candidates.names.index(name)
         if index not in self._selector.selection:
             raise KeyError(f"{name!r} is not selected now")
-        return self._selector.selection[index]
+        return as_flat(self._selector.selection[index])
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held now, by category, counted from the tensors that exist.

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import torch
 
 from blockllm.distributed.base import Communicator
-from blockllm.optim.adam_update import gather
 from blockllm.optim.compact_grads import CompactGradients
 from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.coordinates import gather
 from blockllm.selection.packing import Coordinates
 
 

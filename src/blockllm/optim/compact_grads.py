@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from blockllm.distributed.base import Communicator
-from blockllm.optim.adam_update import gather
+from blockllm.selection.coordinates import gather
 from blockllm.selection.packing import Coordinates
 
 

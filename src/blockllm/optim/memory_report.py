@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from blockllm.selection.coordinates import index_bytes
+
 LocalFn = Callable[[torch.Tensor | None], torch.Tensor | None]
 
 
@@ -38,7 +40,7 @@ def count_bytes(
                 report[category] += _nbytes(value)
     for coordinates in coordinate_lists:
         if coordinates is not None:
-            report["optimizer_state"] += _nbytes(coordinates)
+            report["optimizer_state"] += index_bytes(coordinates)
     report["grads"] += compact_bytes
     return report
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from blockllm.distributed.base import Communicator
+from blockllm.selection.coordinates import Selected, fill_, gather
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule
 
@@ -93,7 +94,7 @@ class RestStepper:
             self._check_once(index)
             self._step(index, None)
 
-    def release_rest_of(self, index: int, coordinates: torch.Tensor) -> None:
+    def release_rest_of(self, index: int, coordinates: Selected) -> None:
         """A partly selected tensor: step its unselected coordinates; the gradient stays."""
         if not self.holding:
             self._check_once(index)
@@ -132,14 +133,14 @@ class RestStepper:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def _step(self, index: int, selected: torch.Tensor | None) -> None:
+    def _step(self, index: int, selected: Selected | None) -> None:
         param = self.params[index]
         self.comm.average_grads_([(index, param.grad)])
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
         squares = grad.float().square().sum()
         if selected is not None:
-            squares = squares - grad.reshape(-1)[selected.long()].float().square().sum()
+            squares = squares - gather(grad, selected).float().square().sum()
         finite = torch.isfinite(squares)
         self.consumed_squares.append(squares)
         self._finite.append(finite)
@@ -150,7 +151,7 @@ class RestStepper:
         if decay:
             update.add_(weight, alpha=float(decay) * float(lr))
         if selected is not None:
-            update.reshape(-1).index_fill_(0, selected.long(), 0.0)
+            fill_(update, selected, 0.0)
         # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
         weight.sub_(torch.where(finite, update, torch.zeros_like(update)).to(weight.dtype))
         if selected is None:

@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -52,16 +54,9 @@ class Plan:
         return frozenset(self.whole) | frozenset(self.partial)
 
 
-Coordinates = dict[int, torch.Tensor | None]
-"""Candidate index -> sorted flat coordinates, or ``None`` for the whole tensor.
-
-Coordinates are int32 when the tensor has fewer than 2**31 entries (they are optimizer state,
-kept for as long as the selection lasts, so their bytes count), int64 otherwise.
-"""
-
-
-def compact_index(index: torch.Tensor, numel: int) -> torch.Tensor:
-    return index.to(torch.int32) if numel < 2**31 else index.to(torch.int64)
+Coordinates = dict[int, Selected | None]
+"""Candidate index -> its selected coordinates (:mod:`blockllm.selection.coordinates`: flat
+indices, or whole rows plus leftovers), or ``None`` for the whole tensor."""
 
 
 class BudgetPacker(Protocol):
@@ -197,21 +192,21 @@ class WholeTensorPacker:
             if grad is None or count <= 0:
                 continue
             if self.row_sizes is not None and self.row_sizes[index] > 1:
-                picked = top_rows(grad, count, self.row_sizes[index])
+                chosen[index] = top_rows(grad, count, self.row_sizes[index])
             else:
-                picked = _top_coordinates(grad, count)
-            chosen[index] = compact_index(picked, grad.numel())
+                chosen[index] = compact_index(_top_coordinates(grad, count), grad.numel())
         return chosen
 
 
-def top_rows(grad: torch.Tensor, count: int, row_size: int) -> torch.Tensor:
-    """Sorted flat indices of ``count`` coordinates of ``grad`` taken as whole rows where possible.
+def top_rows(grad: torch.Tensor, count: int, row_size: int) -> RowCoordinates:
+    """``count`` coordinates of ``grad`` taken as whole rows where possible.
 
     The ``count // row_size`` rows with the largest gradient norm come whole; the few
     coordinates left over (fewer than a row) are the largest-|G| ones outside those rows, so the
     budget is still used exactly. Rows suit the vocabulary matrices: an embedding row is one
     token's vector, an output-head row one token's logit weights, and the rows with large
-    gradients are the tokens that matter in the data.
+    gradients are the tokens that matter in the data. Stored as row ids (a few kilobytes), not
+    one index per coordinate.
     """
     flat = grad.detach().reshape(-1)
     num_rows = flat.numel() // row_size
@@ -222,14 +217,15 @@ def top_rows(grad: torch.Tensor, count: int, row_size: int) -> torch.Tensor:
     row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
     rows = top_coordinates(row_norms, rows_wanted)
     extra = count - rows_wanted * row_size
-    if extra <= 0:
-        offsets = torch.arange(row_size, device=flat.device)
-        return (rows.unsqueeze(1) * row_size + offsets).reshape(-1)
-    mask = torch.zeros(num_rows, dtype=torch.bool, device=flat.device)
-    mask[rows] = True
-    extra_index = _top_outside_rows(by_row, mask, extra)
-    row_index = (rows.unsqueeze(1) * row_size + torch.arange(row_size, device=flat.device)).reshape(-1)
-    return torch.cat([row_index, extra_index]).sort().values
+    if extra > 0:
+        mask = torch.zeros(num_rows, dtype=torch.bool, device=flat.device)
+        mask[rows] = True
+        extra_index = _top_outside_rows(by_row, mask, extra)
+    else:
+        extra_index = rows.new_zeros(0)
+    return RowCoordinates(
+        compact_index(rows, num_rows), compact_index(extra_index, flat.numel()), row_size
+    )
 
 
 _CHUNK_ENTRIES = 1 << 20

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.coordinates import same, to_saved
 from blockllm.selection.packing import (
     BudgetPacker,
     Coordinates,
@@ -191,7 +192,7 @@ class BlockSelector:
             if agreed is not None:
                 stays = index in agreed
             else:
-                stays = index in chosen and _same_coordinates(coordinates, chosen[index])
+                stays = index in chosen and same(coordinates, chosen[index])
             if not stays:
                 leaving.add(index)
         for index, param in enumerate(self.candidates.params):
@@ -230,7 +231,7 @@ class BlockSelector:
             "selection_rule": rule if isinstance(rule, str) else type(rule).__name__,
             "selected": [names[index] for index in sorted(self.selection)],
             "coordinates": {
-                names[index]: coordinates.detach().cpu().clone()
+                names[index]: to_saved(coordinates)
                 for index, coordinates in self.selection.items()
                 if coordinates is not None
             },
@@ -269,12 +270,6 @@ class BlockSelector:
                 param.requires_grad_(True)
         if section["selection_pending"]:
             self.start()
-
-
-def _same_coordinates(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
-    if old is None or new is None:
-        return old is None and new is None
-    return old.shape == new.shape and bool(torch.equal(old, new))
 
 
 __all__ = ["BlockSelector"]
