@@ -81,7 +81,7 @@ class BlockLLMConfig:
     skip_nonfinite: bool = _knob(
         True, "skip a step whose loss or gradients are NaN/inf, leaving everything untouched")
     compact_grads: bool = _knob(
-        False, "gather a partly selected tensor's gradient to its selected coordinates as it "
+        True, "gather a partly selected tensor's gradient to its selected coordinates as it "
         "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
     rest: str | RestRule = _knob(
         "none", "the state-free step of the candidate coordinates Adam does not update: 'none' "
@@ -94,6 +94,9 @@ class BlockLLMConfig:
     rest_in_backward: bool = _knob(
         True, "take the rest step in the gradient hooks, freeing each gradient at once (no "
         "full-model gradient); False = in step(), holding every gradient until then")
+    max_grad_norm: float | None = _knob(
+        None, "clip, inside step(), what the step applies to this total 2-norm of the whole "
+        "gradient (for loops that cannot call clip_grad_norm_ themselves); None = no clipping")
     always_adam: Pattern = _knob(
         None, "names trained with Adam whole at every step, outside the budget: a regex or a list "
         "of names, as for exclude")
@@ -129,6 +132,8 @@ class BlockLLMConfig:
                     f"Invalid rest_weight_decay: {self.rest_weight_decay} (must be >= 0)"
                 )
         _flag("rest_in_backward", self.rest_in_backward)
+        if self.max_grad_norm is not None and check_real("max_grad_norm", self.max_grad_norm) <= 0:
+            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm} (must be > 0, or None)")
         NameMatcher("always_adam", self.always_adam)
 
     @classmethod

@@ -40,7 +40,8 @@ def partial_record(opt: BlockLLM, shard_start) -> dict:
     for name in opt.selected:
         coordinates = opt.coordinates(name)
         if coordinates is not None:
-            record[name] = coordinates.long() + shard_start(name)
+            # As a set: one process stores rows first, a shard its coordinates in order.
+            record[name] = coordinates.long().sort().values + shard_start(name)
     return record
 
 
@@ -133,7 +134,9 @@ def fsdp_train_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
             "history": history,
             "memory": opt.memory_report(),
             "local_param_bytes": _local_bytes(params),
-            "local_grad_bytes": _local_bytes([p.grad for p in params]),
+            # .grad shards, plus the selected coordinates' gradients kept compacted outside them.
+            "local_grad_bytes": _local_bytes([p.grad for p in params])
+            + opt.compact_gradients.nbytes,
             "num_states": len(opt.state),
             "reselections": opt.num_reselections,
             "errors": _argument_errors(mesh),
@@ -266,7 +269,7 @@ def sharded_packer_worker(rank: int, world_size: int, store: str, out_dir: str) 
             plan = packer.plan(case["scores"])
             chosen = packer.coordinates(plan, local)
             results.append(
-                {i: None if c is None else c.long() + starts[i] for i, c in chosen.items()}
+                {i: None if c is None else c.long().sort().values + starts[i] for i, c in chosen.items()}
             )
         torch.save(results, Path(out_dir) / f"packer{rank}.pt")
     finally:

@@ -117,3 +117,49 @@ def test_callback_refuses_multi_process_trainer_without_process_group(make_llama
     args = SimpleNamespace(world_size=2)
     with pytest.raises(RuntimeError, match=r"needs process_group=torch\.distributed\.group\.WORLD"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=opt)
+
+
+def test_trainer_clipping_moves_into_blockllm_and_a_blind_clip_is_refused(make_llama, make_args):
+    # Trainer's torch clip cannot see compacted gradients or those a rest rule used in backward.
+    transformers = pytest.importorskip("transformers")
+    from blockllm.integrations import BlockLLMCallback, create_blockllm_optimizer
+
+    args = make_args(max_grad_norm=0.5)
+    optimizer = create_blockllm_optimizer(make_llama(), args, sparsity=0.9, rest="sign")
+    assert optimizer.config.max_grad_norm == 0.5 and args.max_grad_norm == 0.0
+    accumulating = make_args(gradient_accumulation_steps=2)
+    optimizer = create_blockllm_optimizer(make_llama(), accumulating, rest="colnorm")
+    assert optimizer.config.rest_in_backward is False
+
+    model = make_llama()
+    built_by_hand = BlockLLM(model.named_parameters(), sparsity=0.9)  # compacts by default
+    state = transformers.TrainerState()
+    control = transformers.TrainerControl()
+    with pytest.raises(RuntimeError, match=r"max_grad_norm=1\.0\) with torch\.nn\.utils"):
+        BlockLLMCallback().on_train_begin(
+            make_args(max_grad_norm=1.0), state, control, optimizer=built_by_hand, model=model
+        )
+    BlockLLMCallback().on_train_begin(
+        make_args(max_grad_norm=0.0), state, control, optimizer=built_by_hand, model=model
+    )
+
+
+def test_max_grad_norm_clips_inside_the_step_like_a_call_before_it():
+    def run(inside):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5, trigger="interval",
+                       patience=3, max_grad_norm=0.1 if inside else None)  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(7):
+            model(torch.randn(5, 8, generator=generator)).square().mean().backward()
+            if not inside:
+                opt.clip_grad_norm_(0.1)
+            opt.step(loss=1.0)
+            opt.zero_grad()
+        return model, opt
+
+    (inside, opt), (outside, _) = run(True), run(False)
+    assert opt.last_grad_norm > 0.1  # it did clip
+    for a, b in zip(inside.parameters(), outside.parameters()):
+        assert torch.equal(a, b)

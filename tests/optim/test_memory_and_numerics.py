@@ -106,7 +106,9 @@ def test_bf16_model_trains_with_fp32_master_weights_for_selected_blocks_only():
 
 def test_non_finite_loss_or_gradient_skips_the_step(caplog):
     model = TinyNet()
-    opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, trigger="interval", patience=3)
+    # Dense gradients (no compacting), so that a NaN can be planted in a .grad below.
+    opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, trigger="interval", patience=3,
+                   compact_grads=False)  # fmt: skip
     batches = make_batches(12)
     caplog.set_level(logging.WARNING, logger="blockllm")
     skipped_at = {2, 3, 6, 9}

@@ -267,8 +267,13 @@ def check_random_construction_and_training(spec, kwargs, style, steps, driver="l
     for step in range(steps):
         before = {name: p.detach().clone() for name, p in named.items()}
         _run_step(opt, model, spec, weights, step, driver)
-        # Gradients live until zero_grad: a selected tensor has one exactly when it was used.
-        had_grad = {name: named[name].grad is not None for name in candidates}
+        # Gradients live until zero_grad: a selected tensor has one exactly when it was used (a
+        # partly selected tensor's, compacted to its selected coordinates, outside .grad).
+        held = opt.compact_gradients.held
+        had_grad = {
+            name: named[name].grad is not None or index in held
+            for index, name in enumerate(candidates)
+        }
         selected = set(opt.selected)
         assert selected <= set(candidates)
         assert opt.num_selected <= opt.budget

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from blockllm.distributed.base import local_grad_norm
 from blockllm.distributed.fsdp2_top import ShardedPacker
+from blockllm.selection.coordinates import same as same_coordinates
 from blockllm.selection.packing import BudgetPacker, Coordinates
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class FSDP2Sync:
                     stays.add(index)
                 continue
             partial.append(index)
-            same.append(int(before.shape == after.shape and bool(torch.equal(before, after))))
+            same.append(int(same_coordinates(before, after)))
         if partial:
             votes = torch.tensor(same, dtype=torch.int64)
             dist.all_reduce(votes, group=self.group)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from blockllm.selection.coordinates import compact_index
+from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index
 from blockllm.selection.packing import (
     BudgetPacker,
     Coordinates,
@@ -94,8 +94,9 @@ class CountRecorder(Protocol):
 
 def sharded_top_rows(
     flat: torch.Tensor, count: int, row_size: int, total_rows: int, group: Any
-) -> torch.Tensor:
-    """:func:`blockllm.selection.packing.top_rows` over dim-0 shards: a mask over ``flat``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`blockllm.selection.packing.top_rows` over dim-0 shards: masks over local rows and
+    over ``flat`` (the leftover coordinates).
 
     FSDP2 shards along dim 0, so every row lies whole on one rank and its norm is local; only
     the choice among rows (and of the few leftover coordinates) needs the global threshold.
@@ -105,13 +106,13 @@ def sharded_top_rows(
     by_row = flat.reshape(local_rows, row_size)
     row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32)
     row_mask = global_top_masks([row_norms], rows_wanted, group)[0]
-    mask = row_mask.unsqueeze(1).expand(local_rows, row_size).reshape(-1).clone()
     extra = count - rows_wanted * row_size
+    extra_mask = torch.zeros_like(flat, dtype=torch.bool)
     if extra > 0:
         # Chosen rows are marked -1, below every magnitude, so the extra ones come from outside.
         magnitude = by_row.abs().float().masked_fill(row_mask.unsqueeze(1), -1.0).reshape(-1)
-        mask |= global_top_masks([magnitude], extra, group)[0]
-    return mask
+        extra_mask = global_top_masks([magnitude], extra, group)[0]
+    return row_mask, extra_mask
 
 
 class ShardedPacker:
@@ -152,19 +153,17 @@ class ShardedPacker:
             masks = self._per_tensor_masks(plan, grads)
         if not masks:
             return chosen
-        totals = _all_reduce_sum([int(mask.sum()) for mask in masks.values()], self.sync.group)
+        totals = _all_reduce_sum([_count(mask) for mask in masks.values()], self.sync.group)
         for (index, mask), total in zip(masks.items(), totals):
             if total == self.sizes[index]:
                 chosen[index] = None
             elif total > 0:
-                coordinates = compact_index(mask.nonzero().squeeze(1), mask.numel())
+                coordinates = _to_coordinates(mask)
                 self.sync.remember_count(coordinates, total)
                 chosen[index] = coordinates
         return chosen
 
-    def _per_tensor_masks(
-        self, plan: Plan, grads: dict[int, torch.Tensor]
-    ) -> dict[int, torch.Tensor]:
+    def _per_tensor_masks(self, plan: Plan, grads: dict[int, torch.Tensor]) -> dict[int, Any]:
         inner = self.inner
         counts = plan.counts or (plan.remainder,) * len(plan.partial)
         masks: dict[int, torch.Tensor] = {}
@@ -176,7 +175,8 @@ class ShardedPacker:
             row_size = inner.row_sizes[index] if inner.row_sizes is not None else 1
             if row_size > 1:
                 total_rows = self.sizes[index] // row_size
-                masks[index] = sharded_top_rows(flat, count, row_size, total_rows, self.sync.group)
+                rows, extra = sharded_top_rows(flat, count, row_size, total_rows, self.sync.group)
+                masks[index] = (rows, extra, row_size)
             else:
                 magnitude = flat.abs().float()
                 masks[index] = global_top_masks([magnitude], count, self.sync.group)[0]
@@ -189,6 +189,26 @@ class ShardedPacker:
         magnitudes = [_local(grads[index]).detach().reshape(-1).abs().float() for index in present]
         count = min(plan.remainder, sum(self.sizes[index] for index in present))
         return dict(zip(present, global_top_masks(magnitudes, count, self.sync.group)))
+
+
+def _count(mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int]) -> int:
+    """Coordinates a mask (or a ``(row mask, leftover mask, row size)`` triple) marks."""
+    if isinstance(mask, tuple):
+        rows, extra, row_size = mask
+        return int(rows.sum()) * row_size + int(extra.sum())
+    return int(mask.sum())
+
+
+def _to_coordinates(mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor, int]) -> Selected:
+    """This rank's coordinates: rows as row ids (as one process stores them), else flat."""
+    if isinstance(mask, tuple):
+        rows, extra, row_size = mask
+        return RowCoordinates(
+            compact_index(rows.nonzero().squeeze(1), rows.numel()),
+            compact_index(extra.nonzero().squeeze(1), extra.numel()),
+            row_size,
+        )
+    return compact_index(mask.nonzero().squeeze(1), mask.numel())
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,28 @@ LOG_PREFIX = "blockllm/"
 # ---------------------------------------------------------------------------------------- optimizer
 
 
+def _fit_to_trainer(args: TrainingArguments, options: dict[str, Any]) -> dict[str, Any]:
+    """The BlockLLM options that make Trainer's clipping and accumulation mean what they say.
+
+    Trainer clips with ``torch.nn.utils.clip_grad_norm_``, which sees only ``.grad``: not the
+    gradients BlockLLM keeps compacted, nor those a rest rule already used in backward. So the
+    clip moves into BlockLLM (``max_grad_norm``) and Trainer's is switched off
+    (``args.max_grad_norm = 0``). Trainer cannot wrap its micro-batches in
+    ``hold_gradients()``, so under gradient accumulation a rest rule steps in ``step()``.
+    """
+    changes: dict[str, Any] = {}
+    if args.max_grad_norm and "max_grad_norm" not in options:
+        changes["max_grad_norm"] = float(args.max_grad_norm)
+        logger.info(
+            "create_blockllm_optimizer: BlockLLM clips inside its step (max_grad_norm=%s, moved "
+            "from TrainingArguments, whose max_grad_norm is now 0)", args.max_grad_norm,
+        )  # fmt: skip
+        args.max_grad_norm = 0.0
+    if args.gradient_accumulation_steps > 1 and options.get("rest", "none") != "none":
+        changes.setdefault("rest_in_backward", False)
+    return changes
+
+
 def create_blockllm_optimizer(
     model: nn.Module, training_args: TrainingArguments, **blockllm_kwargs: Any
 ) -> BlockLLM:
@@ -121,6 +143,7 @@ def create_blockllm_optimizer(
             ", ".join(overridden),
         )
     options.update(blockllm_kwargs)
+    options.update(_fit_to_trainer(training_args, options))
 
     # Trainer's own rule (transformers.Trainer.get_decay_parameter_names) changes between
     # versions; it is a plain function of the model, so calling it keeps our split identical to
@@ -392,6 +415,7 @@ class BlockLLMCallback(TrainerCallback):
                 "args, process_group=torch.distributed.group.WORLD)) and "
                 "TrainingArguments(ddp_find_unused_parameters=True), or the replicas drift apart"
             )
+        _check_fits_trainer(optimizer, args)
         model = kwargs.get("model")
         if model is not None and self.manage_checkpointing:
             _fit_input_grads_to_checkpointing(model)
@@ -555,6 +579,26 @@ class BlockLLMCallback(TrainerCallback):
             global_step, len(optimizer.selected), optimizer.num_selected, optimizer.budget,
             " (reselection pending)" if optimizer.selection_pending else "",
         )  # fmt: skip
+
+
+def _check_fits_trainer(optimizer: BlockLLM, args: TrainingArguments) -> None:
+    """Refuse what Trainer would silently get wrong (see :func:`_fit_to_trainer`)."""
+    if args.max_grad_norm and (optimizer.compact_grads or optimizer.config.rest != "none"):
+        raise RuntimeError(
+            f"Trainer clips gradients (max_grad_norm={args.max_grad_norm}) with "
+            "torch.nn.utils.clip_grad_norm_, which cannot see the gradients this BlockLLM keeps "
+            "compacted or has used in backward: give BlockLLM max_grad_norm= and set "
+            "TrainingArguments(max_grad_norm=0) (create_blockllm_optimizer does both), or build "
+            "it with compact_grads=False and rest='none'"
+        )
+    rest = optimizer.config.rest != "none" and optimizer.config.rest_in_backward
+    if args.gradient_accumulation_steps > 1 and rest:
+        raise RuntimeError(
+            "Trainer accumulates gradients over "
+            f"{args.gradient_accumulation_steps} micro-batches and cannot wrap them in "
+            "optimizer.hold_gradients(): build BlockLLM with rest_in_backward=False "
+            "(create_blockllm_optimizer does so)"
+        )
 
 
 __all__ = [

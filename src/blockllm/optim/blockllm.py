@@ -122,6 +122,7 @@ class BlockLLM(Optimizer):
         self.num_skipped_steps = 0
         self.num_steps = 0
         self.last_loss: float | None = None
+        self.last_grad_norm: float | None = None  # with max_grad_norm: the norm step() clipped
         self._recorded_losses: list[float] = []
         self._warned: set[str] = set()
         defaults = dict(
@@ -337,6 +338,8 @@ class BlockLLM(Optimizer):
                 "step(loss=loss) or step(closure), or use trigger='interval'.",
             )  # fmt: skip
 
+        if self.config.max_grad_norm is not None:
+            self.last_grad_norm = float(self.clip_grad_norm_(self.config.max_grad_norm))
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
         grads = self._flow.for_update(selection)

@@ -35,6 +35,10 @@ class CompactGradients:
         self.touched = comm.touched
         self.held: dict[int, torch.Tensor] = {}
         self.sources: list[object] = []
+        # Set by a step that applied the held gradients: the next gradient to land starts afresh
+        # even when the loop zeroed only the model's gradients (Hugging Face Trainer calls
+        # model.zero_grad(), never optimizer.zero_grad()). Until then they stay, like .grad.
+        self.stale = False
 
     def add(self, index: int, part: torch.Tensor) -> None:
         """Deposit a micro-batch's selected-coordinate gradient computed outside autograd."""
@@ -42,6 +46,8 @@ class CompactGradients:
         self._accumulate(index, part)
 
     def _accumulate(self, index: int, part: torch.Tensor) -> None:
+        if self.stale:
+            self.clear()
         held = self.held.get(index)
         self.held[index] = part if held is None else held.add_(part)
 
@@ -55,6 +61,7 @@ class CompactGradients:
 
     def clear(self) -> None:
         self.held.clear()
+        self.stale = False
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +75,8 @@ class CompactGradients:
         Raises:
             RuntimeError: a selected tensor has a sparse gradient.
         """
+        if self.stale:  # nothing landed since the last step: what is held was applied then
+            self.clear()
         grads: dict[int, torch.Tensor] = {}
         for index, coordinates in selection.items():
             # FSDP2: the local shard; its coordinates are local to the shard too.

@@ -130,6 +130,7 @@ class GradientFlow:
         return finite
 
     def end_step(self) -> None:
+        self.compact.stale = True
         if self.rest is not None:
             self.rest.end_step()
 
