@@ -59,3 +59,25 @@ def train_steps(model, optimizer, batches, *, scheduler=None, pass_loss=True):
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def expected_state_bytes(optimizer) -> int:
+    """What the optimizer must hold as state, derived from its selection (fp32 parameters).
+
+    Per updated coordinate two fp32 moments (8 bytes), per tensor with state a 4-byte step
+    counter, and the coordinate lists of partly selected tensors (row ids and leftover
+    coordinates, or one int32 per coordinate): exact whatever the selection is, so a bound built
+    on it does not depend on which tensors a machine's rounding happens to select.
+    """
+    from blockllm.selection.coordinates import index_bytes
+
+    total = 0
+    for name, param in optimizer.named_candidates():
+        if not optimizer.state.get(param):
+            continue
+        coordinates = optimizer.selector.selection[optimizer.candidate_index(param)]
+        count = param.numel() if coordinates is None else coordinates.numel()
+        total += 8 * count + 4
+        if coordinates is not None:
+            total += index_bytes(coordinates)
+    return total

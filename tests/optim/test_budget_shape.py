@@ -20,8 +20,10 @@ def run(steps=12, accumulate=1, clip=None, **kwargs):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(accumulate):
-            loss = loss_of(model, batches[step * accumulate + micro]) / accumulate
-            loss.backward()
+            # Every backward but the last held: the step then uses the whole step's gradient.
+            with optimizer.hold_gradients() if micro + 1 < accumulate else torch.enable_grad():
+                loss = loss_of(model, batches[step * accumulate + micro]) / accumulate
+                loss.backward()
             total += loss.item()
         if clip is not None:
             optimizer.clip_grad_norm_(clip)

@@ -137,7 +137,9 @@ class BlockLLM(Optimizer):
             )
         self._comm = choose_communicator(candidates.names, candidates.params, process_group)
         self._flow = GradientFlow(candidates, config, self._comm, self._groups_of_candidates)
-        self._selector = BlockSelector(candidates, config, self._comm, self._flow.release)
+        self._selector = BlockSelector(
+            candidates, config, self._comm, self._flow.release, self._flow.holding
+        )
         self._flow.attach(self._selector)
         self._constructed = True
         self._activate()
@@ -269,10 +271,12 @@ class BlockLLM(Optimizer):
     def hold_gradients(self) -> contextlib.AbstractContextManager[None]:
         """Keep this context's gradients for later: wrap all but the last backward of a step.
 
-        With a state-free ``rest`` rule stepping in the gradient hooks, a gradient is used the
-        moment it lands; under gradient accumulation the earlier micro-batches' backward passes
-        must keep theirs (in ``.grad``) so that the last one steps with the sum. Without a rest
-        rule this does nothing.
+        BlockLLM uses gradients as they land: a state-free ``rest`` rule steps with them, and a
+        selection step reduces a partly selected tensor's gradient to its candidates. Under
+        gradient accumulation the earlier micro-batches' backward passes must keep theirs (in
+        ``.grad``), so that the last one uses the step's whole gradient: the same as one big
+        batch. (With a rest rule a second gradient without this is an error; without one the
+        candidates of a partly selected tensor come from the first micro-batch.)
         """
         return self._flow.hold()
 
@@ -342,6 +346,8 @@ class BlockLLM(Optimizer):
             self.last_grad_norm = float(self.clip_grad_norm_(self.config.max_grad_norm))
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
+        if chosen is not None:
+            self._flow.compact.deposit(selector.chosen_grads)
         grads = self._flow.for_update(selection)
         finite = not self.config.skip_nonfinite or self._is_finite(observed, grads)
         self._flow.end_step()

@@ -23,6 +23,7 @@ def clip_selected_(
     compact: CompactGradients,
     comm: Communicator,
     consumed_squares: list[torch.Tensor] = (),
+    elsewhere: list[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> torch.Tensor:
     """Scale the held gradients to a total norm of at most ``max_norm``; returns the norm before.
 
@@ -34,6 +35,8 @@ def clip_selected_(
     gradient is averaged first (once), so that the whole batch's gradient is clipped.
     ``consumed_squares``: squared norms of gradients a state-free rest step has already used and
     freed; they count in the 2-norm (the rest step itself is invariant to the clip).
+    ``elsewhere``: gradients held outside ``.grad`` with their whole tensor's squared norm (a
+    selection step's shortlists): the norm counts, the values are scaled.
 
     Raises:
         ValueError: a norm other than the 2-norm while rest gradients were consumed.
@@ -57,10 +60,13 @@ def clip_selected_(
     measured = [m if isinstance(m, torch.Tensor) else gather(*m) for m in measured]
     grads += compact.held.values()
     measured += compact.held.values()
+    grads += [values for values, _ in elsewhere]
+    consumed_squares = [*consumed_squares, *(squares for _, squares in elsewhere)]
     if consumed_squares and float(norm_type) != 2.0:
         raise ValueError(
-            f"Invalid norm_type: {norm_type}; with a rest rule stepping in the gradient hooks only "
-            "the 2-norm can be clipped (use rest_in_backward=False for other norms)"
+            f"Invalid norm_type: {norm_type}; only the 2-norm can be clipped when gradients were "
+            "already used in backward (a rest rule) or reduced to their candidates (a selection "
+            "step's shortlists); clip other norms with compact_grads=False and rest='none'"
         )
     if not grads and not consumed_squares:
         return torch.zeros(())

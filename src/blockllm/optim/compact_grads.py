@@ -45,6 +45,12 @@ class CompactGradients:
         self.touched(index)  # no hook saw it: mark it for averaging here
         self._accumulate(index, part)
 
+    def deposit(self, grads: dict[int, torch.Tensor]) -> None:
+        """Take over the selected coordinates' gradients a selection step picked (averaged)."""
+        for index, part in grads.items():
+            self._accumulate(index, part)
+        grads.clear()
+
     def _accumulate(self, index: int, part: torch.Tensor) -> None:
         if self.stale:
             self.clear()

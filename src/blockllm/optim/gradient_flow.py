@@ -12,7 +12,7 @@ once over data-parallel ranks, and clips them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -52,10 +52,11 @@ class GradientFlow:
         self.comm = comm
         self.groups = groups
         self.compact = CompactGradients(config.compact_grads, comm)
+        self._holding = 0
         rule = make_rest_rule(config.rest)
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
-            comm, config.rest_in_backward,
+            comm, config.rest_in_backward, self.holding,
         )  # fmt: skip
         self.selector: BlockSelector | None = None
 
@@ -91,8 +92,18 @@ class GradientFlow:
         elif self.rest is not None:  # only a rest rule keeps unselected tensors trainable
             self.rest.release(index)
 
-    def hold(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext() if self.rest is None else self.rest.hold()
+    def holding(self) -> bool:
+        """True inside :meth:`hold`: more backward passes of this step are to come."""
+        return self._holding > 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep every gradient as autograd leaves it (no rest step, no shortlist) meanwhile."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
 
     # ------------------------------------------------------------------ at the step
 
@@ -106,9 +117,11 @@ class GradientFlow:
             # Every coordinate's gradient is used: a held gradient counts whole unless the rest
             # step already took (and counted) its unselected part.
             selection = {i: c for i, c in selection.items() if i in self.rest.stepped}
+        scoring = self.selector.scoring
+        elsewhere = [] if scoring is None else scoring.held_elsewhere()
         return clip_selected_(
             max_norm, norm_type, parameters, self.candidates, selection, self.compact,
-            self.comm, consumed,
+            self.comm, consumed, elsewhere,
         )  # fmt: skip
 
     def for_update(self, selection: Coordinates) -> dict[int, torch.Tensor]:

@@ -24,8 +24,7 @@ Adam update; rest steps taken earlier in that backward stay taken.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ class RestStepper:
         groups: the param group of each candidate (for its current lr).
         comm: averages a gradient over data-parallel ranks before it is used; local shards.
         in_backward: step in the gradient hooks (True) or only in ``step()``.
+        held: True while the loop holds gradients for a later backward (accumulation).
     """
 
     def __init__(
@@ -58,6 +58,7 @@ class RestStepper:
         groups: Sequence[dict[str, Any]],
         comm: Communicator,
         in_backward: bool,
+        held: Callable[[], bool],
     ) -> None:
         self.rule = rule
         self.lr_scale = lr_scale
@@ -66,7 +67,7 @@ class RestStepper:
         self.groups = groups
         self.comm = comm
         self.in_backward = in_backward
-        self._holding = 0
+        self.held = held
         # This step's gradients already stepped with and freed: squared norms (for clipping)
         # and whether each was finite (checked once, at the step).
         self.consumed_squares: list[torch.Tensor] = []
@@ -75,16 +76,7 @@ class RestStepper:
 
     @property
     def holding(self) -> bool:
-        return self._holding > 0 or not self.in_backward
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Keep gradients (do not step with them) while the context is open."""
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
+        return self.held() or not self.in_backward
 
     # ------------------------------------------------------------------ from the hooks
 

@@ -184,6 +184,19 @@ class WholeTensorPacker:
             left -= wanted
         return Plan(tuple(whole), tuple(partial), left, tuple(counts))
 
+    def most(self, index: int) -> int:
+        """The most coordinates ``index`` can ever get: its cap, or the budget uncapped."""
+        cap = self.budget if self.caps is None else self.caps[index]
+        return min(self.sizes[index], cap, self.budget)
+
+    def row_size(self, index: int) -> int:
+        return self.row_sizes[index] if self.row_sizes is not None else 1
+
+    @staticmethod
+    def counts(plan: Plan) -> dict[int, int]:
+        """Coordinates of each partly selected tensor of ``plan``."""
+        return dict(zip(plan.partial, plan.counts or (plan.remainder,) * len(plan.partial)))
+
     def coordinates(self, plan: Plan, grads: dict[int, torch.Tensor]) -> Coordinates:
         chosen: Coordinates = {index: None for index in plan.whole}
         counts = plan.counts or (plan.remainder,) * len(plan.partial)

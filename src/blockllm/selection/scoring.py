@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from blockllm.selection.packing import BudgetPacker, Coordinates, Plan
+from blockllm.selection.packing import BudgetPacker, Coordinates, Plan, WholeTensorPacker
+from blockllm.selection.shortlist import Shortlist, make_shortlist, pick
 
 ScoreFn = Callable[[int, torch.Tensor], float]
 AverageFn = Callable[[list[tuple[int, torch.Tensor]]], None]
@@ -41,6 +42,11 @@ class ScoringPass:
             training (a state-free rule for the rest): gradients outside the plan are then kept
             until released, since a later micro-batch adds to them.
         pinned: candidates outside the selection (always updated): never scored or released.
+        shortlist: reduce the dense gradient of a tensor that joins the plan's partial set to
+            its :class:`~blockllm.selection.shortlist.Shortlist` at once, except while this
+            returns True (more micro-batches to come); None: never. Needs a
+            :class:`WholeTensorPacker`; the picked coordinates' gradient is then handed over in
+            ``chosen_grads``, not left in ``.grad``.
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class ScoringPass:
         release: Callable[[int], None] | None = None,
         freeze: bool = True,
         pinned: frozenset[int] = frozenset(),
+        shortlist: Callable[[], bool] | None = None,
     ):
         self.params = params
         self.packer = packer
@@ -69,6 +76,10 @@ class ScoringPass:
         # skip the step and lower its scale, and a freed gradient would hide it.
         self.nonfinite: set[int] = set()
         self.peak_held_bytes = 0
+        self.shortlist_held = shortlist if isinstance(packer, WholeTensorPacker) else None
+        self.shortlists: dict[int, Shortlist] = {}
+        # The picked coordinates' gradient of shortlisted tensors (their .grad is gone).
+        self.chosen_grads: dict[int, torch.Tensor] = {}
 
     @property
     def started(self) -> bool:
@@ -94,6 +105,11 @@ class ScoringPass:
                 self.release(index)
             else:
                 self._reduce(index, param.grad)
+                if index in self.shortlists:  # accumulated at its candidates only
+                    self.shortlists[index].add_(param.grad)
+                    param.grad = None
+                elif self.shortlist_held is not None and not self.shortlist_held():
+                    self._shorten((index,) if index in self.plan.partial else ())
             return
         self._reduce(index, param.grad)
         score = float(self.score_fn(index, param.grad))
@@ -108,14 +124,36 @@ class ScoringPass:
         members = self.plan.members
         for dropped in previous - members - self.nonfinite:
             self.release(dropped)
+            self.shortlists.pop(dropped, None)
         if index not in members and index not in self.nonfinite:
             self.release(index)
+        if self.shortlist_held is not None and not self.shortlist_held():
+            self._shorten(self.plan.partial)
         held = sum(
             self.params[i].grad.numel() * self.params[i].grad.element_size()
             for i in members
             if self.params[i].grad is not None
-        )
+        ) + sum(shortlist.nbytes for shortlist in self.shortlists.values())
         self.peak_held_bytes = max(self.peak_held_bytes, held)
+
+    def _shorten(self, partial: Sequence[int]) -> None:
+        """Reduce partly selected tensors' dense gradients to their shortlists (once each)."""
+        for index in partial:
+            grad = self.params[index].grad
+            if index in self.shortlists or index in self.nonfinite or grad is None:
+                continue
+            self.shortlists[index] = make_shortlist(
+                grad, self.packer.most(index), self.packer.row_size(index)
+            )
+            self.params[index].grad = None
+
+    def held_elsewhere(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(gradient values, squared norm of the whole gradient)`` of each shortlisted tensor.
+
+        For clipping before the step: the whole gradient's norm counts, and the values the
+        selection will pick from are scaled with the rest.
+        """
+        return [(s.values, s.squares) for s in self.shortlists.values()]
 
     def _reduce(self, index: int, grad: torch.Tensor) -> None:
         if self.average is not None:
@@ -140,8 +178,17 @@ class ScoringPass:
             if self.params[index].grad is not None
         }
         chosen = self.packer.coordinates(self.plan, grads)
+        counts = self.packer.counts(self.plan) if self.shortlists else {}
+        for index, shortlist in self.shortlists.items():
+            if counts.get(index, 0) > 0:
+                chosen[index], self.chosen_grads[index] = pick(shortlist, counts[index])
+        self.shortlists.clear()
         chosen.update((index, None) for index in self.pinned)
-        self.chosen = {i: c for i, c in chosen.items() if self.params[i].grad is not None}
+        self.chosen = {
+            i: c
+            for i, c in chosen.items()
+            if self.params[i].grad is not None or i in self.chosen_grads
+        }
         if self.freeze:
             self._freeze_all_but(self.chosen)
         else:

@@ -47,6 +47,7 @@ class BlockSelector:
         release: with a state-free rule for the rest, called with a candidate whose gradient
             the selection does not use (it steps with it and frees it); every candidate then
             stays trainable. None: such gradients are freed and unselected candidates frozen.
+        holding: True while the loop holds gradients for a later backward of the same step.
 
     Raises:
         ValueError: an unknown policy name, or a sparsity that leaves no budget.
@@ -58,11 +59,13 @@ class BlockSelector:
         config: BlockLLMConfig,
         comm: Communicator,
         release: Callable[[int], None] | None = None,
+        holding: Callable[[], bool] = lambda: False,
     ):
         self.candidates = candidates
         self.config = config
         self.comm = comm
         self.release = release
+        self.holding = holding
         self.trigger = make_trigger(config.trigger, config.patience)
         self.scorer = make_scorer(config.score)
         self.rule = make_selection_rule(config.selection)
@@ -74,6 +77,8 @@ class BlockSelector:
         self.num_reselections = 0
         self.selection_seconds = 0.0
         self.peak_selection_grad_bytes = 0
+        # The gradient of the coordinates a finished scoring pass picked from shortlists.
+        self.chosen_grads: dict[int, torch.Tensor] = {}
         self.refresh()
 
     # ------------------------------------------------------------------ budget
@@ -138,9 +143,15 @@ class BlockSelector:
             return
         packer = self.comm.packer(self.packer, params)
         average = self.comm.average_grads_ if self.comm.syncs_gradients else None
+        # Shortlists hand the picked coordinates' gradient over compacted, and under FSDP2 the
+        # coordinates come from a threshold over the shards' dense gradients: neither otherwise.
+        shortlist = (
+            self.config.compact_grads and self.release is None and not self.comm.shards_parameters
+        )
         self.scoring = ScoringPass(
             params, packer, self._score, average, release=self.release,
             freeze=self.release is None, pinned=self.candidates.pinned,
+            shortlist=self.holding if shortlist else None,
         )  # fmt: skip
         for param in params:
             param.requires_grad_(True)
@@ -164,6 +175,7 @@ class BlockSelector:
             return None
         started = time.perf_counter()
         chosen = scoring.finish()
+        self.chosen_grads = scoring.chosen_grads
         self.selection_seconds += time.perf_counter() - started
         self.peak_selection_grad_bytes = max(
             self.peak_selection_grad_bytes, scoring.peak_held_bytes
