@@ -148,17 +148,16 @@ class BlockLLMConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BlockLLMConfig:
         """A config from a dict of knobs; unknown keys raise ``TypeError`` naming the valid ones."""
-        names = [knob.name for knob in cls.fields()]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise TypeError(
-                f"Invalid BlockLLMConfig keys: {', '.join(map(repr, unknown))} (valid keys: "
-                f"{', '.join(names)})"
-            )
+        _check_names(values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> BlockLLMConfig:
-        """A copy with ``changes`` applied (and checked); ``self`` when there are none."""
+        """A copy with ``changes`` applied (and checked); ``self`` when there are none.
+
+        Raises:
+            TypeError: a change names no knob (the message lists them).
+        """
+        _check_names(changes)
         return dataclasses.replace(self, **changes) if changes else self  # frozen: shareable
 
 
@@ -171,6 +170,16 @@ def check_real(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value}")
     return float(value)
+
+
+def _check_names(values: dict[str, Any]) -> None:
+    names = [knob.name for knob in dataclasses.fields(BlockLLMConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise TypeError(
+            f"Unknown BlockLLM knobs {', '.join(map(repr, unknown))} (the knobs are "
+            f"{', '.join(names)})"
+        )
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:

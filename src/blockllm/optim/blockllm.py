@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,24 +17,24 @@ from blockllm.errors import BlockLLMError
 from blockllm.optim.adam_update import update_selected_
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.gradient_flow import GradientFlow
-from blockllm.optim.memory_report import count_bytes
+from blockllm.optim.inspection import SelectionViews
 from blockllm.optim.params import normalize_group, normalize_param_groups
 from blockllm.optim.state_format import (
-    STATE_FORMAT_VERSION,
     check_same_model,
     check_state,
+    model_section,
     read_section,
-    restore_tensor,
+    restored_state,
 )
 from blockllm.optim.validation import check_adam_arguments
 from blockllm.selection.candidates import CandidateSet
-from blockllm.selection.coordinates import as_flat
 from blockllm.selection.selector import BlockSelector
+from blockllm.selection.triggers import loss_value
 
 logger = logging.getLogger(__name__)
 
 
-class BlockLLM(Optimizer):
+class BlockLLM(SelectionViews, Optimizer):
     r"""Adam(W) on a gradient-selected subset of parameter tensors (BlockLLM, arXiv 2406.17296).
 
     Each parameter tensor is a block; Adam moments exist only for the selected blocks::
@@ -111,7 +110,7 @@ class BlockLLM(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused
         )
         # The knobs: a config, keyword arguments, or both (the arguments win).
-        self.config = config = (config or DEFAULTS).replace(**_known_options(options))
+        self.config = config = (config or DEFAULTS).replace(**options)
         groups, aliases = normalize_param_groups(params)
         self._candidates = candidates = CandidateSet(
             config.include, config.exclude, aliases, config.always_adam
@@ -152,82 +151,13 @@ class BlockLLM(Optimizer):
         )  # fmt: skip
         self._selector.start()
 
-    # ------------------------------------------------------------------ read-only views
-
-    sparsity = property(lambda self: self.config.sparsity)
-    patience = property(lambda self: self.config.patience)
-    compact_grads = property(lambda self: self.config.compact_grads)
-    selector = property(lambda self: self._selector, doc="The selection engine.")
-    communicator = property(lambda self: self._comm, doc="How this optimizer talks to its peers.")
-    compact_gradients = property(lambda self: self._flow.compact, doc="Grads kept outside .grad.")
-    budget = property(lambda self: self._selector.budget, doc="k: the most coordinates per step.")
-    num_coordinates = property(lambda self: self._selector.total, doc="N: candidate coordinates.")
-    num_candidates = property(lambda self: len(self._candidates))
-    candidate_names = property(lambda self: list(self._candidates.names))
-    num_selected = property(lambda self: self._selector.num_selected, doc="Coordinates now <= k.")
-    num_selections = property(lambda self: self._selector.num_selections)
-    num_reselections = property(lambda self: self._selector.num_reselections)
-    selection_seconds = property(lambda self: self._selector.selection_seconds)
-    peak_selection_grad_bytes = property(lambda self: self._selector.peak_selection_grad_bytes)
-    selection_pending = property(lambda self: self._selector.pending, doc="Next backward scores.")
-
-    @property
-    def process_group(self) -> Any:
-        """The process group gradients are averaged over, or None (no communication)."""
-        return self._comm.process_group
-
-    @property
-    def selected(self) -> list[str]:
-        """Names of the tensors selected now (in candidate order)."""
-        return [self._candidates.names[index] for index in sorted(self._selector.selection)]
-
-    @property
-    def visit_counts(self) -> dict[str, int]:
-        return dict(zip(self._candidates.names, self._selector.visits))
-
-    @property
-    def trainable_fraction(self) -> float:
-        """Selected coordinates over all candidate coordinates."""
-        return self.num_selected / self._selector.total
-
-    def named_candidates(self) -> list[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` of every candidate, in candidate order."""
-        return list(zip(self._candidates.names, self._candidates.params))
-
-    def candidate_index(self, param: torch.Tensor) -> int | None:
-        """The candidate index of ``param``; None when it is no candidate."""
-        return self._candidates.index(param)
-
-    def coordinates(self, name: str) -> torch.Tensor | None:
-        """Flat indices of the selected coordinates of ``name``; ``None`` when it is whole.
-
-        In the order of the tensor's compact gradient and moments: for a tensor trained by rows,
-        row by row, then the few leftover coordinates.
-        """
-        index = self._candidates.names.index(name)
-        if index not in self._selector.selection:
-            raise KeyError(f"{name!r} is not selected now")
-        return as_flat(self._selector.selection[index])
-
-    def memory_report(self) -> dict[str, int]:
-        """Bytes held now, by category, counted from the tensors that exist.
-
-        ``params``: every parameter in the param groups; ``grads``: their ``.grad`` tensors (and
-        compacted gradients); ``optimizer_state``: Adam moments, step counters and coordinate
-        lists; ``master_weights``: fp32 copies of low-precision blocks.
-        """
-        return count_bytes(
-            self.param_groups, self.state, self._selector.selection.values(),
-            self._flow.compact.nbytes, self._comm.local,
-        )  # fmt: skip
-
     def record_loss(self, loss: Any) -> None:
         """Note a (micro-batch) loss for the next :meth:`step` that is called without one.
 
         For training loops that call ``step()`` themselves (Hugging Face Trainer, accelerate): the
         mean of the losses recorded since the last step feeds the reselection trigger.
         """
-        self._recorded_losses.append(_as_float(loss))
+        self._recorded_losses.append(loss_value(loss))
 
     # ------------------------------------------------------------------ gradients
 
@@ -334,7 +264,7 @@ class BlockLLM(Optimizer):
         selector = self._selector
         observed = None
         if loss is not None:  # every rank's trigger must see the same loss
-            observed = self._comm.average_loss(_as_float(loss), self._candidates.params[0].device)
+            observed = self._comm.average_loss(loss_value(loss), self._candidates.params[0].device)
         self.last_loss = observed
         if observed is None and selector.trigger.needs_loss and not selector.selects_everything:
             self._warn_once(
@@ -406,12 +336,7 @@ class BlockLLM(Optimizer):
         """
         state_dict = super().state_dict()
         state_dict["blockllm"] = {
-            "format_version": STATE_FORMAT_VERSION,
-            "candidates": list(self._candidates.names),
-            "numels": [param.numel() for param in self._candidates.params],
-            "shapes": [list(param.shape) for param in self._candidates.params],
-            "sparsity": self.sparsity,
-            "budget": self.budget,
+            **model_section(self._candidates.names, self._candidates.params, self.budget, self.sparsity),
             **self._selector.state_dict(),
             "num_skipped_steps": self.num_skipped_steps,
             "num_steps": self.num_steps,
@@ -428,41 +353,15 @@ class BlockLLM(Optimizer):
         section = read_section(state_dict)
         names, params = self._candidates.names, self._candidates.params
         check_same_model(section, names, params, self.budget, self.sparsity)
-        saved_state = state_dict["state"]
         every = [param for group in self.param_groups for param in group["params"]]
         by_id = {id(param): name for name, param in zip(names, params)}
-        check_state(saved_state, every, by_id, section, self._comm.local)
+        check_state(state_dict["state"], every, by_id, section, self._comm.local)
         super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
         # Exact copies: torch's loader would cast the fp32 moments of bf16 blocks to bf16.
-        self.state = defaultdict(dict)
-        for key, saved in saved_state.items():
-            param = every[int(key)]
-            self.state[param] = {k: restore_tensor(k, v, param) for k, v in saved.items()}
+        self.state = restored_state(state_dict["state"], every)
         self.num_skipped_steps = int(section["num_skipped_steps"])
         self.num_steps = int(section["num_steps"])
         self._selector.load_state_dict(section)
-
-
-def _known_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` if every key is a :class:`BlockLLMConfig` knob; a TypeError naming them if not."""
-    names = [knob.name for knob in BlockLLMConfig.fields()]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise TypeError(
-            f"BlockLLM got unexpected keyword arguments {', '.join(map(repr, unknown))} (its "
-            f"selection knobs are {', '.join(names)})"
-        )
-    return options
-
-
-def _as_float(loss: Any) -> float:
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"Invalid loss: expected a scalar, got a tensor of shape {tuple(loss.shape)}")
-        return float(loss.detach().item())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    raise TypeError(f"Invalid loss: expected a float or a scalar tensor, got {type(loss).__name__}")
 
 
 __all__ = ["BlockLLM", "BlockLLMError", "Communicator"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +124,31 @@ def check_state(
             )
 
 
+def model_section(
+    names: list[str], params: list[torch.Tensor], budget: int, sparsity: float
+) -> dict[str, Any]:
+    """The entries of the section that describe the model and the budget (checked on load)."""
+    return {
+        "format_version": STATE_FORMAT_VERSION,
+        "candidates": list(names),
+        "numels": [param.numel() for param in params],
+        "shapes": [list(param.shape) for param in params],
+        "sparsity": sparsity,
+        "budget": budget,
+    }
+
+
+def restored_state(
+    saved_state: dict[Any, dict[str, Any]], every_param: list[torch.Tensor]
+) -> defaultdict[torch.Tensor, dict[str, Any]]:
+    """torch's ``state`` rebuilt from a saved one with exact copies (no dtype casts)."""
+    state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+    for key, saved in saved_state.items():
+        param = every_param[int(key)]
+        state[param] = {name: restore_tensor(name, value, param) for name, value in saved.items()}
+    return state
+
+
 def restore_tensor(key: str, value: Any, param: torch.Tensor) -> Any:
     """An exact copy of a saved state entry, on ``param``'s device (``step`` stays put).
 
@@ -140,6 +166,8 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "check_same_model",
     "check_state",
+    "model_section",
     "read_section",
+    "restored_state",
     "restore_tensor",
 ]

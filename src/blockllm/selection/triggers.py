@@ -6,6 +6,8 @@ import math
 from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+
 
 @runtime_checkable
 class Trigger(Protocol):
@@ -85,6 +87,19 @@ class IntervalTrigger:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.observed = int(state["observed"])
+
+
+def loss_value(loss: Any) -> float:
+    """A step's loss as a float, from a scalar tensor or a number; named errors otherwise."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"Invalid loss: expected a scalar, got a tensor of shape {tuple(loss.shape)}"
+            )
+        return float(loss.detach().item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"Invalid loss: expected a float or a scalar tensor, got {type(loss).__name__}")
 
 
 TRIGGERS = {"loss": LossPlateauTrigger, "interval": IntervalTrigger}
