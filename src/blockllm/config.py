@@ -94,6 +94,9 @@ class BlockLLMConfig:
     rest_in_backward: bool = _knob(
         True, "take the rest step in the gradient hooks, freeing each gradient at once (no "
         "full-model gradient); False = in step(), holding every gradient until then")
+    stochastic_rounding: bool = _knob(
+        True, "round the rest step of bf16 weights stochastically, so that steps below half a "
+        "bf16 unit survive on average (no extra state); False = round to nearest")
     max_grad_norm: float | None = _knob(
         None, "clip, inside step(), what the step applies to this total 2-norm of the whole "
         "gradient (for loops that cannot call clip_grad_norm_ themselves); None = no clipping")
@@ -132,6 +135,7 @@ class BlockLLMConfig:
                     f"Invalid rest_weight_decay: {self.rest_weight_decay} (must be >= 0)"
                 )
         _flag("rest_in_backward", self.rest_in_backward)
+        _flag("stochastic_rounding", self.stochastic_rounding)
         if self.max_grad_norm is not None and check_real("max_grad_norm", self.max_grad_norm) <= 0:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm} (must be > 0, or None)")
         NameMatcher("always_adam", self.always_adam)

@@ -6,6 +6,7 @@ accumulation and clipping mean what they mean for one big batch, and that no ful
 gradient is ever held.
 """
 
+import copy
 import re
 
 import pytest
@@ -232,3 +233,59 @@ def test_row_gradients_leave_the_rest_its_gradient():
         optimizer.step(loss=1.0)
         optimizer.zero_grad(set_to_none=True)
     assert max_difference(plain, model) == 0.0
+
+
+def test_stochastic_rounding_keeps_small_bf16_steps_on_average():
+    from blockllm.optim.rounding import stochastic_round_to_bf16
+
+    value = torch.full((200_000,), 1.0 + 1e-3)  # between bf16 neighbours 1.0 and 1.0078125
+    rounded = stochastic_round_to_bf16(value, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
+    assert abs(rounded.mean().item() - (1.0 + 1e-3)) < 2e-5
+    assert torch.equal(stochastic_round_to_bf16(torch.tensor([-3.0, float("inf")]),
+                                                 torch.Generator()).float(),
+                       torch.tensor([-3.0, float("inf")]))  # fmt: skip
+
+    def train(stochastic):
+        # A bf16 weight of 1.0 pushed by 1e-4 per step: below half a bf16 unit (0.0039).
+        weight = torch.nn.Parameter(torch.ones(4096, 8, dtype=torch.bfloat16))
+        small = torch.nn.Parameter(torch.ones(8, 8))
+        opt = BlockLLM([("big", weight), ("small", small)], lr=1e-4, sparsity=0.95,
+                       rest="sign", stochastic_rounding=stochastic, trigger="interval",
+                       patience=1000, max_tensor_share=1.0)  # fmt: skip
+        for _ in range(50):
+            (weight.float().sum() + 1000 * small.sum()).backward()  # "small" ranks first
+            opt.step(loss=1.0)
+            opt.zero_grad()
+        # The rows of "big" that Adam does not update took the rest step only.
+        rest = torch.ones(weight.numel(), dtype=torch.bool)
+        rest[opt.coordinates("big").long()] = False
+        assert opt.selected == ["big", "small"] and 0 < rest.sum() < weight.numel()
+        return weight.detach().float().reshape(-1)[rest].mean().item()
+
+    assert train(stochastic=False) == 1.0  # every step rounded away
+    assert abs(train(stochastic=True) - (1.0 - 50 * 1e-4)) < 1e-3
+
+
+def test_resume_with_stochastic_rounding_continues_exactly():
+    def run(split):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16)).to(torch.bfloat16)
+        opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9, rest="sign",
+                       trigger="interval", patience=3)  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        data = [torch.randn(4, 16, generator=generator).bfloat16() for _ in range(10)]
+        for step, x in enumerate(data):
+            if step == split:
+                saved, weights = opt.state_dict(), copy.deepcopy(model.state_dict())
+                model.load_state_dict(weights)
+                opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9, rest="sign",
+                               trigger="interval", patience=3)  # fmt: skip
+                opt.load_state_dict(saved)
+            model(x).float().square().mean().backward()
+            opt.step(loss=1.0)
+            opt.zero_grad()
+        return model
+
+    for a, b in zip(run(split=None).parameters(), run(split=5).parameters()):
+        assert torch.equal(a, b)

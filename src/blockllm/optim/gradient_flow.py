@@ -56,7 +56,7 @@ class GradientFlow:
         rule = make_rest_rule(config.rest)
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
-            comm, config.rest_in_backward, self.holding,
+            comm, config.rest_in_backward, self.holding, config.stochastic_rounding, config.seed,
         )  # fmt: skip
         self.selector: BlockSelector | None = None
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from blockllm.distributed.base import Communicator
+from blockllm.optim.rounding import stochastic_round_to_bf16
 from blockllm.selection.coordinates import Selected, fill_, gather
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule
@@ -47,6 +48,8 @@ class RestStepper:
         comm: averages a gradient over data-parallel ranks before it is used; local shards.
         in_backward: step in the gradient hooks (True) or only in ``step()``.
         held: True while the loop holds gradients for a later backward (accumulation).
+        stochastic_rounding: round bf16 weights' steps stochastically (:mod:`.rounding`).
+        seed: seed of the rounding generators.
     """
 
     def __init__(
@@ -59,6 +62,8 @@ class RestStepper:
         comm: Communicator,
         in_backward: bool,
         held: Callable[[], bool],
+        stochastic_rounding: bool = True,
+        seed: int = 0,
     ) -> None:
         self.rule = rule
         self.lr_scale = lr_scale
@@ -68,6 +73,9 @@ class RestStepper:
         self.comm = comm
         self.in_backward = in_backward
         self.held = held
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}
         # This step's gradients already stepped with and freed: squared norms (for clipping)
         # and whether each was finite (checked once, at the step).
         self.consumed_squares: list[torch.Tensor] = []
@@ -139,15 +147,38 @@ class RestStepper:
         group = self.groups[index]
         lr = group["lr"]
         decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
-        update = self.rule.direction(grad) * (lr * self.lr_scale)
+        # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
+        work = torch.promote_types(weight.dtype, torch.float32)
+        update = self.rule.direction(grad).to(work) * (lr * self.lr_scale)
         if decay:
-            update.add_(weight, alpha=float(decay) * float(lr))
+            update.add_(weight.to(work), alpha=float(decay) * float(lr))
         if selected is not None:
             fill_(update, selected, 0.0)
         # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
-        weight.sub_(torch.where(finite, update, torch.zeros_like(update)).to(weight.dtype))
+        update = torch.where(finite, update, torch.zeros_like(update))
+        if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
+            weight.copy_(stochastic_round_to_bf16(weight.float() - update, self._generator(weight)))
+        else:
+            weight.sub_(update.to(weight.dtype))
         if selected is None:
             param.grad = None
+
+    def _generator(self, tensor: torch.Tensor) -> torch.Generator:
+        generator = self.generators.get(str(tensor.device))
+        if generator is None:
+            generator = torch.Generator(device=tensor.device).manual_seed(self.seed)
+            self.generators[str(tensor.device)] = generator
+        return generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rounding generators' states, by device (empty unless bf16 weights were stepped)."""
+        return {device: g.get_state() for device, g in self.generators.items()}
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        for device, state in states.items():
+            generator = torch.Generator(device=device)
+            generator.set_state(state.cpu() if device == "cpu" else state)
+            self.generators[device] = generator
 
 
 __all__ = ["RestStepper"]
