@@ -151,3 +151,23 @@ def test_missing_optional_package_names_the_pip_line(tmp_path, cache_dir, capsys
 def test_argparse_errors_exit_2(capsys):
     assert main(["pretrain", "--output-dir", "x", "--precision", "fp8"]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_bf16_pure_stores_weights_in_bf16_and_refuses_optimizers_without_masters(
+    tmp_path, cache_dir, capsys
+):
+    common = ["pretrain", *TINY_FLAGS, "--max-steps", "3", "--precision", "bf16-pure",
+              "--cache-dir", str(cache_dir), "--progress", "off"]  # fmt: skip
+    fp32_dir, pure_dir = tmp_path / "fp32", tmp_path / "pure"
+    code, _, _ = run([*common[:-6], "--cache-dir", str(cache_dir), "--progress", "off",
+                      "--output-dir", str(fp32_dir)], capsys)  # fmt: skip
+    assert code == 0
+    code, _, _ = run([*common, "--rest", "sign", "--output-dir", str(pure_dir)], capsys)
+    assert code == 0
+    fp32, pure = metrics(fp32_dir)[-1], metrics(pure_dir)[-1]
+    assert pure["peak_params_mb"] == pytest.approx(fp32["peak_params_mb"] / 2, rel=1e-3)
+    # fp32 masters and moments for the selected coordinates only (a tenth at sparsity 0.9).
+    assert 0 < pure["peak_master_weights_mb"] <= 0.11 * 2 * pure["peak_params_mb"]
+    code, _, err = run([*common, "--optimizer", "adamw", "--output-dir", str(tmp_path / "a")],
+                       capsys)  # fmt: skip
+    assert code == 2 and "keeps no fp32 master copies" in err

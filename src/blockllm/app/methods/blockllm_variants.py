@@ -57,6 +57,7 @@ register_optimizer(
         takes_loss=True,
         stats=_blockllm_stats,
         skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
+        keeps_masters=True,
     )
 )
 
@@ -96,5 +97,6 @@ for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():
             takes_loss=True,
             stats=_blockllm_stats,
             skipped_steps=lambda optimizer: int(optimizer.num_skipped_steps),
+            keeps_masters=True,
         )
     )

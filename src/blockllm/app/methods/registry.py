@@ -40,6 +40,8 @@ class OptimizerSpec:
         takes_loss: Pass the step's loss as ``optimizer.step(loss=...)`` (BlockLLM's trigger).
         prepare_model: Optional ``(model, config) -> model`` run before ``build`` (adapters).
         stats: ``optimizer -> {name: number}`` logged with every metrics line.
+        keeps_masters: Keeps fp32 master copies of bf16 weights itself (``--precision
+            bf16-pure`` is refused for an optimizer that does not: it would round every step).
         skipped_steps: ``optimizer -> count`` of the steps the optimizer itself skipped because
             the loss or a gradient was NaN/inf. None (the default) means it does not check, and
             the loop skips such steps for it, so that one bad batch cannot write NaN into the
@@ -54,6 +56,7 @@ class OptimizerSpec:
     prepare_model: Callable[[nn.Module, RunConfig], nn.Module] | None = None
     stats: Callable[[torch.optim.Optimizer], dict[str, float]] = field(default=_no_stats)
     skipped_steps: Callable[[torch.optim.Optimizer], int] | None = None
+    keeps_masters: bool = False
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}

@@ -65,6 +65,7 @@ from blockllm.app.training.progress import LogProgress, Progress
 from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.run_errors import (
     CheckpointError,
+    ConfigError,
     CorruptCheckpointError,
     TrainingInterrupted,
 )
@@ -189,7 +190,15 @@ class TrainingRun:
         with self.parallel.local_main_first():  # one process per machine fills the cache
             self.workload: Workload = build_workload(config, self.cache_dir)
         self.spec = get_optimizer_spec(config.optimizer)
+        if self.precision == "bf16-pure" and not self.spec.keeps_masters:
+            raise ConfigError(
+                f"Invalid precision: 'bf16-pure' with --optimizer {config.optimizer}, which keeps "
+                "no fp32 master copies (every step would be rounded to bf16); use --precision "
+                "bf16 (autocast over fp32 weights), or a BlockLLM method"
+            )
         model = self.workload.model
+        if self.precision == "bf16-pure":
+            model = self.workload.model = model.to(torch.bfloat16)
         if self.spec.prepare_model is not None:
             model = self.spec.prepare_model(model, config)
             self.workload.model = model

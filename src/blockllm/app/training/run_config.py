@@ -25,7 +25,7 @@ from blockllm.app.training.run_errors import ConfigError
 from blockllm.config import BlockLLMConfig
 
 COMMANDS = ("pretrain", "finetune")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 TASK_KINDS = ("auto", "classification", "causal-lm")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
@@ -80,7 +80,9 @@ class RunConfig:
     eps: float = _field(1e-8, "Adam epsilon")
     grad_clip: float = _field(1.0, "clip the gradient norm to this; 0 = no clipping")
     precision: str = _field(
-        "auto", "fp32, bf16 (autocast), or auto = bf16 on a CUDA GPU that has it"
+        "auto", "fp32; bf16 (autocast over fp32 weights); bf16-pure (weights stored in bf16, fp32 "
+        "master copies and moments for BlockLLM's selected coordinates only; BlockLLM methods "
+        "only); or auto = bf16 on a CUDA GPU that has it"
     )
     sparsity: float = _knob("sparsity")
     patience: int = _knob("patience")
