@@ -41,7 +41,7 @@ def max_difference(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("rule", ["sign", "colnorm"])
+@pytest.mark.parametrize("rule", ["sign", "colnorm", "factored"])
 def test_stepping_in_the_hooks_equals_stepping_in_step(rule):
     in_hooks, optimizer, _ = train(rest=rule)
     in_step, _, _ = train(rest=rule, rest_in_backward=False)
@@ -196,11 +196,12 @@ def test_activation_checkpointing_gives_the_same_training(reentrant):
     assert max_difference(run(False), run(True)) == 0.0
 
 
-def test_resume_across_a_reselection_continues_exactly():
-    full, _, _ = train(steps=16, rest="sign")
+@pytest.mark.parametrize("rule", ["sign", "factored"])
+def test_resume_across_a_reselection_continues_exactly(rule):
+    full, _, _ = train(steps=16, rest=rule)
     model = tiny_llama()
     first = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
-                     patience=7, fused=False, rest="sign")  # fmt: skip
+                     patience=7, fused=False, rest=rule)  # fmt: skip
     batches = list(patterned_batches(16))
     for tokens in batches[:9]:
         model(input_ids=tokens, labels=tokens).loss.backward()
@@ -210,7 +211,7 @@ def test_resume_across_a_reselection_continues_exactly():
     resumed_model = tiny_llama()
     resumed_model.load_state_dict(model.state_dict())
     second = BlockLLM(resumed_model.named_parameters(), lr=3e-3, sparsity=0.9,
-                      trigger="interval", patience=7, fused=False, rest="sign")  # fmt: skip
+                      trigger="interval", patience=7, fused=False, rest=rule)  # fmt: skip
     second.load_state_dict(saved)
     for tokens in batches[9:]:
         resumed_model(input_ids=tokens, labels=tokens).loss.backward()
@@ -289,3 +290,17 @@ def test_resume_with_stochastic_rounding_continues_exactly():
 
     for a, b in zip(run(split=None).parameters(), run(split=5).parameters()):
         assert torch.equal(a, b)
+
+
+def test_factored_rest_keeps_two_vectors_per_matrix_and_counts_them():
+    model, optimizer, _ = train(steps=4, rest="factored")
+    states = optimizer.state_dict()["blockllm"]["rest"]["rule"]
+    weight = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert set(states["model.layers.0.mlp.up_proj.weight"]) == {"row", "col", "step"}
+    assert states["model.layers.0.mlp.up_proj.weight"]["row"].numel() == weight.shape[0]
+    rule_bytes = sum(t.numel() * t.element_size() for s in states.values() for t in s.values())
+    adam = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if isinstance(t, torch.Tensor))  # fmt: skip
+    report = optimizer.memory_report()
+    assert report["optimizer_state"] >= adam + rule_bytes
+    assert rule_bytes < 0.05 * sum(p.numel() * 4 for p in model.parameters())

@@ -338,7 +338,7 @@ class BlockLLM(SelectionViews, Optimizer):
         state_dict["blockllm"] = {
             **model_section(self._candidates.names, self._candidates.params, self.budget, self.sparsity),
             **self._selector.state_dict(),
-            "rounding_states": {} if self._flow.rest is None else self._flow.rest.state_dict(),
+            "rest": {} if self._flow.rest is None else self._flow.rest.state_dict(self._candidates.names),
             "num_skipped_steps": self.num_skipped_steps,
             "num_steps": self.num_steps,
         }
@@ -363,8 +363,8 @@ class BlockLLM(SelectionViews, Optimizer):
         self.num_skipped_steps = int(section["num_skipped_steps"])
         self.num_steps = int(section["num_steps"])
         self._selector.load_state_dict(section)
-        if self._flow.rest is not None:  # older checkpoints have none: fresh generators
-            self._flow.rest.load_state_dict(section.get("rounding_states", {}))
+        if self._flow.rest is not None:  # older checkpoints have none: fresh generators and state
+            self._flow.rest.load_state_dict(section.get("rest", {}), self._candidates.names)
 
 
 __all__ = ["BlockLLM", "BlockLLMError", "Communicator"]

@@ -54,6 +54,11 @@ class GradientFlow:
         self.compact = CompactGradients(config.compact_grads, comm)
         self._holding = 0
         rule = make_rest_rule(config.rest)
+        if rule is not None and hasattr(rule, "init_state") and comm.shards_parameters:
+            raise ValueError(
+                f"Invalid rest: {config.rest!r} keeps statistics over whole columns, which FSDP2 "
+                "splits over ranks; use rest='sign' or 'colnorm' (row-local) under FSDP2"
+            )
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
             comm, config.rest_in_backward, self.holding, config.stochastic_rounding, config.seed,

@@ -82,6 +82,7 @@ class SelectionViews:
         return count_bytes(
             self.param_groups, self.state, self._selector.selection.values(),
             self._flow.compact.nbytes, self._comm.local,
+            0 if self._flow.rest is None else self._flow.rest.state_bytes,
         )  # fmt: skip
 
 

@@ -18,12 +18,14 @@ def count_bytes(
     coordinate_lists: Iterable[torch.Tensor | None],
     compact_bytes: int,
     local: LocalFn,
+    rest_state_bytes: int = 0,
 ) -> dict[str, int]:
     """Bytes held now, by category.
 
     ``params``: every parameter in the param groups; ``grads``: their ``.grad`` tensors plus the
     compacted gradients; ``optimizer_state``: Adam moments, step counters and coordinate lists;
-    ``master_weights``: fp32 copies of low-precision blocks. Under FSDP2 ``local`` gives this
+    ``master_weights``: fp32 copies of low-precision blocks. A stateful rest rule's state
+    (``rest_state_bytes``) counts as optimizer state. Under FSDP2 ``local`` gives this
     rank's shards, the memory it holds (``DTensor.numel()`` is global).
     """
     report = {"params": 0, "grads": 0, "optimizer_state": 0, "master_weights": 0}
@@ -42,6 +44,7 @@ def count_bytes(
         if coordinates is not None:
             report["optimizer_state"] += index_bytes(coordinates)
     report["grads"] += compact_bytes
+    report["optimizer_state"] += rest_state_bytes
     return report
 
 

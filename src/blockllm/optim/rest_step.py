@@ -76,6 +76,8 @@ class RestStepper:
         self.stochastic_rounding = stochastic_rounding
         self.seed = seed
         self.generators: dict[str, torch.Generator] = {}
+        # A stateful rule's state, by candidate index (kept whether or not the tensor is selected).
+        self.rule_states: dict[int, dict[str, torch.Tensor]] = {}
         # This step's gradients already stepped with and freed: squared norms (for clipping)
         # and whether each was finite (checked once, at the step).
         self.consumed_squares: list[torch.Tensor] = []
@@ -149,7 +151,7 @@ class RestStepper:
         decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
-        update = self.rule.direction(grad).to(work) * (lr * self.lr_scale)
+        update = self._direction(index, grad).to(work) * (lr * self.lr_scale)
         if decay:
             update.add_(weight.to(work), alpha=float(decay) * float(lr))
         if selected is not None:
@@ -163,6 +165,22 @@ class RestStepper:
         if selected is None:
             param.grad = None
 
+    def _direction(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        init = getattr(self.rule, "init_state", None)
+        if init is None:
+            return self.rule.direction(grad)
+        state = self.rule_states.get(index)
+        if state is None:
+            state = self.rule_states[index] = init(grad)
+        return self.rule.direction(grad, state)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the rule's own state (a stateful rule's; 0 for sign and colnorm)."""
+        return sum(
+            t.numel() * t.element_size() for state in self.rule_states.values() for t in state.values()
+        )
+
     def _generator(self, tensor: torch.Tensor) -> torch.Generator:
         generator = self.generators.get(str(tensor.device))
         if generator is None:
@@ -170,15 +188,29 @@ class RestStepper:
             self.generators[str(tensor.device)] = generator
         return generator
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The rounding generators' states, by device (empty unless bf16 weights were stepped)."""
-        return {device: g.get_state() for device, g in self.generators.items()}
+    def state_dict(self, names: Sequence[str]) -> dict[str, Any]:
+        """The rounding generators' states by device, and a stateful rule's state by name."""
+        return {
+            "rounding": {device: g.get_state() for device, g in self.generators.items()},
+            "rule": {
+                names[index]: {key: value.detach().cpu().clone() for key, value in state.items()}
+                for index, state in self.rule_states.items()
+            },
+        }
 
-    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
-        for device, state in states.items():
+    def load_state_dict(self, saved: dict[str, Any], names: Sequence[str]) -> None:
+        for device, state in saved.get("rounding", {}).items():
             generator = torch.Generator(device=device)
             generator.set_state(state.cpu() if device == "cpu" else state)
             self.generators[device] = generator
+        index_of = {name: index for index, name in enumerate(names)}
+        self.rule_states = {
+            index_of[name]: {
+                key: value.to(self.params[index_of[name]].device).clone()
+                for key, value in state.items()
+            }
+            for name, state in saved.get("rule", {}).items()
+        }
 
 
 __all__ = ["RestStepper"]

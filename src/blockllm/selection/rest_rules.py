@@ -32,8 +32,12 @@ class RestRule(Protocol):
 
     ``direction`` gets the gradient (this rank's shard under FSDP2, whose shards are whole rows)
     and returns a tensor of its shape; the step is ``param -= lr * rest_lr_scale * direction``.
-    Entries at selected coordinates are ignored (Adam updates those). It must be invariant to a
-    positive scale of ``grad`` for clipping to leave the rest step alone (both built-ins are).
+    Entries at selected coordinates are ignored (Adam updates those). It should be invariant to
+    a positive scale of ``grad`` for clipping to leave the rest step alone (sign and colnorm are).
+
+    A rule with state defines ``init_state(grad) -> dict[str, Tensor]`` too; ``direction`` is
+    then called as ``direction(grad, state)`` with that tensor's state, which the optimizer keeps
+    for every candidate, checkpoints and counts as optimizer state.
     """
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor: ...
@@ -56,7 +60,53 @@ class ColumnNormRest:
         return (rows / rms).reshape(grad.shape).to(grad.dtype)
 
 
-REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest}
+class FactoredRest:
+    """``rest="factored"``: Adafactor without momentum, a second moment of O(rows + columns).
+
+    ``direction = g / sqrt(v)`` where ``v`` is the rank-1 factored, bias-corrected EMA (``beta2``)
+    of ``g**2``: per row and per column means, ``v = row x col / mean(row)``. A vector keeps a
+    full EMA (it is small). The direction's RMS is clipped to 1, as Adafactor does. Unlike sign
+    and colnorm it keeps the relative size of a row's entries *over time*, which rare-token rows
+    of a vocabulary matrix need. Its state (two vectors per matrix) counts as optimizer state.
+    The factors are running statistics, not a plain function of this step's gradient, so a
+    clip coefficient changes them slightly: the rule is nearly, not exactly, scale-invariant.
+    """
+
+    def __init__(self, beta2: float = 0.999, eps: float = 1e-30) -> None:
+        self.beta2 = beta2
+        self.eps = eps
+
+    def init_state(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = grad.device
+        if grad.dim() >= 2:
+            rows = grad.reshape(-1, grad.shape[-1]).shape[0]
+            return {
+                "row": torch.zeros(rows, device=device),
+                "col": torch.zeros(grad.shape[-1], device=device),
+                "step": torch.zeros((), device=device),
+            }
+        return {"full": torch.zeros(grad.shape, device=device), "step": torch.zeros((), device=device)}
+
+    def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = grad.float()
+        state["step"] += 1
+        correction = 1 - self.beta2 ** float(state["step"])
+        squares = g.square().add_(self.eps)
+        if "full" in state:
+            state["full"].lerp_(squares, 1 - self.beta2)
+            update = g / (state["full"] / correction).sqrt()
+        else:
+            matrix = squares.reshape(state["row"].numel(), -1)
+            state["row"].lerp_(matrix.mean(dim=1), 1 - self.beta2)
+            state["col"].lerp_(matrix.mean(dim=0), 1 - self.beta2)
+            row, col = state["row"] / correction, state["col"] / correction
+            factored = torch.outer(row / row.mean(), col)
+            update = (g.reshape(matrix.shape) / factored.sqrt()).reshape(g.shape)
+        rms = update.square().mean().sqrt()
+        return (update / rms.clamp(min=1.0)).to(grad.dtype)
+
+
+REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
 
 
 def make_rest_rule(spec: str | RestRule) -> RestRule | None:
@@ -73,4 +123,11 @@ def make_rest_rule(spec: str | RestRule) -> RestRule | None:
     return None if rule is None else rule()
 
 
-__all__ = ["REST_RULES", "ColumnNormRest", "RestRule", "SignRest", "make_rest_rule"]
+__all__ = [
+    "REST_RULES",
+    "ColumnNormRest",
+    "FactoredRest",
+    "RestRule",
+    "SignRest",
+    "make_rest_rule",
+]
