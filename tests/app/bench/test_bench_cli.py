@@ -84,3 +84,40 @@ def test_git_commit_is_read_without_git(tmp_path, packed):
     (tmp_path / "src").mkdir()
     assert git_commit(tmp_path / "src" / "file.py") == sha
     assert git_commit(tmp_path.parent / "elsewhere") in (None, git_commit())
+
+
+def test_seed_table_gives_mean_spread_and_ratios_to_the_best_reference_entry():
+    from blockllm.app.bench.records import seed_table
+
+    def record(entry, seed, loss, state, speed, optimizer):
+        return {"method": f"{entry}-s{seed}", "entry": entry, "status": "ok",
+                "final_eval_loss": loss, "training_state_bytes": state, "tokens_per_s": speed,
+                "optimizer": optimizer}  # fmt: skip
+
+    records = [
+        record("adamw-lr1e-3", 0, 4.0, 100.0, 10.0, "adamw"),
+        record("adamw-lr1e-3", 1, 4.2, 100.0, 10.0, "adamw"),
+        record("adamw-lr3e-3", 0, 4.5, 100.0, 10.0, "adamw"),
+        record("blockllm", 0, 4.2, 35.0, 12.0, "blockllm"),
+        record("blockllm", 1, 4.4, 35.0, 12.0, "blockllm"),
+        {"method": "blockllm-s2", "entry": "blockllm", "status": "failed"},
+    ]
+    table = seed_table(records)
+    assert "| adamw-lr1e-3 (reference) | 2 | 4.1000 | 4.0000-4.2000 | 0.1414 |" in table
+    assert "| blockllm | 2 | 4.3000 | 4.2000-4.4000 | 0.1414 | +0.2000 (+4.9%) | 0.35 | 1.20 |" in table
+
+
+def test_bench_runs_each_method_once_per_seed(tmp_path, cache_dir):
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--suite", "quick", "--output-dir", str(out), "--methods", "blockllm",
+        "--steps", "1", "--threads", "1", "--seeds", "0,1", "--cache-dir", str(cache_dir),
+    ])  # fmt: skip
+    assert code == 0
+    records = json.loads((out / "quick.json").read_text())
+    assert [(r["method"], r["entry"], r["seed"]) for r in records] == [
+        ("blockllm-s0", "blockllm", 0), ("blockllm-s1", "blockllm", 1),
+    ]  # fmt: skip
+    assert records[0]["final_eval_loss"] != records[1]["final_eval_loss"]  # other init and data
+    assert "| blockllm | 2 |" in (out / "quick.md").read_text()
+    assert main(["bench", "--output-dir", str(tmp_path / "x"), "--seeds", "a,b"]) == 2

@@ -179,6 +179,61 @@ _COLUMNS = (
 )
 
 
+def seed_table(records: list[dict[str, Any]], baseline_optimizer: str = "adamw") -> str:
+    """Mean and spread over seeds of each entry (records carry ``entry``, their label less
+    ``-sSEED``), against the best entry of ``baseline_optimizer`` by mean.
+
+    Eval loss (or accuracy) as mean, min-max and standard deviation over the seeds that
+    finished; training state and tokens/s as the ratio of means to the baseline entry's.
+    """
+    done = [r for r in records if r.get("status") == "ok"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in done:
+        groups.setdefault(record.get("entry", record["method"]), []).append(record)
+    accuracy = any(r.get("accuracy") is not None for r in done)
+    key = "accuracy" if accuracy else "final_eval_loss"
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    summary = {}
+    for entry, runs in groups.items():
+        values = [float(r[key]) for r in runs if r.get(key) is not None]
+        if not values:
+            continue
+        centre = mean(values)
+        spread = (sum((v - centre) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+        summary[entry] = {
+            "optimizer": runs[0].get("optimizer"), "values": values, "mean": centre,
+            "sd": spread if len(values) > 1 else 0.0,
+            "state": mean([float(r.get("training_state_bytes") or 0) for r in runs]),
+            "speed": mean([float(r.get("tokens_per_s") or 0) for r in runs]),
+        }  # fmt: skip
+    reference = [s for s in summary.values() if s["optimizer"] == baseline_optimizer]
+    best = None
+    if reference:
+        best = (max if accuracy else min)(reference, key=lambda s: s["mean"])
+    title = "accuracy" if accuracy else "eval loss"
+    lines = [
+        f"| entry | seeds | {title}: mean | min-max | sd | vs reference | training state × "
+        "| tokens/s × |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry, s in summary.items():
+        versus = state = speed = "n/a"
+        if best is not None:
+            difference = s["mean"] - best["mean"]
+            versus = f"{difference:+.4f}" + ("" if accuracy else f" ({difference / best['mean']:+.1%})")
+            state = f"{s['state'] / best['state']:.2f}" if best["state"] else "n/a"
+            speed = f"{s['speed'] / best['speed']:.2f}" if best["speed"] else "n/a"
+        lines.append(
+            f"| {entry}{' (reference)' if s is best else ''} | {len(s['values'])} | "
+            f"{s['mean']:.4f} | {min(s['values']):.4f}-{max(s['values']):.4f} | {s['sd']:.4f} | "
+            f"{versus} | {state} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_table(records: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
     """The finished methods in a table, ratios (×) or differences against ``baseline``.
 

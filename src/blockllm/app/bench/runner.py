@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from blockllm.app.bench.records import (
     eval_curve,
     markdown_table,
     method_record,
+    seed_table,
 )
 from blockllm.app.bench.suites import SUITES, MethodEntry, Suite, select_entries
 from blockllm.app.training.run_errors import RunDirError
@@ -49,8 +51,9 @@ def run_bench(
     methods: Sequence[str] | None = None,
     steps: int | None = None,
     threads: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> None:
-    """Run the suite ``suite_name`` into ``output``, one child process per method.
+    """Run the suite ``suite_name`` into ``output``, one child process per method (and seed).
 
     Args:
         suite_name: A key of :data:`~blockllm.app.bench.suites.SUITES`.
@@ -60,6 +63,9 @@ def run_bench(
             :func:`~blockllm.app.bench.suites.select_entries`); None runs every entry.
         steps: Overrides the suite's number of steps.
         threads: ``--threads`` of every child (None: torch's choice).
+        seeds: Run every entry once per seed (model init, data order), labelled
+            ``LABEL-sSEED``; the report then adds the mean and spread over seeds. None: seed
+            :data:`SEED` once, under the entry's own label.
 
     Raises:
         ValueError: an unknown method or a bad number of steps.
@@ -77,9 +83,10 @@ def run_bench(
             raise ValueError(f"Invalid steps: {steps} (must be >= 1)")
         suite = suite.with_steps(steps)
     require_empty_output_dir(output, "bench")
+    runs_of = _with_seeds(entries, seeds)
     started = time.perf_counter()
     print(
-        f"blockllm bench --suite {suite.name}: {len(entries)} methods, {suite.steps} steps of "
+        f"blockllm bench --suite {suite.name}: {len(runs_of)} runs, {suite.steps} steps of "
         f"{suite.command} {suite.model}, each in its own process",
         flush=True,
     )
@@ -90,8 +97,9 @@ def run_bench(
     records: list[dict[str, Any]] = []
     runs = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for number, entry in enumerate(entries, start=1):
-        prefix = f"[{number}/{len(entries)}] {entry.label}"
+    for number, (entry, seed) in enumerate(runs_of, start=1):
+        prefix = f"[{number}/{len(runs_of)}] {entry.label}"
+        environment = {**environment, "seed": seed}
         unavailable = _unavailable(entry.optimizer)
         if unavailable is not None:
             print(f"{prefix}: skipped ({unavailable.splitlines()[-1]})", flush=True)
@@ -100,7 +108,7 @@ def run_bench(
             continue
         print(f"{prefix} ...", flush=True)
         run_dir = output / "runs" / entry.label
-        command = child_command(suite, entry, run_dir, cache_dir, threads)
+        command = child_command(suite, entry, run_dir, cache_dir, threads, seed)
         run_started = time.perf_counter()
         code, stderr = _run_child(command, output / "runs" / f"{entry.label}.stderr")
         wall = time.perf_counter() - run_started
@@ -119,6 +127,7 @@ def run_bench(
         }
         record = method_record(entry.label, entry.optimizer, summary, wall)
         record.update(lr=run.config.get("lr"), flags=list(entry.flags), **environment)
+        record["entry"] = entry.label.removesuffix(f"-s{seed}") if seeds else entry.label
         records.append(record)
         print(f"    done in {wall:.0f} s ({record['train_seconds']:.0f} s training)", flush=True)
         _write_records(output, suite, records)
@@ -128,9 +137,11 @@ def run_bench(
     _write_records(output, suite, records)
     plots = _write_plots(runs, output)
     table = markdown_table(records, baseline)
+    if seeds:
+        table = seed_table(records, suite.baseline_optimizer) + "\n\nEvery run:\n\n" + table
     total = time.perf_counter() - started
     (output / f"{suite.name}.md").write_text(
-        _markdown(suite, table, records, environment, total, equal_time, baseline, plots),
+        _markdown(suite, table, records, environment, total, equal_time, baseline, plots, seeds),
         encoding="utf-8",
     )
     print()
@@ -139,8 +150,26 @@ def run_bench(
     print(f"bench finished in {total:.0f} s; wrote {output / (suite.name + '.json')} and .md")
 
 
+def _with_seeds(
+    entries: list[MethodEntry], seeds: Sequence[int] | None
+) -> list[tuple[MethodEntry, int]]:
+    """Every (entry, seed) to run: labels get ``-sSEED`` when several seeds were asked for."""
+    if not seeds:
+        return [(entry, SEED) for entry in entries]
+    return [
+        (replace(entry, label=f"{entry.label}-s{seed}"), seed)
+        for entry in entries
+        for seed in seeds
+    ]
+
+
 def child_command(
-    suite: Suite, entry: MethodEntry, run_dir: Path, cache_dir: Path, threads: int | None
+    suite: Suite,
+    entry: MethodEntry,
+    run_dir: Path,
+    cache_dir: Path,
+    threads: int | None,
+    seed: int = SEED,
 ) -> list[str]:
     """``python -m blockllm COMMAND ...`` for one entry: the suite's flags, then the entry's.
 
@@ -150,7 +179,7 @@ def child_command(
     command = [
         sys.executable, "-m", "blockllm", suite.command, *suite.shared_flags(),
         "--optimizer", entry.optimizer, *entry.flags, "--output-dir", str(run_dir),
-        "--seed", str(SEED), "--save-every", "-1", "--no-tensorboard",
+        "--seed", str(seed), "--save-every", "-1", "--no-tensorboard",
         "--cache-dir", str(cache_dir), "--progress", "off", "--log-level", "warning",
     ]  # fmt: skip
     if threads:
@@ -360,6 +389,7 @@ def _markdown(
     equal_time: float | None,
     baseline: dict[str, Any] | None,
     plots: list[str],
+    seeds: Sequence[int] | None = None,
 ) -> str:
     """The suite's report: what ran, the table, how to read it, and where it ran."""
     done = [r for r in records if r.get("status") == "ok"]
@@ -384,7 +414,7 @@ def _markdown(
     return f"""# blockllm bench --suite {suite.name}
 
 {suite.description}: `blockllm {suite.command}` with `{" ".join(suite.shared_flags())}` for
-every method ({params / 1e6:.2f}M parameters), seed {SEED}, {precision}, each method in its own
+every method ({params / 1e6:.2f}M parameters), {_seed_words(seeds)}, {precision}, each method in its own
 process, plus the method's own flags below. In the table {reference}. Training memory is peak
 RSS less the RSS just before the first step; training state is parameters + gradients +
 optimizer state + master weights, counted from tensors, each at its peak. *Eval loss at T* is
@@ -404,6 +434,12 @@ commit {environment["git_commit"]}.
 
 {pictures}
 """
+
+
+def _seed_words(seeds: Sequence[int] | None) -> str:
+    if not seeds:
+        return f"seed {SEED}"
+    return f"seeds {', '.join(map(str, seeds))} (model init and data order; one run each)"
 
 
 __all__ = [

@@ -34,6 +34,13 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, metavar="N", help="override the suite's steps"
     )
+    parser.add_argument(
+        "--seeds",
+        metavar="A,B",
+        default=None,
+        help="run every method once per seed (model init and data order) and report the mean "
+        "and spread over seeds, e.g. 0,1,2 (default: seed 0 once)",
+    )
     add_runtime_flags(parser.add_argument_group("runtime"))
     parser.set_defaults(handler=run_bench_command)
 
@@ -44,6 +51,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     methods = None
     if args.methods is not None:
         methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            raise ValueError(f"Invalid seeds: {args.seeds!r} (expected integers, e.g. 0,1,2)") from None
+        if not seeds or min(seeds) < 0:
+            raise ValueError(f"Invalid seeds: {args.seeds!r} (expected integers >= 0, e.g. 0,1,2)")
     run_bench(
         args.suite,
         Path(args.output_dir),
@@ -51,6 +66,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         methods=methods,
         steps=args.steps,
         threads=args.threads,
+        seeds=seeds,
     )
     return 0
 
