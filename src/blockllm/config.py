@@ -102,7 +102,8 @@ class BlockLLMConfig:
         "gradient (for loops that cannot call clip_grad_norm_ themselves); None = no clipping")
     always_adam: Pattern = _knob(
         None, "names trained with Adam whole at every step, outside the budget: a regex or a list "
-        "of names, as for exclude")
+        "of names, as for exclude; 'auto' = vectors (norms, biases) and the embedding and output "
+        "head, by the names language models give them")
 
     def __post_init__(self) -> None:
         value = check_real("sparsity", self.sparsity)
@@ -138,7 +139,8 @@ class BlockLLMConfig:
         _flag("stochastic_rounding", self.stochastic_rounding)
         if self.max_grad_norm is not None and check_real("max_grad_norm", self.max_grad_norm) <= 0:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm} (must be > 0, or None)")
-        NameMatcher("always_adam", self.always_adam)
+        if self.always_adam != "auto":
+            NameMatcher("always_adam", self.always_adam)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

@@ -304,3 +304,14 @@ def test_factored_rest_keeps_two_vectors_per_matrix_and_counts_them():
     report = optimizer.memory_report()
     assert report["optimizer_state"] >= adam + rule_bytes
     assert rule_bytes < 0.05 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_always_adam_auto_pins_vectors_and_the_vocabulary_matrices():
+    model = tiny_llama()
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, rest="sign", always_adam="auto")
+    pinned = {optimizer.candidate_names[i] for i in optimizer.selector.candidates.pinned}
+    expected = {n for n, p in model.named_parameters() if p.ndim == 1}
+    expected |= {"model.embed_tokens.weight", "lm_head.weight"}
+    assert pinned == expected
+    # Nothing to pin is fine for "auto" (an explicit pattern that matches nothing is an error).
+    BlockLLM(nn.Sequential(nn.Linear(4, 4, bias=False)).named_parameters(), always_adam="auto")

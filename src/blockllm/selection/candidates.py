@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ class CandidateSet:
     that raises leaves the model exactly as it was.
 
     Candidates matched by ``always_adam`` are *pinned*: always updated (with Adam), outside the
-    budget and the selection.
+    budget and the selection. ``always_adam="auto"`` pins what every recipe of the field trains
+    with Adam (FRUGAL, SCALE, LISA): vectors (norm gains, biases) and the vocabulary matrices,
+    recognised by the names language models give them (:data:`VOCABULARY_NAMES`); a model
+    that names them otherwise needs the names given explicitly.
 
     Args:
         include, exclude, always_adam: the optimizer's name patterns (see :class:`NameMatcher`).
@@ -34,7 +38,8 @@ class CandidateSet:
     ) -> None:
         self.include = NameMatcher("include", include)
         self.exclude = NameMatcher("exclude", exclude)
-        self.always_adam = NameMatcher("always_adam", always_adam)
+        self.auto_pin = always_adam == "auto"
+        self.always_adam = NameMatcher("always_adam", None if self.auto_pin else always_adam)
         self.aliases = aliases
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
@@ -70,7 +75,7 @@ class CandidateSet:
                     f"Invalid params: {name!r} is complex ({param.dtype}); BlockLLM supports real "
                     "floating-point parameters only"
                 )
-            if self.always_adam.matches(names):
+            if self.always_adam.matches(names) or (self.auto_pin and _auto_pinned(names, param)):
                 self.pinned = self.pinned | {len(self.params)}
             self._index[id(param)] = len(self.params)
             self.params.append(param)
@@ -106,4 +111,17 @@ class CandidateSet:
         ]
 
 
-__all__ = ["CandidateSet"]
+#: The input embedding and output head of the common language-model families (Llama, Mistral,
+#: Qwen, Gemma: ``embed_tokens``/``lm_head``; GPT-2: ``wte``; GPT-NeoX: ``embed_in``/``embed_out``;
+#: BERT: ``word_embeddings``; Llama's original code: ``tok_embeddings``/``output``).
+VOCABULARY_NAMES = re.compile(
+    r"(.*\.)?(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|lm_head|embed_out|output)"
+    r"\.weight"
+)
+
+
+def _auto_pinned(names: list[str], param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or any(VOCABULARY_NAMES.fullmatch(name) for name in names)
+
+
+__all__ = ["VOCABULARY_NAMES", "CandidateSet"]
