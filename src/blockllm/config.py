@@ -87,6 +87,9 @@ class BlockLLMConfig:
         "none", "the state-free step of the candidate coordinates Adam does not update: 'none' "
         "(frozen until selected: the paper's method), 'sign' (signSGD) or 'colnorm' (each row "
         "scaled to unit RMS, as SCALE)")
+    vocab_rest: str | RestRule | None = _knob(
+        None, "another rest rule for the embedding and output head (recognised by the names "
+        "language models give them), e.g. 'factored' beside rest='sign'; None = rest's")
     rest_lr_scale: float = _knob(
         1.0, "the rest step is lr * rest_lr_scale * direction")
     rest_weight_decay: float | None = _knob(
@@ -128,6 +131,9 @@ class BlockLLMConfig:
         _flag("skip_nonfinite", self.skip_nonfinite)
         _flag("compact_grads", self.compact_grads)
         _policy("rest", self.rest, REST_RULES, RestRule)
+        if self.vocab_rest is not None:
+            moving = tuple(name for name in REST_RULES if name != "none")
+            _policy("vocab_rest", self.vocab_rest, moving, RestRule)
         if check_real("rest_lr_scale", self.rest_lr_scale) <= 0.0:
             raise ValueError(f"Invalid rest_lr_scale: {self.rest_lr_scale} (must be > 0)")
         if self.rest_weight_decay is not None:

@@ -54,7 +54,12 @@ class GradientFlow:
         self.compact = CompactGradients(config.compact_grads, comm)
         self._holding = 0
         rule = make_rest_rule(config.rest)
-        if rule is not None and hasattr(rule, "init_state") and comm.shards_parameters:
+        overrides = {}
+        if rule is not None and config.vocab_rest is not None:
+            vocab_rule = make_rest_rule(config.vocab_rest)
+            overrides = {index: vocab_rule for index in candidates.vocabulary}
+        stateful = [r for r in (rule, *overrides.values()) if hasattr(r, "init_state")]
+        if stateful and comm.shards_parameters:
             raise ValueError(
                 f"Invalid rest: {config.rest!r} keeps statistics over whole columns, which FSDP2 "
                 "splits over ranks; use rest='sign' or 'colnorm' (row-local) under FSDP2"
@@ -62,6 +67,7 @@ class GradientFlow:
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
             comm, config.rest_in_backward, self.holding, config.stochastic_rounding, config.seed,
+            overrides,
         )  # fmt: skip
         self.selector: BlockSelector | None = None
 

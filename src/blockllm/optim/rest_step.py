@@ -50,6 +50,7 @@ class RestStepper:
         held: True while the loop holds gradients for a later backward (accumulation).
         stochastic_rounding: round bf16 weights' steps stochastically (:mod:`.rounding`).
         seed: seed of the rounding generators.
+        overrides: another rule for some candidates, by index (``vocab_rest``).
     """
 
     def __init__(
@@ -64,8 +65,10 @@ class RestStepper:
         held: Callable[[], bool],
         stochastic_rounding: bool = True,
         seed: int = 0,
+        overrides: dict[int, RestRule] | None = None,
     ) -> None:
         self.rule = rule
+        self.overrides = overrides or {}
         self.lr_scale = lr_scale
         self.weight_decay = weight_decay
         self.params = params
@@ -166,13 +169,14 @@ class RestStepper:
             param.grad = None
 
     def _direction(self, index: int, grad: torch.Tensor) -> torch.Tensor:
-        init = getattr(self.rule, "init_state", None)
+        rule = self.overrides.get(index, self.rule)
+        init = getattr(rule, "init_state", None)
         if init is None:
-            return self.rule.direction(grad)
+            return rule.direction(grad)
         state = self.rule_states.get(index)
         if state is None:
             state = self.rule_states[index] = init(grad)
-        return self.rule.direction(grad, state)
+        return rule.direction(grad, state)
 
     @property
     def state_bytes(self) -> int:

@@ -93,6 +93,16 @@ class CandidateSet:
         return self._index.get(id(param))
 
     @property
+    def vocabulary(self) -> list[int]:
+        """Candidates named like an embedding or an output head (:data:`VOCABULARY_NAMES`)."""
+        found = []
+        for index, name in enumerate(self.names):
+            names = [name, *self.aliases.get(name, [])]
+            if any(VOCABULARY_NAMES.fullmatch(alias) for alias in names):
+                found.append(index)
+        return found
+
+    @property
     def numel(self) -> int:
         """Coordinates of the candidates that compete for the budget (the pinned do not)."""
         return sum(self.sizes)

@@ -72,7 +72,7 @@ def test_unknown_key_lists_valid_keys():
         (
             "pretrain",
             {"precision": "fp8"},
-            r"Invalid precision: 'fp8' \(choose from 'auto', 'fp32', 'bf16'\)",
+            r"Invalid precision: 'fp8' \(choose from 'auto', 'fp32', 'bf16', 'bf16-pure'\)",
         ),
         ("pretrain", {"device": "tpu"}, r"Invalid device: 'tpu'"),
         ("pretrain", {"max_steps": 0}, r"Invalid max_steps: 0 \(must be >= 1\)"),

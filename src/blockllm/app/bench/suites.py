@@ -217,6 +217,9 @@ SUITES: dict[str, Suite] = {
             *(MethodEntry(f"{rule}-vocab", "blockllm",
                           (*_BLOCKLLM_RECIPE, "--rest", rule, "--always-adam", "auto"))
               for rule in ("sign", "colnorm", "factored")),
+            *(MethodEntry(f"{rule}-factored-vocab", "blockllm",
+                          (*_BLOCKLLM_RECIPE, "--rest", rule, "--vocab-rest", "factored"))
+              for rule in ("sign", "colnorm")),
             MethodEntry("sign-vocab-interval-200", "blockllm",
                         ("--trigger", "interval", "--patience", "200", "--rest", "sign",
                          "--always-adam", "auto")),

@@ -62,6 +62,7 @@ _CHOICES = {
     "selection": tuple(SELECTION_RULES),
     "partial": PARTIALS,
     "rest": tuple(REST_RULES),
+    "vocab_rest": tuple(name for name in REST_RULES if name != "none"),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
 _METAVARS = {

@@ -33,10 +33,10 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 #: gives each its default, its check and its help; ``RunConfig`` adds nothing to them.
 BLOCKLLM_KNOBS = (
     "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial", "entry_warmup",
-    "exclude", "rest", "rest_lr_scale", "always_adam",
+    "exclude", "rest", "vocab_rest", "rest_lr_scale", "always_adam",
 )  # fmt: skip
 #: What a ``config.json`` written before a knob existed meant by leaving it out.
-_ABSENT_MEANS = {"rest": "none", "rest_lr_scale": 1.0, "always_adam": None}
+_ABSENT_MEANS = {"rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None}
 
 
 def _field(default: Any, help: str, *, resumable: bool = False) -> Any:
@@ -93,6 +93,7 @@ class RunConfig:
     entry_warmup: int = _knob("entry_warmup")
     exclude: str | None = _knob("exclude")
     rest: str = _knob("rest")
+    vocab_rest: str | None = _knob("vocab_rest")
     rest_lr_scale: float = _knob("rest_lr_scale")
     always_adam: str | None = _knob("always_adam")
     eval_every: int = _field(100, "evaluate every N steps (and at the end); 0 = only at the end")
