@@ -194,8 +194,9 @@ def test_pretrain_suite_end_to_end_records_skips_and_failures(tmp_path, cache_di
     records = json.loads((out / "pretrain-cpu.json").read_text())
     by_label = {r["method"]: r for r in records}
     # "adamw" picks every AdamW entry, the failing one included, in the suite's order.
-    assert list(by_label) == ["adamw-lr1e-3", "adamw-lr3e-3", "adamw-bad", "galore",
-                              "blockllm-paper", "future"]  # fmt: skip
+    # "galore" picks its lr grid likewise.
+    assert list(by_label) == ["adamw-lr1e-3", "adamw-lr3e-3", "adamw-bad", "galore-lr1e-3",
+                              "galore-lr1e-2", "blockllm-paper", "future"]  # fmt: skip
     done = [r for r in records if r["status"] == "ok"]
     assert len(done) == 3
     for record in done:
@@ -213,8 +214,9 @@ def test_pretrain_suite_end_to_end_records_skips_and_failures(tmp_path, cache_di
     best = min(grid, key=lambda r: r["final_eval_loss"])
     assert [r["method"] for r in done if r["baseline"]] == [best["method"]]
     assert [r["lr"] for r in grid] == [1e-3, 3e-3]
-    assert by_label["galore"]["status"] == "skipped"
-    assert by_label["galore"]["reason"].splitlines()[-1] == "pip install galore-torch"
+    for label in ("galore-lr1e-3", "galore-lr1e-2"):
+        assert by_label[label]["status"] == "skipped"
+        assert by_label[label]["reason"].splitlines()[-1] == "pip install galore-torch"
     assert by_label["future"]["status"] == "skipped"
     assert "not registered" in by_label["future"]["reason"]
     assert by_label["adamw-bad"]["status"] == "failed" and by_label["adamw-bad"]["exit_code"] == 2

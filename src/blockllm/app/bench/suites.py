@@ -110,13 +110,19 @@ _TINY_PRETRAIN_FLAGS = ("--batch-size", "16", "--seq-len", "128", "--eval-batche
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
     MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_BLOCKLLM_RECIPE)),
+    # The 0.3 recipe: the rest frozen until selected.
+    MethodEntry("blockllm-frozen", "blockllm", ("--sparsity", "0.9", *_BLOCKLLM_RECIPE,
+                                                "--rest", "none")),
     *(
         MethodEntry(name, name, _BLOCKLLM_RECIPE)
         for name in ("blockllm-0.95", "blockllm-random", "blockllm-novisit", "blockllm-mask",
                      "blockllm-uncapped")
     ),
     MethodEntry("blockllm-paper", PAPER_METHOD),
-    *plain("lisa", "badam", "galore", "lora", "adamw-8bit"),
+    *plain("lisa", "badam"),
+    # GaLore at the suite's lr and at its paper's (1e-2, with its scale 0.25 as always).
+    *grid("galore", ("1e-3", "1e-2")),
+    *plain("lora", "adamw-8bit"),
 )
 
 # Finetuning: full finetuning (AdamW, on a grid), BlockLLM at the paper's finetuning sparsity
@@ -125,6 +131,11 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
 _FINETUNE_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("5e-5", "2e-4")),
     MethodEntry("blockllm", "blockllm", ("--sparsity", "0.95")),
+    MethodEntry("blockllm-frozen", "blockllm", ("--sparsity", "0.95", "--rest", "none")),
+    # FRUGAL finetunes with its state-free part at a tenth of the lr.
+    *(MethodEntry(f"blockllm-rest-{scale}", "blockllm",
+                  ("--sparsity", "0.95", "--rest", "sign", "--vocab-rest", "factored",
+                   "--rest-lr-scale", scale)) for scale in ("1.0", "0.1")),
     MethodEntry("blockllm-paper", PAPER_METHOD),
     *plain("blockllm-random", "lisa", "badam", "galore", "lora"),
 )
@@ -273,10 +284,13 @@ SUITES: dict[str, Suite] = {
         # BlockLLM gets the lr grid too (one point either side of the shared 1e-4): full
         # finetuning's best lr (2e-5) is not obviously the best for 5 % of the weights.
         methods=(*grid("adamw", ("2e-5", "1e-4")), MethodEntry("blockllm", "blockllm"),
-                 *grid("blockllm", ("2e-5", "5e-4")), MethodEntry("blockllm-paper", PAPER_METHOD),
-                 *plain("lora", "badam", "galore")),
+                 *grid("blockllm", ("2e-5", "5e-4")),
+                 MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
+                 MethodEntry("blockllm-paper", PAPER_METHOD),
+                 *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3"))),
+        # 300 held-out tweets: one point of accuracy is three tweets, not one.
         flags=("--task", "tweet-sentiment", "--batch-size", "4", "--seq-len", "64",
-               "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "100"),
+               "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "300"),
         prepare_gemma=True,
     ),
     # GPU: run by benchmarks/gpu.sh (never by the tests). bf16 autocast, peak allocation from
