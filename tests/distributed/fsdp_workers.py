@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from blockllm import BlockLLM
+from tests.distributed.group import leave_together
 
 STEPS = 10
 VOCAB = 61  # odd: the embedding and the head split 31/30 rows over two ranks
@@ -143,6 +144,7 @@ def fsdp_train_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
         }
         outcome["params"] = _full_params(model)
         torch.save(outcome, Path(out_dir) / f"train{rank}.pt")
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -167,6 +169,7 @@ def fsdp_options_worker(
         outcome = {"history": history, "reselections": opt.num_reselections}
         outcome["params"] = _full_params(model)
         torch.save(outcome, Path(out_dir) / f"options{rank}.pt")
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -186,6 +189,7 @@ def fsdp_resume_worker(rank: int, world_size: int, store: str, out_dir: str) -> 
         history = train(model, opt, resume_at, STEPS, rank, world_size)
         outcome = {"history": history, "loaded": loaded, "params": _full_params(model)}
         torch.save(outcome, Path(out_dir) / f"resume{world_size}-{rank}.pt")
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -272,5 +276,6 @@ def sharded_packer_worker(rank: int, world_size: int, store: str, out_dir: str) 
                 {i: None if c is None else c.long().sort().values + starts[i] for i, c in chosen.items()}
             )
         torch.save(results, Path(out_dir) / f"packer{rank}.pt")
+        leave_together()
     finally:
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from blockllm import BlockLLM
+from tests.distributed.group import leave_together
 from tests.optim.helpers import TinyNet, loss_of, make_batches
 
 STEPS = 14
@@ -50,6 +51,7 @@ def data_parallel_worker(
             },
             Path(out_dir) / f"rank{rank}.pt",
         )
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -86,5 +88,6 @@ def ddp_detection_worker(rank: int, world_size: int, store: str, out_dir: str) -
         BlockLLM(TinyNet(width=8).named_parameters(), sparsity=0.5, process_group=dist.group.WORLD)
         outcome["with_group"] = "accepted"
         torch.save(outcome, Path(out_dir) / f"ddp{rank}.pt")
+        leave_together()
     finally:
         dist.destroy_process_group()

@@ -57,6 +57,19 @@ def _sleep_unless_done(process, seconds) -> None:
         time.sleep(0.01)
 
 
+def _sleep_within_startup(process, out_dir, lines_before, step_before, seconds) -> None:
+    """Sleep ``seconds`` at most, but no longer than the start-up lasts.
+
+    On a fast machine start-up takes less than the kill window; sleeping through it would let a
+    short run finish before the planned kill, so the kill comes at the first sign of progress.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(read_lines(out_dir)) > lines_before or _newest_step(out_dir) > step_before:
+            return
+        time.sleep(0.005)
+
+
 def _check_after_kill(out_dir, reference, step_before, problems) -> int:
     """Everything a kill may never break; returns the newest checkpoint's step."""
     for step, path in list_checkpoints(out_dir / "checkpoints"):
@@ -101,7 +114,8 @@ def kill_campaign(tmp_path, cache_dir, *, steps, kills, seed, modes=None, extra=
                             "--cache-dir", str(cache_dir), *(["--resume"] if resume else []))  # fmt: skip
         mode = modes[survived] if modes else rng.choice(["startup", "step", "step"])
         if mode == "startup":
-            _sleep_unless_done(process, rng.uniform(0.0, STARTUP_KILL_WINDOW_S))
+            window = rng.uniform(0.0, STARTUP_KILL_WINDOW_S)
+            _sleep_within_startup(process, out_dir, lines_before, step_before, window)
         else:
             _wait_for_progress(process, out_dir, lines_before, step_before)
             _sleep_unless_done(process, rng.uniform(0.0, AFTER_LINE_WINDOW_S))
