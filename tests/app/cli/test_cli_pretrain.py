@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,35 @@ def test_missing_optional_package_names_the_pip_line(tmp_path, cache_dir, capsys
 def test_argparse_errors_exit_2(capsys):
     assert main(["pretrain", "--output-dir", "x", "--precision", "fp8"]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_without_output_dir_a_run_folder_is_chosen_and_printed(
+    tmp_path, cache_dir, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["pretrain", *TINY_FLAGS, "--max-steps", "2", "--no-tensorboard",
+                          "--cache-dir", str(cache_dir)], capsys)  # fmt: skip
+    assert code == 0, err
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"pretrain-tiny-\d{8}-\d{6}", folder.name)
+    assert out.splitlines()[0] == f"blockllm pretrain: writing the run to runs/{folder.name}"
+    assert (folder / "summary.json").is_file()
+    # --resume must name the run to continue: one line, no usage text.
+    code, _, err = run(["pretrain", "--resume"], capsys)
+    assert code == 2
+    assert (
+        err.strip() == "blockllm: error: --resume needs --output-dir: the run directory to continue"
+    )
+
+
+def test_default_output_dir_never_reuses_a_folder(tmp_path, monkeypatch):
+    from blockllm.app.cli.common import default_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = default_output_dir("finetune", str(tmp_path / "my-model"), now=0.0)
+    assert first.parent == Path("runs") and first.name.startswith("finetune-my-model-")
+    first.mkdir(parents=True)
+    assert (
+        default_output_dir("finetune", str(tmp_path / "my-model"), now=0.0).name
+        == f"{first.name}-2"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that are not part of the config: where to write, resume, runtime knobs."""
     group = parser.add_argument_group("run")
     group.add_argument(
-        "--output-dir", required=True, metavar="DIR", help="run directory (created if missing)"
+        "--output-dir",
+        metavar="DIR",
+        default=None,
+        help="run directory, created if missing (default: runs/COMMAND-MODEL-DATE-TIME, printed "
+        "at the start; required with --resume and under torchrun)",
     )
     group.add_argument(
         "--resume",
@@ -181,6 +186,21 @@ def config_from_args(
     return RunConfig.create(command, typed.pop("model", None), **typed)
 
 
+def default_output_dir(command: str, model: str, *, now: float | None = None) -> Path:
+    """``runs/<command>-<model>-<date>-<time>`` (``-2``, ``-3`` ... when that exists already).
+
+    A model given as a path is named by its last component. The time makes a second run land in
+    a new folder instead of being refused by the first one's results, as ``blockllm demo`` does.
+    """
+    name = Path(model).name or "model"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = Path("runs") / f"{command}-{name}-{stamp}"
+    path, number = base, 2
+    while path.exists():
+        path, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return path
+
+
 def resolve_cache_dir(value: str | None) -> Path:
     from blockllm.app.training.workloads.workload import default_cache_dir
 
@@ -194,5 +214,6 @@ __all__ = [
     "add_run_flags",
     "add_runtime_flags",
     "config_from_args",
+    "default_output_dir",
     "resolve_cache_dir",
 ]

@@ -339,4 +339,13 @@ torch {torch.__version__}, blockllm {__version__}.
 """
 
 
-__all__ = ["FULL", "QUICK", "STATUS_EVERY_S", "DemoSize", "StatusLines", "add_demo_parser", "progress_mode", "run_demo"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "STATUS_EVERY_S",
+    "DemoSize",
+    "StatusLines",
+    "add_demo_parser",
+    "progress_mode",
+    "run_demo",
+]

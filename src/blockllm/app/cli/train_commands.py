@@ -11,6 +11,7 @@ from blockllm.app.cli.common import (
     add_config_flags,
     add_run_flags,
     config_from_args,
+    default_output_dir,
     resolve_cache_dir,
 )
 from blockllm.app.cli.progress_bar import logging_around_bar, make_progress
@@ -71,10 +72,19 @@ def add_finetune_parser(subparsers: Any) -> None:
 def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[str]]) -> int:
     """Run one pretrain/finetune command; errors propagate to ``main`` for reporting."""
     from blockllm.app.cli.torchrun import report_before_teardown
-    from blockllm.app.training.data_parallel import data_parallel
+    from blockllm.app.training.data_parallel import data_parallel, launch_info
     from blockllm.app.training.loop import TrainingRun
 
+    if args.output_dir is None:
+        if args.resume:
+            raise ValueError("--resume needs --output-dir: the run directory to continue")
+        if launch_info() is not None:
+            # Each rank would pick its own timestamp; they must share one directory.
+            raise ValueError("under torchrun, give --output-dir: every rank writes to the same run")
     config = config_from_args(command, args, fields)
+    if args.output_dir is None:
+        args.output_dir = str(default_output_dir(command, config.model))
+        print(f"blockllm {command}: writing the run to {args.output_dir}", flush=True)
     if getattr(args, "log_level", "info") != "debug":
         _quiet_transformers()
     # Under torchrun: join the process group; a no-op for a single process.

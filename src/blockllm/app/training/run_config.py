@@ -46,9 +46,7 @@ BLOCKLLM_KNOBS = (
 _ABSENT_MEANS = {"rest": "none", "rest_lr_scale": 1.0, "always_adam": None}
 
 
-def _field(
-    default: Any, help: str, *, resumable: bool = False, command: str | None = None
-) -> Any:
+def _field(default: Any, help: str, *, resumable: bool = False, command: str | None = None) -> Any:
     """A dataclass field whose help string feeds the CLI and the docs.
 
     Args:
