@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+from blockllm.app.training.library_knobs import builtin_names
 from blockllm.app.training.run_config import (
     BLOCKLLM_KNOBS,
     PRECISIONS,
@@ -24,10 +26,6 @@ from blockllm.app.training.run_config import (
     defaults_for,
     field_help,
 )
-from blockllm.config import PARTIALS
-from blockllm.selection.packing import SELECTION_RULES
-from blockllm.selection.rest_rules import REST_RULES
-from blockllm.selection.triggers import TRIGGERS
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.
@@ -59,10 +57,7 @@ _CHOICES = {
     "precision": PRECISIONS,
     "task_kind": TASK_KINDS,
     # The library's registries of built-in policies: the same names BlockLLM(...) accepts.
-    "trigger": tuple(TRIGGERS),
-    "selection": tuple(SELECTION_RULES),
-    "partial": PARTIALS,
-    "rest": tuple(REST_RULES),
+    **{name: builtin_names(name) for name in ("trigger", "selection", "partial", "rest")},
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
 _METAVARS = {
@@ -75,6 +70,25 @@ _MODEL_HELP = {
     "pretrain": "Llama preset: tiny, llama-20m, llama-60m, llama-130m, llama-350m, llama-1b",
     "finetune": "minilm, gemma-270m, or the path of a saved Hugging Face model",
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, without breaking names at their hyphens (``blockllm-`` / ``random``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _optimizer_help() -> str:
+    """Every registered name (the built-ins, and any registered before the parser is built)."""
+    from blockllm.app.methods import OPTIMIZERS
+    from blockllm.app.methods.peer_packages import REQUIREMENTS
+
+    peers = [name for name in OPTIMIZERS if name in REQUIREMENTS]
+    return (
+        f"one of {', '.join(OPTIMIZERS)}; {', '.join(peers)} need their package "
+        '(pip install -e ".[bench]")'
+    )
 
 
 def _flag(name: str) -> str:
@@ -95,9 +109,13 @@ def add_config_flags(
         group = parser.add_argument_group(title)
         for name in names:
             annotation = str(_FIELD_TYPES[name])
-            help_text = (_MODEL_HELP[command] if name == "model" else field_help(name)).replace(
-                "%", "%%"
-            )
+            if name == "model":
+                help_text = _MODEL_HELP[command]
+            elif name == "optimizer":
+                help_text = _optimizer_help()
+            else:
+                help_text = field_help(name)
+            help_text = help_text.replace("%", "%%")
             default = defaults[name]
             if default is not None and annotation == "bool":
                 help_text += f" (default: {'on' if default else 'off'})"
@@ -209,6 +227,7 @@ def resolve_cache_dir(value: str | None) -> Path:
 
 __all__ = [
     "FINETUNE_FIELDS",
+    "HelpFormatter",
     "PRETRAIN_FIELDS",
     "add_config_flags",
     "add_run_flags",

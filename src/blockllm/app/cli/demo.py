@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.app.bench.runner import prepare_tokenizer, require_empty_output_dir
 from blockllm.app.cli.common import add_runtime_flags, resolve_cache_dir
 from blockllm.app.training.run_errors import STOP_SIGNALS
 from blockllm.errors import BlockLLMError
@@ -103,6 +102,7 @@ def add_demo_parser(subparsers: Any) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from blockllm.app.bench.plots import plot_demo
     from blockllm.app.bench.report import comparison_table, load_run
+    from blockllm.app.bench.runner import prepare_tokenizer, require_empty_output_dir
 
     size = QUICK if args.quick else FULL
     if args.steps is not None:

@@ -8,6 +8,7 @@ from typing import Any
 from blockllm.app.cli.common import (
     FINETUNE_FIELDS,
     PRETRAIN_FIELDS,
+    HelpFormatter,
     add_config_flags,
     add_run_flags,
     config_from_args,
@@ -15,7 +16,6 @@ from blockllm.app.cli.common import (
     resolve_cache_dir,
 )
 from blockllm.app.cli.progress_bar import logging_around_bar, make_progress
-from blockllm.app.training.memory import format_bytes
 
 PRETRAIN_EPILOG = """\
 presets: tiny (~7M at vocab 8192, the CPU quick start), llama-20m, llama-60m, llama-130m,
@@ -48,7 +48,7 @@ def add_pretrain_parser(subparsers: Any) -> None:
         help="pretrain a Llama preset from scratch",
         description="Pretrain a Llama-style preset from random init on a text corpus.",
         epilog=PRETRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_run_flags(parser)
     add_config_flags(parser, "pretrain", PRETRAIN_FIELDS)
@@ -62,7 +62,7 @@ def add_finetune_parser(subparsers: Any) -> None:
         description="Finetune a packaged or local pretrained model on a classification task; "
         "report held-out accuracy.",
         epilog=FINETUNE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_run_flags(parser)
     add_config_flags(parser, "finetune", FINETUNE_FIELDS)
@@ -120,6 +120,8 @@ def _quiet_transformers() -> None:
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
     """A few lines for the terminal at the end of a run."""
+    from blockllm.app.training.memory import format_bytes
+
     lines = [
         f"{summary['command']} {summary['model']} with {summary['optimizer']}: done, {summary['steps']} steps"
     ]

@@ -26,10 +26,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from blockllm.app.training.library_knobs import library_knobs
 from blockllm.app.training.run_errors import ConfigError
-from blockllm.config import BlockLLMConfig
+
+if TYPE_CHECKING:
+    from blockllm.config import BlockLLMConfig
 
 COMMANDS = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -61,9 +64,13 @@ def _field(default: Any, help: str, *, resumable: bool = False, command: str | N
 
 
 def _knob(name: str) -> Any:
-    """A BlockLLM knob: default and help from :class:`BlockLLMConfig` (regexes as strings)."""
-    knob = BlockLLMConfig.__dataclass_fields__[name]
-    return _field(knob.default, "BlockLLM: " + knob.metadata["help"])
+    """A BlockLLM knob: default and help from :class:`BlockLLMConfig` (regexes as strings).
+
+    Read through :mod:`~blockllm.app.training.library_knobs`, which does not import torch, so
+    that the command line can build its flags and answer ``--help`` quickly.
+    """
+    knob = library_knobs()[name]
+    return _field(knob.default, "BlockLLM: " + knob.help)
 
 
 @dataclass
@@ -88,7 +95,9 @@ class RunConfig:
         "auto", "finetune head: classification, causal-lm (text-to-label), or auto from the model",
         command="finetune",
     )  # fmt: skip
-    optimizer: str = _field("blockllm", "optimizer name (see blockllm.app.methods.OPTIMIZERS)")
+    optimizer: str = _field(
+        "blockllm", "optimizer name, registered in blockllm.app.methods (the CLI lists them)"
+    )
     max_steps: int = _field(1000, "optimizer steps to train")
     batch_size: int = _field(16, "sequences per micro-batch")
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
@@ -256,6 +265,8 @@ class RunConfig:
 
     def blockllm_config(self) -> BlockLLMConfig:
         """The BlockLLM knobs of this run (the run's seed seeds the optimizer's generator)."""
+        from blockllm.config import BlockLLMConfig  # loads torch: not at import (see _knob)
+
         knobs = {name: getattr(self, name) for name in BLOCKLLM_KNOBS}
         return BlockLLMConfig(**knobs, seed=self.seed)
 
