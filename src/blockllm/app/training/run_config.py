@@ -134,7 +134,7 @@ class RunConfig:
     save_every: int = _field(
         200,
         "checkpoint every N steps (and at the end); 0 = only at the end; -1 = never (a "
-        "SIGINT/SIGTERM still saves one)",
+        "SIGINT/SIGTERM/SIGHUP still saves one)",
         resumable=True,
     )
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", resumable=True)
