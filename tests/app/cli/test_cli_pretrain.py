@@ -216,3 +216,14 @@ def test_default_output_dir_never_reuses_a_folder(tmp_path, monkeypatch):
         default_output_dir("finetune", str(tmp_path / "my-model"), now=0.0).name
         == f"{first.name}-2"
     )
+
+
+def test_row_gradients_are_one_short_log_line(tmp_path, cache_dir, capsys):
+    # The library names the patched modules at debug level only; at info the run says how many.
+    code, _, err = run(["pretrain", *TINY_FLAGS, "--max-steps", "1", "--no-tensorboard",
+                        "--output-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)],
+                       capsys)  # fmt: skip
+    assert code == 0
+    lines = [line for line in err.splitlines() if "row gradients" in line]
+    assert len(lines) == 1 and len(lines[0]) < 160, lines
+    assert "model.layers.0" not in err
