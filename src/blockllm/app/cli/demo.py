@@ -60,7 +60,8 @@ class DemoSize:
 
 
 # Sized on a 2-core CPU (see docs/cli.md for the measurements): ~4k tokens/s for AdamW, faster for
-# BlockLLM, so both runs, their start-up and evaluation fit in well under five minutes.
+# BlockLLM, so both runs, their start-up and evaluation take about 3.5 minutes on an idle machine
+# (proportionally longer on a busy one).
 FULL = DemoSize(
     steps=200, batch_size=16, seq_len=128, vocab_size=8192, max_chars=3_000_000,
     eval_every=50, eval_batches=8, lr=2e-3, patience=20,
@@ -235,7 +236,9 @@ def _newest_record(path: Path) -> dict[str, Any] | None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the line being written right now
-        if isinstance(record, dict) and {"step", "loss", "tokens_per_s"} <= set(record):
+        if isinstance(record, dict) and {"step", "loss", "tokens_per_s", "peak_rss_mb"} <= set(
+            record
+        ):
             return record
     return None
 
