@@ -18,4 +18,9 @@ def test_readme_example_runs(capsys):
     exec(compile(block.group(1), str(README), "exec"), namespace)
     opt = namespace["opt"]
     assert opt.num_selected <= opt.budget
-    assert "optimizer_state" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "optimizer_state" in out
+    # The example shows learning: the printed loss falls a long way, with torch alone.
+    losses = [float(value) for value in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) >= 3 and losses[-1] < losses[0] / 10, out
+    assert "transformers" not in block.group(1)

@@ -84,12 +84,14 @@ class BlockLLMConfig:
         True, "gather a partly selected tensor's gradient to its selected coordinates as it "
         "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
     rest: str | RestRule = _knob(
-        "none", "the state-free step of the candidate coordinates Adam does not update: 'none' "
-        "(frozen until selected: the paper's method), 'sign' (signSGD) or 'colnorm' (each row "
-        "scaled to unit RMS, as SCALE)")
+        "sign", "the state-free step of the candidate coordinates Adam does not update: 'sign' "
+        "(signSGD), 'colnorm' (each row scaled to unit RMS, as SCALE), 'factored' (Adafactor "
+        "without momentum, O(rows + columns) state) or 'none' (frozen until selected: the "
+        "paper's method)")
     vocab_rest: str | RestRule | None = _knob(
-        None, "another rest rule for the embedding and output head (recognised by the names "
-        "language models give them), e.g. 'factored' beside rest='sign'; None = rest's")
+        "auto", "the rest rule of the embedding and output head (recognised by the names "
+        "language models give them): a rule name; 'auto' = 'factored' (rest's rule under FSDP2, "
+        "which splits the columns 'factored' averages over); None = rest's")
     rest_lr_scale: float = _knob(
         1.0, "the rest step is lr * rest_lr_scale * direction")
     rest_weight_decay: float | None = _knob(
@@ -132,7 +134,7 @@ class BlockLLMConfig:
         _flag("compact_grads", self.compact_grads)
         _policy("rest", self.rest, REST_RULES, RestRule)
         if self.vocab_rest is not None:
-            moving = tuple(name for name in REST_RULES if name != "none")
+            moving = (*(name for name in REST_RULES if name != "none"), "auto")
             _policy("vocab_rest", self.vocab_rest, moving, RestRule)
         if check_real("rest_lr_scale", self.rest_lr_scale) <= 0.0:
             raise ValueError(f"Invalid rest_lr_scale: {self.rest_lr_scale} (must be > 0)")

@@ -12,6 +12,7 @@ once over data-parallel ranks, and clips them.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,6 +28,8 @@ from blockllm.selection.candidates import CandidateSet
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import make_rest_rule
 from blockllm.selection.selector import BlockSelector
+
+logger = logging.getLogger(__name__)
 
 
 class GradientFlow:
@@ -55,8 +58,9 @@ class GradientFlow:
         self._holding = 0
         rule = make_rest_rule(config.rest)
         overrides = {}
-        if rule is not None and config.vocab_rest is not None:
-            vocab_rule = make_rest_rule(config.vocab_rest)
+        vocab_rest = _resolve_vocab_rest(config.vocab_rest, comm.shards_parameters)
+        if rule is not None and vocab_rest is not None:
+            vocab_rule = make_rest_rule(vocab_rest)
             overrides = {index: vocab_rule for index in candidates.vocabulary}
         stateful = [r for r in (rule, *overrides.values()) if hasattr(r, "init_state")]
         if stateful and comm.shards_parameters:
@@ -163,6 +167,24 @@ class GradientFlow:
         self.compact.clear()
         self.comm.forget_grads()
         self.end_step()
+
+
+def _resolve_vocab_rest(vocab_rest: Any, sharded: bool) -> Any:
+    """``vocab_rest`` with ``"auto"`` replaced by the rule it stands for here.
+
+    ``"auto"`` is ``"factored"``: on the embedding and head, whose rare-token rows see a gradient
+    now and then, a per-row and per-column second moment keeps their step in proportion (on
+    pretrain-cpu it took sign's eval loss from +14 % to +1 % of AdamW's; benchmarks/README.md).
+    FSDP2 splits those matrices by rows over ranks while ``"factored"`` averages every column
+    over all rows, so there ``"auto"`` falls back to ``rest``'s own rule (an explicit
+    ``"factored"`` is refused instead).
+    """
+    if vocab_rest != "auto":
+        return vocab_rest
+    if sharded:
+        logger.info("vocab_rest='auto' under FSDP2: the embedding and head take rest's rule")
+        return None
+    return "factored"
 
 
 __all__ = ["GradientFlow"]

@@ -51,3 +51,29 @@ def test_progress_bar_shows_step_loss_speed_memory_and_reselections(capsys):
     err = capsys.readouterr().err
     assert "4/4" in err and "loss 5.4321" in err and "4,100 tok/s" in err
     assert "rss 912 MB" in err and "resel 2" in err
+
+
+def test_help_loads_no_heavy_package():
+    # `blockllm --help` took 3.5 s when it imported torch (and more) to build the parser.
+    code = (
+        "import contextlib, io, sys\n"
+        "from blockllm.app.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    for argv in (['--help'], ['pretrain', '--help'], ['finetune', '--help'],\n"
+        "                 ['demo', '--help'], ['report', '--help'], ['bench', '--help']):\n"
+        "        assert main(argv) == 0, argv\n"
+        "heavy = ('torch', 'transformers', 'matplotlib', 'tokenizers', 'numpy', 'tqdm')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_optimizer_help_lists_every_name(capsys):
+    from blockllm.app.methods import OPTIMIZERS
+
+    assert main(["pretrain", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "see blockllm.app.methods" not in out
+    assert f"one of {', '.join(OPTIMIZERS)};" in out

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,35 @@ def test_resume_needs_no_other_flag(finished_runs, tmp_path, cache_dir, capsys):
     assert (out_dir / "metrics.jsonl").read_text() == before
 
 
+def test_resume_with_more_steps_trains_a_finished_run_longer(
+    finished_runs, tmp_path, cache_dir, capsys
+):
+    from blockllm.app.training.schedule import WarmupCosine
+
+    out_dir = tmp_path / "run"
+    shutil.copytree(finished_runs["blockllm"], out_dir)
+    before = metrics(out_dir)
+    code, out, err = run(["pretrain", "--output-dir", str(out_dir), "--resume", "--max-steps", "7",
+                          "--progress", "off", "--cache-dir", str(cache_dir)], capsys)  # fmt: skip
+    assert code == 0
+    assert "done, 7 steps" in out
+    records = metrics(out_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[:4] == before  # the first run's lines stay as they were
+    # The schedule is recomputed for 7 steps: steps 5-7 use a fresh 7-step run's learning rates
+    # (warmup 10 % of 7 = 0 steps, cosine to 10 %), so after the finished decay the lr rises.
+    schedule = WarmupCosine(0, 7, 0.1)
+    assert [r["lr"] for r in records[4:]] == pytest.approx([1e-3 * schedule(s) for s in (4, 5, 6)])
+    assert records[4]["lr"] > records[3]["lr"]
+    assert "max_steps changed from 4 to 7 on resume" in err
+    assert json.loads((out_dir / "config.json").read_text())["max_steps"] == 7
+    # --resume alone now continues the 7-step run: it is complete.
+    code, out, _ = run(["pretrain", "--output-dir", str(out_dir), "--resume", "--progress", "off",
+                        "--cache-dir", str(cache_dir)], capsys)  # fmt: skip
+    assert code == 0 and "done, 7 steps" in out
+    assert metrics(out_dir) == records
+
+
 def _copy_run(finished_runs, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(finished_runs["blockllm"], target)
@@ -100,6 +130,7 @@ ERRORS = [
      r"Invalid preset: 'llama-7b' \(choose from 'tiny', 'llama-20m', 'llama-60m', 'llama-130m', 'llama-350m', 'llama-1b'\)"),
     ("unknown-optimizer", _empty_run_dir, ["--optimizer", "sgd"], r"Invalid optimizer: 'sgd' \(choose from 'adamw', 'blockllm'"),
     ("bad-value", _empty_run_dir, ["--sparsity", "1.5"], r"Invalid sparsity: 1.5"),
+    ("zero-lr", _empty_run_dir, ["--lr", "0"], r"Invalid lr: 0.0 \(must be > 0.0\)"),
     ("missing-data", _empty_run_dir, ["--data", "/nonexistent/corpus.txt"], r"'/nonexistent/corpus.txt' does not exist"),
     ("empty-data", _empty_run_dir, lambda tmp: ["--data", _empty_text(tmp)], r"empty.txt' contains no text"),
     ("corrupt-checkpoint", _corrupt_checkpoint, ["--resume"], r"step_00000004.pt is corrupt or unreadable"),
@@ -108,6 +139,8 @@ ERRORS = [
     ("another-run-resume", _copy_run, ["--resume", "--lr", "0.5"], r"holds a different run"),
     ("same-run-without-resume", _copy_run, [], r"already holds this run's results; pass --resume"),
     ("resume-without-checkpoint", _empty_run_dir, ["--resume"], r"nothing to resume"),
+    ("resume-before-checkpoint", _copy_run, ["--resume", "--max-steps", "3"],
+     r"Invalid max_steps: 3 \(checkpoint .*step_00000004.pt is at step 4 already; give --max-steps 4 or more"),
     ("foreign-directory", _foreign_directory, [], r"is not empty and holds no blockllm run"),
 ]  # fmt: skip
 
@@ -171,3 +204,46 @@ def test_bf16_pure_stores_weights_in_bf16_and_refuses_optimizers_without_masters
     code, _, err = run([*common, "--optimizer", "adamw", "--output-dir", str(tmp_path / "a")],
                        capsys)  # fmt: skip
     assert code == 2 and "keeps no fp32 master copies" in err
+
+
+def test_without_output_dir_a_run_folder_is_chosen_and_printed(
+    tmp_path, cache_dir, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["pretrain", *TINY_FLAGS, "--max-steps", "2", "--no-tensorboard",
+                          "--cache-dir", str(cache_dir)], capsys)  # fmt: skip
+    assert code == 0, err
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"pretrain-tiny-\d{8}-\d{6}", folder.name)
+    assert out.splitlines()[0] == f"blockllm pretrain: writing the run to runs/{folder.name}"
+    assert (folder / "summary.json").is_file()
+    # --resume must name the run to continue: one line, no usage text.
+    code, _, err = run(["pretrain", "--resume"], capsys)
+    assert code == 2
+    assert (
+        err.strip() == "blockllm: error: --resume needs --output-dir: the run directory to continue"
+    )
+
+
+def test_default_output_dir_never_reuses_a_folder(tmp_path, monkeypatch):
+    from blockllm.app.cli.common import default_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = default_output_dir("finetune", str(tmp_path / "my-model"), now=0.0)
+    assert first.parent == Path("runs") and first.name.startswith("finetune-my-model-")
+    first.mkdir(parents=True)
+    assert (
+        default_output_dir("finetune", str(tmp_path / "my-model"), now=0.0).name
+        == f"{first.name}-2"
+    )
+
+
+def test_row_gradients_are_one_short_log_line(tmp_path, cache_dir, capsys):
+    # The library names the patched modules at debug level only; at info the run says how many.
+    code, _, err = run(["pretrain", *TINY_FLAGS, "--max-steps", "1", "--no-tensorboard",
+                        "--output-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)],
+                       capsys)  # fmt: skip
+    assert code == 0
+    lines = [line for line in err.splitlines() if "row gradients" in line]
+    assert len(lines) == 1 and len(lines[0]) < 160, lines
+    assert "model.layers.0" not in err

@@ -65,3 +65,32 @@ def test_table_ratios_and_selection_events(finished_runs):
     assert 0.05 < state_ratio < 0.2
     assert selection_steps(runs[1]) == sorted(selection_steps(runs[1]))
     assert selection_steps(runs[0]) == []
+
+
+def test_report_on_a_folder_of_runs_reads_every_run_below_it(finished_runs, tmp_path, capsys):
+    # What `blockllm demo` leaves: DIR/adamw and DIR/blockllm (bench: DIR/runs/LABEL).
+    import shutil
+
+    demo = tmp_path / "demo-20260101-120000"
+    for name in ("adamw", "blockllm"):
+        shutil.copytree(finished_runs[name], demo / name)
+    (demo / "demo.md").write_text("the demo's own table")
+    assert main(["report", str(demo)]) == 0
+    printed = capsys.readouterr().out
+    assert "| adamw | adamw |" in printed and "| blockllm | blockllm |" in printed
+    assert (demo / "report" / "report.md").is_file()
+    # The report folder holds no run, so a second report finds the same two.
+    assert main(["report", str(demo)]) == 0
+    assert capsys.readouterr().out.count("| adamw | adamw |") == 1
+
+
+def test_report_on_several_runs_writes_under_runs_not_the_current_directory(
+    finished_runs, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(finished_runs["adamw"]), str(finished_runs["blockllm"])]) == 0
+    capsys.readouterr()
+    assert [path.name for path in tmp_path.iterdir()] == ["runs"]
+    (report,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"report-\d{8}-\d{6}", report.name)
+    assert (report / "report.md").is_file()

@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM on a real `blockllm pretrain` process: clean exit, loadable checkpoint, exact resume."""
+"""SIGINT/SIGTERM/SIGHUP on a real `blockllm pretrain` process: clean exit, loadable checkpoint, exact resume."""
 
 import os
 import signal
@@ -44,7 +44,10 @@ def _wait_for_lines(path, count, process, timeout=120.0):
     pytest.fail("no progress within the timeout")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+# SIGHUP is what a closed terminal or a dropped SSH session sends.
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_signal_mid_run_leaves_a_checkpoint_that_resumes_exactly(
     signum, tmp_path, cache_dir, capsys
 ):

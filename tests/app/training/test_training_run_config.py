@@ -78,6 +78,8 @@ def test_unknown_key_lists_valid_keys():
         ("pretrain", {"max_steps": 0}, r"Invalid max_steps: 0 \(must be >= 1\)"),
         ("pretrain", {"sparsity": 1.0}, r"Invalid sparsity: 1.0 \(must be in \[0, 1\)\)"),
         ("pretrain", {"lr": -1.0}, r"Invalid lr: -1.0"),
+        ("pretrain", {"lr": 0.0}, r"Invalid lr: 0.0 \(must be > 0.0\)"),
+        ("finetune", {"lr": 0}, r"Invalid lr: 0 \(must be > 0.0\)"),
         ("pretrain", {"lr": float("nan")}, r"Invalid lr: nan"),
         ("pretrain", {"batch_size": 2.5}, r"Invalid batch_size: 2.5 \(expected an integer\)"),
         ("pretrain", {"eval_at_start": "yes"}, r"Invalid eval_at_start: 'yes'"),
@@ -116,3 +118,35 @@ def test_warmup_steps():
     assert RunConfig.create("pretrain", max_steps=50).resolved_warmup_steps == 5
     assert RunConfig.create("pretrain", max_steps=50, warmup_steps=0).resolved_warmup_steps == 0
     assert RunConfig.create("pretrain", max_steps=5, warmup_steps=9).resolved_warmup_steps == 5
+
+
+def test_fields_of_the_other_command_are_none():
+    pretrain = RunConfig.create("pretrain", "tiny")
+    assert (pretrain.task, pretrain.task_kind, pretrain.max_train_examples) == (None, None, None)
+    assert (pretrain.data, pretrain.vocab_size) == ("stdlib", 8192)
+    finetune = RunConfig.create("finetune", "minilm")
+    assert (finetune.task, finetune.task_kind) == ("tweet-sentiment", "auto")
+    assert (finetune.data, finetune.vocab_size, finetune.eval_fraction, finetune.eval_batches) == (
+        None, None, None, None,
+    )  # fmt: skip
+    assert RunConfig.from_dict(pretrain.to_dict()) == pretrain
+    assert RunConfig.from_dict(finetune.to_dict()) == finetune
+
+
+def test_an_older_config_json_with_the_other_commands_defaults_loads_as_the_same_run(tmp_path):
+    # Until now a pretraining config.json carried "task": "tweet-sentiment" (and a finetuning
+    # one "data": "stdlib"): it still loads, and a resume compares it equal to today's config.
+    old = {**RunConfig.create("pretrain", "tiny").to_dict(), "task": "tweet-sentiment",
+           "task_kind": "auto"}  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    loaded = RunConfig.from_json(path)
+    assert loaded.task is None
+    assert loaded.differences(RunConfig.create("pretrain", "tiny"), include_resumable=True) == {}
+
+
+def test_resume_conflicts_allow_a_new_max_steps_only():
+    saved = RunConfig.create("pretrain", "tiny", max_steps=60)
+    assert saved.replace(max_steps=100).resume_conflicts(saved) == {}
+    assert saved.replace(max_steps=100).differences(saved) == {"max_steps": (100, 60)}
+    assert saved.replace(lr=2e-3).resume_conflicts(saved) == {"lr": (2e-3, 1e-3)}

@@ -47,8 +47,13 @@ def test_same_run_needs_resume(tmp_path):
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(RunDirError, match="nothing to resume"):
-        check_run_dir(tmp_path / "new", tiny_config(), resume=True)
+    missing = tmp_path / "new"
+    # A missing folder is named as such, not as a checkpoints/ folder inside it.
+    with pytest.raises(RunDirError, match="nothing to resume") as caught:
+        check_run_dir(missing, tiny_config(), resume=True)
+    assert f"output directory {missing} does not exist" in str(caught.value)
+    assert "checkpoints" not in str(caught.value)
+    assert not missing.exists()
     init_run_dir(check_run_dir(tmp_path, tiny_config(), resume=False), tiny_config())
     with pytest.raises(RunDirError, match="nothing to resume"):
         check_run_dir(tmp_path, tiny_config(), resume=True)
@@ -58,3 +63,13 @@ def test_a_file_is_not_a_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="is not a directory"):
         check_run_dir(tmp_path / "file", tiny_config(), resume=False)
+
+
+def test_resume_may_change_max_steps_and_nothing_else(tmp_path):
+    _finished_run(tmp_path, tiny_config())
+    run_dir = check_run_dir(tmp_path, tiny_config(max_steps=100), resume=True)
+    assert run_dir.resume_from.name == "step_00000001.pt"
+    with pytest.raises(RunDirError, match=r"max_steps: 6 there, 100 now.*add --resume to continue"):
+        check_run_dir(tmp_path, tiny_config(max_steps=100), resume=False)
+    with pytest.raises(RunDirError, match=r"holds a different run \(lr: 0.001 there, 0.002 now\)"):
+        check_run_dir(tmp_path, tiny_config(max_steps=100, lr=2e-3), resume=True)

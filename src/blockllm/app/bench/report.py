@@ -86,6 +86,36 @@ class RunRecord:
         }
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run: its ``config.json`` and ``metrics.jsonl``."""
+    return (path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """``path`` when it is a run directory, else every run directory below it, sorted.
+
+    A folder of runs is what ``blockllm demo`` (``DIR/adamw``, ``DIR/blockllm``) and
+    ``blockllm bench`` (``DIR/runs/LABEL``) write, and what users keep under ``runs/``.
+
+    Raises:
+        FileNotFoundError: ``path`` is no run directory and holds none.
+    """
+    path = Path(path).expanduser()
+    if is_run_dir(path):
+        return [path]
+    found = (
+        sorted(config.parent for config in path.rglob(CONFIG_FILE) if is_run_dir(config.parent))
+        if path.is_dir()
+        else []
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{path} is not a blockllm run directory (it needs {CONFIG_FILE} and {METRICS_FILE}) "
+            "and holds none below it"
+        )
+    return found
+
+
 def load_run(path: str | Path) -> RunRecord:
     """Read a run directory.
 
@@ -94,7 +124,7 @@ def load_run(path: str | Path) -> RunRecord:
         ValueError: its files are not valid JSON.
     """
     path = Path(path).expanduser()
-    if not (path / CONFIG_FILE).is_file() or not (path / METRICS_FILE).is_file():
+    if not is_run_dir(path):
         raise FileNotFoundError(
             f"{path} is not a blockllm run directory (it needs {CONFIG_FILE} and {METRICS_FILE})"
         )
@@ -170,4 +200,4 @@ def _delta(values: dict[str, Any], ref: dict[str, Any] | None, key: str, digits:
     return text
 
 
-__all__ = ["RunRecord", "comparison_table", "load_run"]
+__all__ = ["RunRecord", "comparison_table", "find_runs", "is_run_dir", "load_run"]

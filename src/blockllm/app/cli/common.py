@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+from blockllm.app.training.library_knobs import builtin_names
 from blockllm.app.training.run_config import (
     BLOCKLLM_KNOBS,
     PRECISIONS,
@@ -23,10 +26,6 @@ from blockllm.app.training.run_config import (
     defaults_for,
     field_help,
 )
-from blockllm.config import PARTIALS
-from blockllm.selection.packing import SELECTION_RULES
-from blockllm.selection.rest_rules import REST_RULES
-from blockllm.selection.triggers import TRIGGERS
 
 # Which config fields each command shows, grouped for --help. Names are RunConfig fields; the flag
 # is the kebab-case name.
@@ -58,11 +57,8 @@ _CHOICES = {
     "precision": PRECISIONS,
     "task_kind": TASK_KINDS,
     # The library's registries of built-in policies: the same names BlockLLM(...) accepts.
-    "trigger": tuple(TRIGGERS),
-    "selection": tuple(SELECTION_RULES),
-    "partial": PARTIALS,
-    "rest": tuple(REST_RULES),
-    "vocab_rest": tuple(name for name in REST_RULES if name != "none"),
+    **{name: builtin_names(name) for name in ("trigger", "selection", "partial", "rest")},
+    "vocab_rest": (*(name for name in builtin_names("rest") if name != "none"), "auto"),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
 _METAVARS = {
@@ -75,6 +71,25 @@ _MODEL_HELP = {
     "pretrain": "Llama preset: tiny, llama-20m, llama-60m, llama-130m, llama-350m, llama-1b",
     "finetune": "minilm, gemma-270m, or the path of a saved Hugging Face model",
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, without breaking names at their hyphens (``blockllm-`` / ``random``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _optimizer_help() -> str:
+    """Every registered name (the built-ins, and any registered before the parser is built)."""
+    from blockllm.app.methods import OPTIMIZERS
+    from blockllm.app.methods.peer_packages import REQUIREMENTS
+
+    peers = [name for name in OPTIMIZERS if name in REQUIREMENTS]
+    return (
+        f"one of {', '.join(OPTIMIZERS)}; {', '.join(peers)} need their package "
+        '(pip install -e ".[bench]")'
+    )
 
 
 def _flag(name: str) -> str:
@@ -95,9 +110,13 @@ def add_config_flags(
         group = parser.add_argument_group(title)
         for name in names:
             annotation = str(_FIELD_TYPES[name])
-            help_text = (_MODEL_HELP[command] if name == "model" else field_help(name)).replace(
-                "%", "%%"
-            )
+            if name == "model":
+                help_text = _MODEL_HELP[command]
+            elif name == "optimizer":
+                help_text = _optimizer_help()
+            else:
+                help_text = field_help(name)
+            help_text = help_text.replace("%", "%%")
             default = defaults[name]
             if default is not None and annotation == "bool":
                 help_text += f" (default: {'on' if default else 'off'})"
@@ -120,7 +139,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that are not part of the config: where to write, resume, runtime knobs."""
     group = parser.add_argument_group("run")
     group.add_argument(
-        "--output-dir", required=True, metavar="DIR", help="run directory (created if missing)"
+        "--output-dir",
+        metavar="DIR",
+        default=None,
+        help="run directory, created if missing (default: runs/COMMAND-MODEL-DATE-TIME, printed "
+        "at the start; required with --resume and under torchrun)",
     )
     group.add_argument(
         "--resume",
@@ -182,6 +205,21 @@ def config_from_args(
     return RunConfig.create(command, typed.pop("model", None), **typed)
 
 
+def default_output_dir(command: str, model: str, *, now: float | None = None) -> Path:
+    """``runs/<command>-<model>-<date>-<time>`` (``-2``, ``-3`` ... when that exists already).
+
+    A model given as a path is named by its last component. The time makes a second run land in
+    a new folder instead of being refused by the first one's results, as ``blockllm demo`` does.
+    """
+    name = Path(model).name or "model"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = Path("runs") / f"{command}-{name}-{stamp}"
+    path, number = base, 2
+    while path.exists():
+        path, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return path
+
+
 def resolve_cache_dir(value: str | None) -> Path:
     from blockllm.app.training.workloads.workload import default_cache_dir
 
@@ -190,10 +228,12 @@ def resolve_cache_dir(value: str | None) -> Path:
 
 __all__ = [
     "FINETUNE_FIELDS",
+    "HelpFormatter",
     "PRETRAIN_FIELDS",
     "add_config_flags",
     "add_run_flags",
     "add_runtime_flags",
     "config_from_args",
+    "default_output_dir",
     "resolve_cache_dir",
 ]

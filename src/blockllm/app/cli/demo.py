@@ -10,21 +10,25 @@ with) tokenizer training. The comparison goes to the terminal, ``DIR/demo.md`` a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.app.bench.runner import prepare_tokenizer, require_empty_output_dir
 from blockllm.app.cli.common import add_runtime_flags, resolve_cache_dir
+from blockllm.app.training.run_errors import STOP_SIGNALS
 from blockllm.errors import BlockLLMError
 
 METHODS = ("adamw", "blockllm")
+#: Without a terminal (CI logs, ``| tee``), the seconds between two status lines of a child.
+STATUS_EVERY_S = 10.0
 
 
 class DemoRunError(BlockLLMError, RuntimeError):
@@ -56,7 +60,8 @@ class DemoSize:
 
 
 # Sized on a 2-core CPU (see docs/cli.md for the measurements): ~4k tokens/s for AdamW, faster for
-# BlockLLM, so both runs, their start-up and evaluation fit in well under five minutes.
+# BlockLLM, so both runs, their start-up and evaluation take about 3.5 minutes on an idle machine
+# (proportionally longer on a busy one).
 FULL = DemoSize(
     steps=200, batch_size=16, seq_len=128, vocab_size=8192, max_chars=3_000_000,
     eval_every=50, eval_batches=8, lr=2e-3, patience=20,
@@ -98,6 +103,7 @@ def add_demo_parser(subparsers: Any) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from blockllm.app.bench.plots import plot_demo
     from blockllm.app.bench.report import comparison_table, load_run
+    from blockllm.app.bench.runner import prepare_tokenizer, require_empty_output_dir
 
     size = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -126,6 +132,11 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     prepare_tokenizer(size.max_chars, size.vocab_size, cache_dir)
 
+    # On a terminal each child draws its own progress bar. Piped, a bar is noise and the
+    # children's log lines are hidden (they run at --log-level warning, so that their set-up
+    # chatter does not bury the table), which left minutes without a line: this process then
+    # prints a status line of its own from each child's metrics.jsonl instead.
+    mode = progress_mode(args.progress)
     durations = {}
     for number, method in enumerate(METHODS, start=1):
         print(f"[{number}/{len(METHODS)}] {method} ...", flush=True)
@@ -133,17 +144,21 @@ def run_demo(args: argparse.Namespace) -> int:
             sys.executable, "-m", "blockllm", "pretrain", "--model", "tiny", "--data", "stdlib",
             "--optimizer", method, "--output-dir", str(output / method), "--seed", "0",
             "--sparsity", str(args.sparsity), "--save-every", "0", "--cache-dir", str(cache_dir),
-            "--progress", args.progress, "--log-level", "warning", *size.flags(),
+            "--progress", "bar" if mode == "bar" else "off", "--log-level", "warning",
+            *size.flags(),
         ]  # fmt: skip
         if args.threads:
             command += ["--threads", str(args.threads)]
         run_started = time.perf_counter()
-        code = _run_child(command)
+        status = StatusLines(method, output / method, size.steps) if mode == "log" else None
+        code = _run_child(command, status)
         durations[method] = time.perf_counter() - run_started
         if code != 0:
             raise DemoRunError(
                 f"the {method} run failed with exit code {code}; its messages are above"
             )
+        if mode != "off":
+            print(f"    {method}: finished in {durations[method]:.0f} s", flush=True)
 
     runs = [load_run(output / method) for method in METHODS]
     table = comparison_table(runs)
@@ -162,27 +177,107 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_child(command: list[str]) -> int:
+def progress_mode(requested: str) -> str:
+    """``bar`` (each child's own), ``log`` (status lines from here) or ``off``; ``auto`` picks the
+    bar on a terminal and the status lines otherwise."""
+    if requested == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    return requested
+
+
+class StatusLines:
+    """Prints ``    adamw: step 60/200 | loss 5.4321 | 4,100 tok/s | rss 900 MB | 35 s``.
+
+    Called every :data:`STATUS_EVERY_S` seconds while a child runs; reads the newest line of the
+    child's ``metrics.jsonl`` (the file is flushed after every line) and prints when the step
+    moved, so a long evaluation does not repeat the same line.
+
+    Args:
+        label: The method, shown first.
+        run_dir: The child's ``--output-dir``.
+        total: The child's ``--max-steps``.
+    """
+
+    def __init__(self, label: str, run_dir: Path, total: int) -> None:
+        self.label = label
+        self.path = run_dir / "metrics.jsonl"
+        self.total = total
+        self.started = time.perf_counter()
+        self._shown: int | None = None
+
+    def __call__(self) -> None:
+        from blockllm.app.training.progress import describe
+
+        seconds = time.perf_counter() - self.started
+        record = _newest_record(self.path)
+        if record is None:
+            if self._shown is None:  # once: the child is loading data and model
+                print(f"    {self.label}: setting up ({seconds:.0f} s)", flush=True)
+                self._shown = 0
+            return
+        if record["step"] == self._shown:
+            return
+        self._shown = record["step"]
+        print(
+            f"    {self.label}: step {record['step']}/{self.total} | {describe(record)} | "
+            f"{seconds:.0f} s",
+            flush=True,
+        )
+
+
+def _newest_record(path: Path) -> dict[str, Any] | None:
+    """The last complete line of a ``metrics.jsonl`` that may be half-way through a write."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+        if isinstance(record, dict) and {"step", "loss", "tokens_per_s", "peak_rss_mb"} <= set(
+            record
+        ):
+            return record
+    return None
+
+
+def _run_child(command: list[str], status: Callable[[], None] | None = None) -> int:
     """Run a child to completion; on Ctrl-C let it checkpoint and exit before re-raising.
 
     A terminal's Ctrl-C reaches the whole process group, so the child already got SIGINT and is
-    finishing its step; killing it (what ``subprocess.call`` does) would lose that work.
+    finishing its step; killing it (what ``subprocess.call`` does) would lose that work. SIGTERM
+    and SIGHUP sent to this process alone are passed on as SIGTERM: a closed terminal sends
+    SIGHUP to the child as well, and two different signals still mean "checkpoint and stop",
+    where a second SIGHUP would abort the child at once.
+
+    Args:
+        command: The child's command line.
+        status: Called every :data:`STATUS_EVERY_S` seconds while the child runs.
     """
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "true")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
 
-    def forward_sigterm(signum: int, frame: Any) -> None:
+    def forward(signum: int, frame: Any) -> None:
         process.send_signal(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    forwarded = [signum for signum in STOP_SIGNALS if signum != signal.SIGINT]
+    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
     try:
-        return process.wait()
+        while True:
+            try:
+                return process.wait(timeout=STATUS_EVERY_S if status is not None else None)
+            except subprocess.TimeoutExpired:
+                assert status is not None
+                status()
     except KeyboardInterrupt:
         process.wait()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _verdict(adamw: dict[str, Any], blockllm: dict[str, Any]) -> str:
@@ -247,4 +342,13 @@ torch {torch.__version__}, blockllm {__version__}.
 """
 
 
-__all__ = ["FULL", "QUICK", "DemoSize", "add_demo_parser", "run_demo"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "STATUS_EVERY_S",
+    "DemoSize",
+    "StatusLines",
+    "add_demo_parser",
+    "progress_mode",
+    "run_demo",
+]

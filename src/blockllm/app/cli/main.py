@@ -4,7 +4,7 @@ Exit codes: 0 success; 2 bad input (argparse errors, unknown names, missing or e
 corrupt or mismatched checkpoint, an output directory that holds another run, a missing optional
 package), reported as one ``blockllm: error: ...`` line on stderr (the missing-package message
 adds the ``pip install`` line to copy); 128 + N when signal N stopped
-training after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM); 3 when, under torchrun,
+training after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP); 3 when, under torchrun,
 another rank died or hung (one ``blockllm: error: ...`` line; the last checkpoint is intact); 1
 for anything unexpected, with the traceback.
 """
@@ -89,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except TrainingInterrupted as exc:
         if is_main_process():  # under torchrun every rank stops; rank 0 says so
-            print(f"blockllm: {exc}", file=sys.stderr)
+            try:
+                print(f"blockllm: {exc}", file=sys.stderr)
+            except OSError:
+                # After SIGHUP the terminal may be gone (writes fail with EIO); the checkpoint
+                # is saved, and the exit code still says why the run stopped.
+                pass
         return 128 + exc.signal_number
     except DistributedTrainingError as exc:
         _report(f"blockllm: error: {' '.join(str(exc).split())}", exc, debug)

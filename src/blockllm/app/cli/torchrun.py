@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from blockllm.app.training.data_parallel import DataParallel, launch_info
+from blockllm.app.training.run_errors import STOP_SIGNALS
 
 
 def configure_rank_logging(level: str) -> None:
@@ -44,7 +45,7 @@ class _RankFormatter(logging.Formatter):
 
 @contextlib.contextmanager
 def report_before_teardown(parallel: DataParallel) -> Iterator[None]:
-    """While running data parallel, ignore SIGINT/SIGTERM once a peer failure has been detected.
+    """While running data parallel, ignore SIGINT/SIGTERM/SIGHUP once a peer failure was detected.
 
     Until then the signals behave as before (the training run turns the first one into "checkpoint
     and stop"). Afterwards the process is only printing its one-line error and exiting, so the
@@ -53,7 +54,7 @@ def report_before_teardown(parallel: DataParallel) -> Iterator[None]:
     if not parallel.active or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
     def handler(signum: int, frame: Any) -> None:
         if parallel.failed:

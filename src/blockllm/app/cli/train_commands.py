@@ -8,13 +8,14 @@ from typing import Any
 from blockllm.app.cli.common import (
     FINETUNE_FIELDS,
     PRETRAIN_FIELDS,
+    HelpFormatter,
     add_config_flags,
     add_run_flags,
     config_from_args,
+    default_output_dir,
     resolve_cache_dir,
 )
 from blockllm.app.cli.progress_bar import logging_around_bar, make_progress
-from blockllm.app.training.memory import format_bytes
 
 PRETRAIN_EPILOG = """\
 presets: tiny (~7M at vocab 8192, the CPU quick start), llama-20m, llama-60m, llama-130m,
@@ -47,7 +48,7 @@ def add_pretrain_parser(subparsers: Any) -> None:
         help="pretrain a Llama preset from scratch",
         description="Pretrain a Llama-style preset from random init on a text corpus.",
         epilog=PRETRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_run_flags(parser)
     add_config_flags(parser, "pretrain", PRETRAIN_FIELDS)
@@ -61,7 +62,7 @@ def add_finetune_parser(subparsers: Any) -> None:
         description="Finetune a packaged or local pretrained model on a classification task; "
         "report held-out accuracy.",
         epilog=FINETUNE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_run_flags(parser)
     add_config_flags(parser, "finetune", FINETUNE_FIELDS)
@@ -71,10 +72,19 @@ def add_finetune_parser(subparsers: Any) -> None:
 def run_training(command: str, args: argparse.Namespace, fields: dict[str, list[str]]) -> int:
     """Run one pretrain/finetune command; errors propagate to ``main`` for reporting."""
     from blockllm.app.cli.torchrun import report_before_teardown
-    from blockllm.app.training.data_parallel import data_parallel
+    from blockllm.app.training.data_parallel import data_parallel, launch_info
     from blockllm.app.training.loop import TrainingRun
 
+    if args.output_dir is None:
+        if args.resume:
+            raise ValueError("--resume needs --output-dir: the run directory to continue")
+        if launch_info() is not None:
+            # Each rank would pick its own timestamp; they must share one directory.
+            raise ValueError("under torchrun, give --output-dir: every rank writes to the same run")
     config = config_from_args(command, args, fields)
+    if args.output_dir is None:
+        args.output_dir = str(default_output_dir(command, config.model))
+        print(f"blockllm {command}: writing the run to {args.output_dir}", flush=True)
     if getattr(args, "log_level", "info") != "debug":
         _quiet_transformers()
     # Under torchrun: join the process group; a no-op for a single process.
@@ -110,6 +120,8 @@ def _quiet_transformers() -> None:
 
 def format_summary(summary: dict[str, Any], path: str) -> str:
     """A few lines for the terminal at the end of a run."""
+    from blockllm.app.training.memory import format_bytes
+
     lines = [
         f"{summary['command']} {summary['model']} with {summary['optimizer']}: done, {summary['steps']} steps"
     ]

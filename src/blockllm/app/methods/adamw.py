@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from blockllm.app.training.run_config import RunConfig
 
 
 def _build_adamw(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    import torch  # here, not at import: listing the methods (`--help`) needs no torch
+
     groups = decay_groups(model, config.weight_decay)
     for group in groups:
         group.pop("names")  # torch.optim keeps unknown keys in every state_dict; keep it lean

@@ -8,13 +8,13 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads when a method is built, not when the names are listed
+    import torch
+    from torch import nn
+
     from blockllm.app.training.run_config import RunConfig
 
 

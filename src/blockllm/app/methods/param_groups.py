@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: importing the registry must not load torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         len(decay), weight_decay, len(no_decay),
     )  # fmt: skip
     return groups
-
 
 
 __all__ = ["decay_groups"]

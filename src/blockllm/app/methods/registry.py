@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the registry is read by `--help`, which should not wait for torch
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from blockllm.app.training.run_config import RunConfig
 
-Builder = Callable[[nn.Module, "RunConfig"], torch.optim.Optimizer]
+Builder = Callable[["nn.Module", "RunConfig"], "torch.optim.Optimizer"]
 
 
 def _no_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -26,7 +26,7 @@ Unattended runs must survive what goes wrong in days of training:
   save while training goes on; the previous checkpoint stays intact. Only the final or
   signal-triggered save, after which the process would exit, turns the failure into an error.
 
-SIGINT/SIGTERM do not kill a step half-way: the step finishes, a checkpoint is written, and
+SIGINT/SIGTERM/SIGHUP do not kill a step half-way: the step finishes, a checkpoint is written, and
 :class:`~blockllm.app.training.run_errors.TrainingInterrupted` is raised. A second signal aborts at once (the
 last complete checkpoint stays valid, since checkpoints are written atomically).
 """
@@ -64,6 +64,7 @@ from blockllm.app.training.metrics import MetricsWriter
 from blockllm.app.training.progress import LogProgress, Progress
 from blockllm.app.training.run_config import RunConfig
 from blockllm.app.training.run_errors import (
+    STOP_SIGNALS,
     CheckpointError,
     ConfigError,
     CorruptCheckpointError,
@@ -103,8 +104,8 @@ class TrainingRun:
         cache_dir: Tokenizer and converted-model cache (default: :func:`default_cache_dir`).
         progress: Receives each metrics record (default: a few log lines).
         threads: ``torch.set_num_threads`` for this run (default: leave torch's choice).
-        handle_signals: Turn SIGINT/SIGTERM into "finish the step, checkpoint, stop" (only
-            possible in the main thread).
+        handle_signals: Turn SIGINT/SIGTERM/SIGHUP into "finish the step, checkpoint, stop"
+            (only possible in the main thread).
         parallel: This process's rank among data-parallel ones (see
             :mod:`blockllm.app.training.data_parallel`); default: the initialised default process group,
             if any, else a single process.
@@ -213,6 +214,7 @@ class TrainingRun:
 
         if self._checkpoint is not None:
             self._restore(self._checkpoint, self.run_dir.resume_from)
+            self._follow_new_max_steps(int(self._checkpoint["config"]["max_steps"]))
             self._checkpoint = None  # the model and optimizer own the tensors now
         # Data parallel: DDP around the model, unless the optimizer averages its own gradients.
         self._train_model = self.parallel.wrap(self.model, self.optimizer)
@@ -528,12 +530,38 @@ class TrainingRun:
         self._last_checkpoint = path
         logger.info("Resumed from %s at step %d", path, self.step)
 
+    def _follow_new_max_steps(self, saved_max_steps: int) -> None:
+        """Recompute the schedule when ``--resume`` changed ``max_steps``; log the lr jump.
+
+        The restored scheduler still holds the checkpoint's total. The schedule is a function
+        of ``max_steps``, so it is rebuilt for the new total at the checkpoint's step: the
+        remaining steps use the learning rates a run started with the new ``max_steps`` would
+        use there. After a completed cosine decay (a finished run trained longer) that means
+        the learning rate rises again, from the decay's floor back up the new curve.
+        """
+        config = self.config
+        if saved_max_steps == config.max_steps:
+            return
+        before = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=config.resolved_warmup_steps, max_steps=config.max_steps,
+            min_ratio=config.min_lr_ratio, start_step=self.step,
+        )  # fmt: skip
+        after = float(self.optimizer.param_groups[0]["lr"])
+        logger.warning(
+            "max_steps changed from %d to %d on resume: the learning-rate schedule (warmup %d "
+            "steps, cosine to %g of the peak) is recomputed for %d steps, so step %d uses lr %.3g "
+            "instead of %.3g",
+            saved_max_steps, config.max_steps, config.resolved_warmup_steps, config.min_lr_ratio,
+            config.max_steps, self.step + 1, after, before,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ signals
 
     def _install_signal_handlers(self) -> None:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
 
@@ -545,7 +573,7 @@ class TrainingRun:
             if not self.parallel.second_signal_aborts:
                 return  # torchrun repeats signals to its workers, and escalates to SIGKILL itself
             # A second signal is not ignored: it gets the previous behaviour (KeyboardInterrupt
-            # for SIGINT, termination for SIGTERM).
+            # for SIGINT, termination for SIGTERM and SIGHUP).
             previous = self._previous_handlers.get(signum)
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
@@ -612,16 +640,26 @@ class _Window:
 
 
 def _check_checkpoint_config(record: dict[str, Any], config: RunConfig, path: Path) -> None:
-    """Refuse a checkpoint written by a run with different settings (e.g. copied in by hand)."""
+    """Refuse a checkpoint written by a run with different settings (e.g. copied in by hand).
+
+    A new ``max_steps`` is no different run (see :meth:`RunConfig.resume_conflicts`), unless it
+    lies before the checkpoint's step: those steps cannot be taken back.
+    """
     try:
         saved = RunConfig.from_dict(record["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} holds no valid run config ({exc})") from exc
-    changed = config.differences(saved)
+    changed = config.resume_conflicts(saved)
     if changed:
         names = ", ".join(sorted(changed))
         raise CheckpointError(
             f"checkpoint {path} was saved by a different run (differs in: {names})"
+        )
+    step = int(record["step"])
+    if config.max_steps < step:
+        raise CheckpointError(
+            f"Invalid max_steps: {config.max_steps} (checkpoint {path} is at step {step} "
+            f"already; give --max-steps {step} or more to continue it)"
         )
 
 

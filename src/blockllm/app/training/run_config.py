@@ -3,7 +3,14 @@
 ``RunConfig`` is the single source of truth for a run. The CLI builds its flags from the fields'
 ``metadata["help"]``, writes the config to ``DIR/config.json``, and on ``--resume`` compares it
 with the saved one: fields marked ``resumable`` (where checkpoints go, how often they are written,
-the device) may change between the two, every other field changes the numbers and may not.
+the device) may change between the two, and ``max_steps`` may (a run may be trained longer; the
+learning-rate schedule is then recomputed for the new total, see :meth:`RunConfig.resume_conflicts`);
+every other field changes the numbers and may not.
+
+Fields that only one command reads (``data`` and the corpus settings for pretraining, ``task`` and
+the example limits for finetuning) are None in the other command's config, so that a pretraining
+run's ``config.json`` does not name a finetuning task it never saw. Older ``config.json`` files,
+which held the defaults there, load and compare equal.
 
 Defaults depend on the command and the model (:func:`defaults_for`): pretraining follows the
 GaLore recipe (lr 1e-3, linear warmup over 10 % of the steps, cosine decay to 10 %, no weight
@@ -19,10 +26,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from blockllm.app.training.library_knobs import library_knobs
 from blockllm.app.training.run_errors import ConfigError
-from blockllm.config import BlockLLMConfig
+
+if TYPE_CHECKING:
+    from blockllm.config import BlockLLMConfig
 
 COMMANDS = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
@@ -39,15 +49,28 @@ BLOCKLLM_KNOBS = (
 _ABSENT_MEANS = {"rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None}
 
 
-def _field(default: Any, help: str, *, resumable: bool = False) -> Any:
-    """A dataclass field whose help string feeds the CLI and the docs."""
-    return field(default=default, metadata={"help": help, "resumable": resumable})
+def _field(default: Any, help: str, *, resumable: bool = False, command: str | None = None) -> Any:
+    """A dataclass field whose help string feeds the CLI and the docs.
+
+    Args:
+        default: The dataclass default (:func:`defaults_for` refines it per command and model).
+        help: The flag's help text.
+        resumable: May change on ``--resume`` (it does not change the numbers).
+        command: The one command that reads the field; None in the other command's configs.
+    """
+    return field(
+        default=default, metadata={"help": help, "resumable": resumable, "command": command}
+    )
 
 
 def _knob(name: str) -> Any:
-    """A BlockLLM knob: default and help from :class:`BlockLLMConfig` (regexes as strings)."""
-    knob = BlockLLMConfig.__dataclass_fields__[name]
-    return _field(knob.default, "BlockLLM: " + knob.metadata["help"])
+    """A BlockLLM knob: default and help from :class:`BlockLLMConfig` (regexes as strings).
+
+    Read through :mod:`~blockllm.app.training.library_knobs`, which does not import torch, so
+    that the command line can build its flags and answer ``--help`` quickly.
+    """
+    knob = library_knobs()[name]
+    return _field(knob.default, "BlockLLM: " + knob.help)
 
 
 @dataclass
@@ -61,12 +84,20 @@ class RunConfig:
 
     command: str = _field("pretrain", "pretrain or finetune")
     model: str = _field("tiny", "model preset (pretrain) or finetune model name/path")
-    data: str = _field("stdlib", "pretraining text: 'stdlib', a .txt/.jsonl path, or a HF dataset")
-    task: str = _field("tweet-sentiment", "finetuning task name or a .jsonl path")
-    task_kind: str = _field(
-        "auto", "finetune head: classification, causal-lm (text-to-label), or auto from the model"
+    data: str | None = _field(
+        "stdlib", "pretraining text: 'stdlib', a .txt/.jsonl path, or a HF dataset",
+        command="pretrain",
+    )  # fmt: skip
+    task: str | None = _field(
+        "tweet-sentiment", "finetuning task name or a .jsonl path", command="finetune"
     )
-    optimizer: str = _field("blockllm", "optimizer name (see blockllm.app.methods.OPTIMIZERS)")
+    task_kind: str | None = _field(
+        "auto", "finetune head: classification, causal-lm (text-to-label), or auto from the model",
+        command="finetune",
+    )  # fmt: skip
+    optimizer: str = _field(
+        "blockllm", "optimizer name, registered in blockllm.app.methods (the CLI lists them)"
+    )
     max_steps: int = _field(1000, "optimizer steps to train")
     batch_size: int = _field(16, "sequences per micro-batch")
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
@@ -97,8 +128,8 @@ class RunConfig:
     rest_lr_scale: float = _knob("rest_lr_scale")
     always_adam: str | None = _knob("always_adam")
     eval_every: int = _field(100, "evaluate every N steps (and at the end); 0 = only at the end")
-    eval_batches: int = _field(
-        20, "eval batches per evaluation (pretrain); 0 = the whole eval split"
+    eval_batches: int | None = _field(
+        20, "eval batches per evaluation (pretrain); 0 = the whole eval split", command="pretrain"
     )
     eval_at_start: bool = _field(
         False, "also evaluate before the first step (the untrained baseline)"
@@ -106,28 +137,40 @@ class RunConfig:
     save_every: int = _field(
         200,
         "checkpoint every N steps (and at the end); 0 = only at the end; -1 = never (a "
-        "SIGINT/SIGTERM still saves one)",
+        "SIGINT/SIGTERM/SIGHUP still saves one)",
         resumable=True,
     )
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep", resumable=True)
     log_every: int = _field(1, "write a metrics line every N steps")
     seed: int = _field(0, "seed of the model init, data order and dropout")
     device: str = _field("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)", resumable=True)
-    vocab_size: int = _field(8192, "pretrain: size of the byte-level BPE trained on the corpus")
-    max_chars: int | None = _field(
-        None, "pretrain: read at most this many characters of the corpus"
+    vocab_size: int | None = _field(
+        8192, "pretrain: size of the byte-level BPE trained on the corpus", command="pretrain"
     )
-    max_tokens: int | None = _field(None, "pretrain: keep at most this many tokens")
-    eval_fraction: float = _field(0.05, "pretrain: fraction of blocks held out for evaluation")
+    max_chars: int | None = _field(
+        None, "pretrain: read at most this many characters of the corpus", command="pretrain"
+    )
+    max_tokens: int | None = _field(
+        None, "pretrain: keep at most this many tokens", command="pretrain"
+    )
+    eval_fraction: float | None = _field(
+        0.05, "pretrain: fraction of blocks held out for evaluation", command="pretrain"
+    )
     max_train_examples: int | None = _field(
-        None, "finetune: use at most this many training examples"
+        None, "finetune: use at most this many training examples", command="finetune"
     )
     max_eval_examples: int | None = _field(
-        None, "finetune: use at most this many held-out examples"
+        None, "finetune: use at most this many held-out examples", command="finetune"
     )
     tensorboard: bool = _field(True, "write TensorBoard event files", resumable=True)
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            # A field the other command reads means nothing here; None says so in config.json.
+            # Normalising (not refusing) keeps older config.json files loading: they held the
+            # dataclass defaults there, and now compare equal to a new config of the same run.
+            if item.metadata.get("command") not in (None, self.command):
+                setattr(self, item.name, None)
         if self.exclude == "":
             self.exclude = None  # `--exclude ""` switches a model's default exclusion off
         if self.always_adam == "":
@@ -200,6 +243,20 @@ class RunConfig:
                 diff[item.name] = (mine, theirs)
         return diff
 
+    def resume_conflicts(self, saved: RunConfig) -> dict[str, tuple]:
+        """What ``--resume`` with this config may not change in a run saved with ``saved``.
+
+        Every field that changes the numbers, except ``max_steps``: a finished run may be trained
+        longer (or an unfinished one stopped earlier, not before its checkpoint's step, which
+        the training run checks). The learning-rate schedule is a function of ``max_steps``; it
+        is recomputed for the new total from the checkpoint's step on, so the resumed steps use
+        the learning rates a run started with the new ``max_steps`` would use there (after a
+        finished cosine decay the learning rate therefore rises again), and the run logs that.
+        """
+        conflicts = self.differences(saved)
+        conflicts.pop("max_steps", None)
+        return conflicts
+
     # ------------------------------------------------------------------ derived values
 
     @property
@@ -211,6 +268,8 @@ class RunConfig:
 
     def blockllm_config(self) -> BlockLLMConfig:
         """The BlockLLM knobs of this run (the run's seed seeds the optimizer's generator)."""
+        from blockllm.config import BlockLLMConfig  # loads torch: not at import (see _knob)
+
         knobs = {name: getattr(self, name) for name in BLOCKLLM_KNOBS}
         return BlockLLMConfig(**knobs, seed=self.seed)
 
@@ -227,7 +286,8 @@ class RunConfig:
             ConfigError: an unknown name (the message lists the valid ones) or a bad value.
         """
         _choice("command", self.command, COMMANDS)
-        _choice("task_kind", self.task_kind, TASK_KINDS)
+        if self.task_kind is not None:
+            _choice("task_kind", self.task_kind, TASK_KINDS)
         _choice("precision", self.precision, PRECISIONS)
         for name in ("exclude", "always_adam"):  # a run config holds regexes, not lists
             value = getattr(self, name)
@@ -245,6 +305,8 @@ class RunConfig:
                 f"Invalid device: {self.device!r} (choose from 'auto', 'cpu', 'cuda', 'cuda:N', 'mps')"
             )
         for name in ("data", "task", "model"):
+            if getattr(self, name) is None and name != "model":
+                continue  # the other command's field
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(
                     f"Invalid {name}: {getattr(self, name)!r} (expected a non-empty string)"
@@ -256,12 +318,13 @@ class RunConfig:
         _int("seq_len", self.seq_len, 2)
         _int("warmup_steps", self.warmup_steps, -1)
         _int("eval_every", self.eval_every, 0)
-        _int("eval_batches", self.eval_batches, 0)
         _int("save_every", self.save_every, -1)  # -1: no checkpoints (benchmark children)
         _int("keep_checkpoints", self.keep_checkpoints, 1)
         _int("log_every", self.log_every, 1)
         _int("seed", self.seed, 0)
-        _int("vocab_size", self.vocab_size, 260)  # 256 bytes plus the special tokens
+        if self.command == "pretrain":
+            _int("eval_batches", self.eval_batches, 0)
+            _int("vocab_size", self.vocab_size, 260)  # 256 bytes plus the special tokens
         for name in ("max_chars", "max_tokens", "max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1)
@@ -271,16 +334,21 @@ class RunConfig:
                     f"Invalid {name}: {getattr(self, name)!r} (expected true or false)"
                 )
 
-        _float("lr", self.lr, 0.0, None)
+        # lr 0 is valid arithmetic but trains nothing: a run that "succeeds" with the weights it
+        # started from is always a mistake (a typo, a bad sweep value), so it is refused.
+        _float("lr", self.lr, 0.0, None, lower_open=True)
         _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _float("weight_decay", self.weight_decay, 0.0, None)
         _float("beta1", self.beta1, 0.0, 1.0, upper_open=True)
         _float("beta2", self.beta2, 0.0, 1.0, upper_open=True)
         _float("eps", self.eps, 0.0, None)
         _float("grad_clip", self.grad_clip, 0.0, None)
-        _float("eval_fraction", self.eval_fraction, 0.0, 1.0, upper_open=True)
-        if self.eval_fraction == 0.0:
-            raise ConfigError("Invalid eval_fraction: 0.0 (must be above 0: evaluation needs data)")
+        if self.command == "pretrain":
+            _float("eval_fraction", self.eval_fraction, 0.0, 1.0, upper_open=True)
+            if self.eval_fraction == 0.0:
+                raise ConfigError(
+                    "Invalid eval_fraction: 0.0 (must be above 0: evaluation needs data)"
+                )
 
         if self.command == "pretrain":
             from blockllm.app.models.presets import PRESETS
@@ -401,12 +469,18 @@ def _int(name: str, value: Any, minimum: int) -> None:
 
 
 def _float(
-    name: str, value: Any, low: float, high: float | None, *, upper_open: bool = False
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None,
+    *,
+    lower_open: bool = False,
+    upper_open: bool = False,
 ) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"Invalid {name}: {value!r} (expected a number)")
-    if math.isnan(value) or math.isinf(value) or value < low:
-        raise ConfigError(f"Invalid {name}: {value} (must be >= {low})")
+    if math.isnan(value) or math.isinf(value) or value < low or (lower_open and value == low):
+        raise ConfigError(f"Invalid {name}: {value} (must be {'>' if lower_open else '>='} {low})")
     if high is not None and (value > high or (upper_open and value == high)):
         bound = f"< {high}" if upper_open else f"<= {high}"
         raise ConfigError(f"Invalid {name}: {value} (must be {bound})")

@@ -37,8 +37,17 @@ class CheckpointVersionError(CheckpointError):
     """
 
 
+#: The signals that stop a run cleanly (finish the step, checkpoint, exit with 128 + N): Ctrl-C,
+#: ``kill``, and SIGHUP, which a closed terminal or a dropped SSH session sends; without a handler
+#: it would kill the run and lose everything since the last periodic checkpoint. (Windows has no
+#: SIGHUP.)
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 class TrainingInterrupted(BlockLLMError, RuntimeError):
-    """SIGINT/SIGTERM stopped training after a checkpoint was saved.
+    """SIGINT/SIGTERM/SIGHUP stopped training after a checkpoint was saved.
 
     Attributes:
         signal_number: The signal that stopped the run.
@@ -70,5 +79,6 @@ __all__ = [
     "CorruptCheckpointError",
     "DistributedTrainingError",
     "RunDirError",
+    "STOP_SIGNALS",
     "TrainingInterrupted",
 ]

@@ -2,8 +2,10 @@
 
 The rules protect existing results; every refusal happens before any file is written:
 
-* a new or empty directory starts a run (``--resume`` there is an error: nothing to resume);
-* a directory whose ``config.json`` holds a *different* run is refused, resume or not;
+* a new or empty directory starts a run (``--resume`` there is an error: nothing to resume, and
+  the message says whether the directory is missing or holds no checkpoint);
+* a directory whose ``config.json`` holds a *different* run is refused, resume or not (with
+  ``--resume``, a new ``max_steps`` does not make a different run: the run is trained on to it);
 * a directory holding *this* run's metrics or checkpoints needs ``--resume`` (starting over would
   overwrite them); ``--resume`` continues from the last intact checkpoint, or, when the run was
   stopped before its first checkpoint (metrics but no checkpoint), starts it again from step 0,
@@ -104,13 +106,19 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
             "choose a new or empty --output-dir"
         )
     if previous is not None:
-        changed = config.differences(previous)
+        # --resume may train the run longer (a new max_steps); starting over may change nothing.
+        changed = config.resume_conflicts(previous) if resume else config.differences(previous)
         if changed:
             shown = "; ".join(
                 f"{name}: {theirs!r} there, {mine!r} now"
                 for name, (mine, theirs) in changed.items()
             )
-            hint = "" if resume else ", or --resume alone to continue it with its saved settings"
+            if resume:
+                hint = ""
+            elif set(changed) == {"max_steps"}:
+                hint = f", or add --resume to continue it up to step {config.max_steps}"
+            else:
+                hint = ", or --resume alone to continue it with its saved settings"
             raise RunDirError(
                 f"output directory {path} holds a different run ({shown}); choose another "
                 f"--output-dir{hint}"
@@ -129,6 +137,13 @@ def check_run_dir(output_dir: str | Path, config: RunConfig, *, resume: bool) ->
                 path / CHECKPOINTS_DIR,
             )
             return RunDir(path=path, resume_from=None, restart=True)
+        if not path.exists():
+            # Name the folder that is missing, not a checkpoints/ folder inside it: the usual
+            # cause is a typo in --output-dir, or a run that was never started.
+            raise RunDirError(
+                f"nothing to resume: output directory {path} does not exist; check --output-dir, "
+                "or run the same command without --resume to start a new run there"
+            )
         hint = "; run the same command without --resume to start it" if previous else ""
         raise RunDirError(f"nothing to resume: {path / CHECKPOINTS_DIR} holds no checkpoint{hint}")
     if not resume and has_results:

@@ -49,10 +49,25 @@ class WarmupCosine:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int, min_ratio: float
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    max_steps: int,
+    min_ratio: float,
+    start_step: int = 0,
 ) -> LambdaLR:
-    """A ``LambdaLR`` driving every param group of ``optimizer`` with :class:`WarmupCosine`."""
-    return LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_ratio))
+    """A ``LambdaLR`` driving every param group of ``optimizer`` with :class:`WarmupCosine`.
+
+    Args:
+        optimizer: Its param groups' ``lr`` is set to the schedule's value at ``start_step``.
+        warmup_steps, max_steps, min_ratio: See :class:`WarmupCosine`.
+        start_step: Optimizer steps already taken. Above 0, the groups must hold
+            ``initial_lr`` (the peak) from an earlier scheduler: a resumed run whose
+            ``max_steps`` changed replaces its restored scheduler this way.
+    """
+    schedule = WarmupCosine(warmup_steps, max_steps, min_ratio)
+    # torch counts `last_epoch` from -1; its constructor then takes one step to `start_step`.
+    return LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
 
 
 __all__ = ["WarmupCosine", "build_scheduler"]
