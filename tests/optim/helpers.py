@@ -72,7 +72,7 @@ def expected_state_bytes(optimizer) -> int:
     from blockllm.selection.coordinates import index_bytes
 
     total = 0
-    for name, param in optimizer.named_candidates():
+    for _name, param in optimizer.named_candidates():
         if not optimizer.state.get(param):
             continue
         coordinates = optimizer.selector.selection[optimizer.candidate_index(param)]
