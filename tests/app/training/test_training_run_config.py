@@ -116,3 +116,15 @@ def test_warmup_steps():
     assert RunConfig.create("pretrain", max_steps=50).resolved_warmup_steps == 5
     assert RunConfig.create("pretrain", max_steps=50, warmup_steps=0).resolved_warmup_steps == 0
     assert RunConfig.create("pretrain", max_steps=5, warmup_steps=9).resolved_warmup_steps == 5
+
+
+def test_gradient_checkpointing_is_off_by_default_and_may_change_on_resume():
+    base = RunConfig.create("pretrain")
+    assert base.gradient_checkpointing is False
+    # A config.json written before the field existed meant "off".
+    older = {key: value for key, value in base.to_dict().items() if key != "gradient_checkpointing"}
+    assert RunConfig.from_dict(older) == base
+    # It changes memory and speed, not the numbers: --resume may switch it.
+    assert base.differences(base.replace(gradient_checkpointing=True)) == {}
+    with pytest.raises(ConfigError, match="Invalid gradient_checkpointing: 'yes'"):
+        RunConfig.create("pretrain", gradient_checkpointing="yes")

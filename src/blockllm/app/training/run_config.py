@@ -36,7 +36,9 @@ BLOCKLLM_KNOBS = (
     "exclude", "rest", "rest_lr_scale", "always_adam",
 )  # fmt: skip
 #: What a ``config.json`` written before a knob existed meant by leaving it out.
-_ABSENT_MEANS = {"rest": "none", "rest_lr_scale": 1.0, "always_adam": None}
+_ABSENT_MEANS = {
+    "rest": "none", "rest_lr_scale": 1.0, "always_adam": None, "gradient_checkpointing": False,
+}  # fmt: skip
 
 
 def _field(default: Any, help: str, *, resumable: bool = False) -> Any:
@@ -81,6 +83,13 @@ class RunConfig:
     grad_clip: float = _field(1.0, "clip the gradient norm to this; 0 = no clipping")
     precision: str = _field(
         "auto", "fp32, bf16 (autocast), or auto = bf16 on a CUDA GPU that has it"
+    )
+    gradient_checkpointing: bool = _field(
+        False,
+        "activation checkpointing: keep only each layer's input and recompute the rest in the "
+        "backward (transformers' own, non-reentrant): less activation memory, slower steps, the "
+        "same numbers; may change on --resume",
+        resumable=True,
     )
     sparsity: float = _knob("sparsity")
     patience: int = _knob("patience")
@@ -262,7 +271,7 @@ class RunConfig:
         for name in ("max_chars", "max_tokens", "max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1)
-        for name in ("eval_at_start", "tensorboard"):
+        for name in ("eval_at_start", "tensorboard", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"Invalid {name}: {getattr(self, name)!r} (expected true or false)"
