@@ -12,6 +12,7 @@ import transformers
 
 from blockllm.app.planning import EstimateSettings, estimate_memory, load_model_shape
 from blockllm.app.planning.memory_plan import default_methods, format_plan
+from blockllm.app.planning.method_memory import blockllm_memory
 from blockllm.app.planning.model_shapes import shape_of_config
 
 LLAMA_8B = Path(__file__).parent / "data" / "llama-8b-config.json"
@@ -78,6 +79,16 @@ def test_blockllm_exclude_and_always_adam(shape):
     assert row.optimizer_state == 8 * (k + norms)
     assert row.gradient_transient == 4 * 1000 * 64  # the head, now the largest candidate
     assert any("always_adam" in note for note in row.notes)
+
+
+def test_rest_rules(shape):
+    plan, by = rows(shape, ["blockllm"])
+    in_backward = blockllm_memory(shape, plan.settings, plan.activations, knobs={"rest": "sign"})
+    assert in_backward.gradients == by["blockllm"].gradients  # freed in the hooks
+    in_step = blockllm_memory(
+        shape, plan.settings, plan.activations, knobs={"rest": "sign", "rest_in_backward": False}
+    )
+    assert (in_step.gradients, in_step.gradient_transient) == (4 * shape.num_parameters, 0)
 
 
 def test_mask_selection_counts_coordinate_ids(shape):

@@ -177,6 +177,10 @@ def blockllm_memory(
             f"Invalid sparsity: {config.sparsity} leaves a budget of 0 of {total} coordinates"
         )
     largest = max((t.numel for t in candidates), default=0)
+    held = budget + pinned
+    if config.rest != "none" and not config.rest_in_backward:
+        # The rest is stepped in step(): every candidate's gradient is held until then.
+        held, largest = sum(t.numel for t in candidates), 0
     single = config.selection == "mask" or config.partial == "coordinates"
     size = settings.weight_bytes
     notes = [
@@ -185,15 +189,17 @@ def blockllm_memory(
     ]
     if single:
         notes.append("single coordinates: an int32 id each, counted for all k (an upper bound)")
-    if config.rest != "none":
+    if config.rest != "none" and config.rest_in_backward:
         notes.append(
             f"rest={config.rest}: every gradient lands once and is freed in its hook; the held "
             "gradients stay the selection's"
         )
+    elif config.rest != "none":
+        notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
     return MethodMemory(
         method=method,
         weights=shape.num_parameters * size,
-        gradients=(budget + pinned) * size + largest * size,
+        gradients=held * size + largest * size,
         gradient_transient=largest * size,
         optimizer_state=MOMENTS * (budget + pinned) + (_INDEX32 * budget if single else 0),
         master_weights=settings.master_bytes * (budget + pinned),
