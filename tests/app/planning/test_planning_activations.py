@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,45 +67,86 @@ def test_tied_embeddings_and_head_dim_are_read_from_the_config():
     assert activation_memory(shape, BATCH, SEQ_LEN, "fp32").saved == measured - scalars
 
 
-@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
-def test_peak_activations_match_torch_memory_tracker(precision, checkpointing):
+TRACKED = dict(vocab_size=4096, num_hidden_layers=4, hidden_size=256, intermediate_size=688,
+               max_position_embeddings=128)  # fmt: skip
+TRACKED_BATCH, TRACKED_SEQ_LEN = 4, 128
+CASES = [
+    (precision, checkpointing) for precision in ("fp32", "bf16") for checkpointing in (False, True)
+]
+
+
+def tracker_peaks() -> list[dict[str, int]]:
+    """torch's ``MemTracker`` at the peak of a training step, by category, for each of CASES.
+
+    Runs in a child process (see below): ``MemTracker`` leaves per-step Python objects behind in
+    the process that used it, which other tests that count objects would see.
+    """
+    import warnings
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+    torch.set_num_threads(1)
+    peaks = []
+    for precision, checkpointing in CASES:
+        torch.manual_seed(0)
+        config = micro_config(**TRACKED)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.config.use_cache = False
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            model.disable_input_require_grads()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        ids = torch.randint(0, config.vocab_size, (TRACKED_BATCH, TRACKED_SEQ_LEN + 1))
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            for step in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    logits = model(input_ids=ids[:, :-1].contiguous()).logits
+                    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                del logits
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step == 0:
+                    tracker.reset_mod_stats()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        peaks.append({getattr(key, "name", str(key)): int(value) for key, value in peak.items()})
+    return peaks
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    code = (
+        "import json; from tests.app.planning.test_planning_activations import tracker_peaks; "
+        "print(json.dumps(tracker_peaks()))"
+    )
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=[f"{p}-{'ckpt' if c else 'full'}" for p, c in CASES]
+)
+def test_peak_activations_match_torch_memory_tracker(case, peaks):
     """The activations' peak, loss gradients and checkpointing included, as torch tracks it.
 
     ``MemTracker`` follows every tensor's storage by category; with SGD at lr 0 (no optimizer
     state) and gradients set to None, the step's peak is the activations' (gradients are still
-    absent at the loss's backward, where the peak falls for these shapes).
+    absent at the loss's backward or the end of the forward, where the peak falls for these
+    shapes).
     """
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
-    config = micro_config(vocab_size=4096, num_hidden_layers=4, hidden_size=256,
-                          intermediate_size=688, max_position_embeddings=128)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.config.use_cache = False
-    if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        model.disable_input_require_grads()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    batch, seq_len = 4, 128
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
-    tracker = mem_tracker.MemTracker()
-    tracker.track_external(model, opt)
-    with tracker:
-        for step in range(2):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(input_ids=ids[:, :-1].contiguous()).logits
-                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-            del logits
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if step == 0:
-                tracker.reset_mod_stats()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    by_name = {getattr(key, "name", str(key)): value for key, value in peak.items()}
-    measured = by_name["ACT"] + by_name["TEMP"]
+    precision, checkpointing = CASES[case]
+    by_name = peaks[case]
     assert by_name["GRAD"] == 0
-    estimate = activation_memory(shape_of_config(config, name="micro"), batch, seq_len, precision)
+    measured = by_name["ACT"] + by_name["TEMP"]
+    shape = shape_of_config(micro_config(**TRACKED), name="micro")
+    estimate = activation_memory(shape, TRACKED_BATCH, TRACKED_SEQ_LEN, precision)
     expected = estimate.checkpointed if checkpointing else estimate.total
     # 0-d scalars and the rotary tables' allocator rounding are all that may differ.
     assert abs(expected - measured) <= 0.001 * measured

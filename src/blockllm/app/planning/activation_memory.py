@@ -31,9 +31,11 @@ large vocabulary the largest transient of the step, counted as ``loss_transient`
 
 With activation checkpointing (Hugging Face's, non-reentrant) a layer keeps only its input
 (``T h`` in the residual stream's dtype) and recomputes the rest during the backward, one layer at
-a time; the peak is the stored inputs plus the larger of (the head's saved tensors and the loss
-transient, plus autocast's weight copies, which live until the forward ends) and (one layer's
-saved tensors, recomputed). Every number is an exact product of integers: nothing is sampled.
+a time. The peak is the stored inputs plus the largest of three moments: the end of the forward
+(the head's saved tensors, the logits, and under autocast its fp32 copy of them and every cached
+bf16 weight copy, released when autocast ends), the loss's backward (the head's saved tensors and
+the two ``T x V`` gradients) and one recomputed layer. Every number is an exact product of
+integers: nothing is sampled.
 """
 
 from __future__ import annotations
