@@ -150,3 +150,15 @@ def test_resume_conflicts_allow_a_new_max_steps_only():
     assert saved.replace(max_steps=100).resume_conflicts(saved) == {}
     assert saved.replace(max_steps=100).differences(saved) == {"max_steps": (100, 60)}
     assert saved.replace(lr=2e-3).resume_conflicts(saved) == {"lr": (2e-3, 1e-3)}
+
+
+def test_gradient_checkpointing_is_off_by_default_and_may_change_on_resume():
+    base = RunConfig.create("pretrain")
+    assert base.gradient_checkpointing is False
+    # A config.json written before the field existed meant "off".
+    older = {key: value for key, value in base.to_dict().items() if key != "gradient_checkpointing"}
+    assert RunConfig.from_dict(older) == base
+    # It changes memory and speed, not the numbers: --resume may switch it.
+    assert base.differences(base.replace(gradient_checkpointing=True)) == {}
+    with pytest.raises(ConfigError, match="Invalid gradient_checkpointing: 'yes'"):
+        RunConfig.create("pretrain", gradient_checkpointing="yes")

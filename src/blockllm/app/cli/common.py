@@ -33,6 +33,7 @@ _COMMON_GROUPS: dict[str, list[str]] = {
     "optimization": [
         "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio",
         "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision", "seed",
+        "gradient_checkpointing",
     ],
     "BlockLLM": list(BLOCKLLM_KNOBS),
     "evaluation, logging and checkpoints": [

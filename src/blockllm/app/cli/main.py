@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from blockllm import __version__
     from blockllm.app.cli.bench_command import add_bench_parser
     from blockllm.app.cli.demo import add_demo_parser
+    from blockllm.app.cli.estimate_command import add_estimate_parser
     from blockllm.app.cli.report_command import add_report_parser
     from blockllm.app.cli.train_commands import add_finetune_parser, add_pretrain_parser
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_demo_parser, add_pretrain_parser, add_finetune_parser, add_report_parser):
         add(subparsers)
     add_bench_parser(subparsers)
+    add_estimate_parser(subparsers)
     for subparser in subparsers.choices.values():
         # Also accepted after the subcommand; SUPPRESS keeps the subcommand from overwriting a
         # value given before it with a default.

@@ -100,3 +100,15 @@ for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():
             keeps_masters=True,
         )
     )
+
+
+def blockllm_knobs(name: str) -> dict[str, Any] | None:
+    """The BlockLLM knobs optimizer ``name`` fixes: ``{}`` for ``blockllm``, None for a non-BlockLLM.
+
+    ``blockllm estimate`` reads a variant's memory off these (``blockllm-0.95`` its sparsity,
+    ``blockllm-mask`` its coordinate lists).
+    """
+    if name == "blockllm":
+        return {}
+    variant = _BLOCKLLM_VARIANTS.get(name)
+    return dict(variant[0]) if variant is not None else None

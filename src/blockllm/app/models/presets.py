@@ -93,18 +93,7 @@ def build_llama(
             f"Invalid dtype: {dtype!r} (expected a floating-point torch.dtype such as torch.bfloat16)"
         )
     transformers = require_module("transformers", HF_PIP_LINE, "Building a Llama model")
-
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=max_seq_len,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        # SDPA picks a fused kernel where one exists and is exact otherwise.
-        attn_implementation="sdpa",
-        **PRESETS[preset],
-    )
+    config = llama_config(preset, vocab_size, max_seq_len)
     # fork_rng restores the global RNG afterwards, so building a model does not shift the
     # randomness of whatever the caller does next (data order, dropout).
     with torch.random.fork_rng(devices=[]):
@@ -121,6 +110,31 @@ def build_llama(
         config._attn_implementation,
     )
     return model
+
+
+def llama_config(preset: str, vocab_size: int, max_seq_len: int = 256) -> Any:
+    """The ``LlamaConfig`` of a preset (what :func:`build_llama` builds; ``blockllm estimate`` too).
+
+    Raises:
+        ValueError: Unknown preset.
+        ImportError: ``transformers`` is not installed.
+    """
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(
+            f"Invalid preset: {preset!r} (choose from {', '.join(map(repr, PRESETS))})"
+        )
+    transformers = require_module("transformers", HF_PIP_LINE, "Building a Llama model")
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        # SDPA picks a fused kernel where one exists and is exact otherwise.
+        attn_implementation="sdpa",
+        **PRESETS[preset],
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

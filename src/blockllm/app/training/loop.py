@@ -203,6 +203,13 @@ class TrainingRun:
         if self.spec.prepare_model is not None:
             model = self.spec.prepare_model(model, config)
             self.workload.model = model
+        if config.gradient_checkpointing:
+            from blockllm.integrations.hf import prepare_model_for_blockllm
+
+            # transformers' own checkpointing, non-reentrant (correct with frozen tensors), with
+            # its input-gradient hooks dropped: BlockLLM's backward still stops below its lowest
+            # selected tensor.
+            prepare_model_for_blockllm(model, gradient_checkpointing=True)
         self.model = model.to(self.device)
         self.model.train()
         self.optimizer = self.spec.build(self.model, config)

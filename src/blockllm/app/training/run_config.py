@@ -46,7 +46,10 @@ BLOCKLLM_KNOBS = (
     "exclude", "rest", "vocab_rest", "rest_lr_scale", "always_adam",
 )  # fmt: skip
 #: What a ``config.json`` written before a knob existed meant by leaving it out.
-_ABSENT_MEANS = {"rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None}
+_ABSENT_MEANS = {
+    "rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None,
+    "gradient_checkpointing": False,
+}  # fmt: skip
 
 
 def _field(default: Any, help: str, *, resumable: bool = False, command: str | None = None) -> Any:
@@ -114,6 +117,13 @@ class RunConfig:
         "auto", "fp32; bf16 (autocast over fp32 weights); bf16-pure (weights stored in bf16, fp32 "
         "master copies and moments for BlockLLM's selected coordinates only; BlockLLM methods "
         "only); or auto = bf16 on a CUDA GPU that has it"
+    )
+    gradient_checkpointing: bool = _field(
+        False,
+        "activation checkpointing: keep only each layer's input and recompute the rest in the "
+        "backward (transformers' own, non-reentrant): less activation memory, slower steps, the "
+        "same numbers; may change on --resume",
+        resumable=True,
     )
     sparsity: float = _knob("sparsity")
     patience: int = _knob("patience")
@@ -328,7 +338,7 @@ class RunConfig:
         for name in ("max_chars", "max_tokens", "max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1)
-        for name in ("eval_at_start", "tensorboard"):
+        for name in ("eval_at_start", "tensorboard", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"Invalid {name}: {getattr(self, name)!r} (expected true or false)"

@@ -1,0 +1,82 @@
+"""``blockllm estimate``: the memory one training step needs, per method, without allocating the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+ESTIMATE_EPILOG = """\
+MODEL is a preset (tiny, llama-20m ... llama-1b; vocabulary as in pretraining unless
+--vocab-size) or a Hugging Face config.json (or the directory holding it). The model is built on
+the meta device: nothing is allocated, an 8B config takes seconds.
+
+examples:
+  blockllm estimate --model llama-1b --batch-size 16 --seq-len 256
+  blockllm estimate --model path/to/config.json --batch-size 1 --seq-len 4096 \\
+      --precision bf16-pure --gradient-checkpointing --optimizer adamw blockllm --json
+"""
+
+
+def add_estimate_parser(subparsers: Any) -> None:
+    from blockllm.app.planning.activation_memory import PRECISIONS
+
+    parser = subparsers.add_parser(
+        "estimate",
+        help="estimate the GPU memory of a training step, per method",
+        description="Estimate weights, gradients, optimizer state, master weights and "
+        "activations of one training step for each method, and how they compare with AdamW.",
+        epilog=ESTIMATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="NAME_OR_CONFIG", help="a preset or a config.json path"
+    )
+    parser.add_argument("--batch-size", type=int, required=True, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    parser.add_argument(
+        "--optimizer", nargs="+", action="extend", metavar="NAME", default=None,
+        help="methods to estimate (default: adamw, blockllm and the peers it is compared with)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="fp32; bf16 = fp32 weights under bf16 autocast (pretrain --precision bf16); "
+        "bf16-pure = bf16 weights with fp32 master copies (default: fp32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="total with activation checkpointing (both activation columns are always shown)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sparsity", type=float, default=0.9,
+        help="BlockLLM's share of coordinates not updated; LISA's share of frozen layers (default 0.9)",
+    )  # fmt: skip
+    parser.add_argument("--exclude", metavar="REGEX", default=None,
+                        help="BlockLLM: parameters never selected (frozen)")  # fmt: skip
+    parser.add_argument("--always-adam", metavar="REGEX", default=None,
+                        help="BlockLLM: parameters trained with Adam whole at every step")  # fmt: skip
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="override the model's vocabulary size")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
+    parser.set_defaults(handler=run_estimate)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Print the estimate; bad names and values raise ``ValueError`` (exit 2 in ``main``)."""
+    from blockllm.app.planning.memory_plan import estimate_memory, format_plan
+    from blockllm.app.planning.method_memory import EstimateSettings
+
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"Invalid {name}: {getattr(args, name)} (must be >= 1)")
+    settings = EstimateSettings(
+        batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, sparsity=args.sparsity,
+        exclude=args.exclude, always_adam=args.always_adam,
+    )  # fmt: skip
+    plan = estimate_memory(args.model, settings, args.optimizer, vocab_size=args.vocab_size)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+__all__ = ["add_estimate_parser", "run_estimate"]
