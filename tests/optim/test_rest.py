@@ -221,6 +221,33 @@ def test_resume_across_a_reselection_continues_exactly(rule):
     assert max_difference(full, resumed_model) == 0.0
 
 
+def test_resume_under_a_scheduler_steps_the_rest_at_the_scheduled_lr():
+    # torch's load_state_dict replaces the param group dicts; a scheduler then changes the new
+    # ones. The rest step must follow it (it once kept reading the replaced dicts' lr).
+    def run(resume_at):
+        model = tiny_llama()
+        make = lambda m: BlockLLM(m.named_parameters(), lr=3e-3, sparsity=0.9, fused=False,  # noqa: E731
+                                  trigger="interval", patience=7)  # fmt: skip
+        optimizer = make(model)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        for step, tokens in enumerate(patterned_batches(8)):
+            if step == resume_at:
+                saved, weights = optimizer.state_dict(), model.state_dict()
+                model = tiny_llama()
+                model.load_state_dict(weights)
+                optimizer, schedule_state = make(model), schedule.state_dict()
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+                optimizer.load_state_dict(saved)  # after the scheduler set its first lr
+                schedule.load_state_dict(schedule_state)
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step(loss=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        return model
+
+    assert max_difference(run(resume_at=None), run(resume_at=3)) == 0.0
+
+
 def test_row_gradients_leave_the_rest_its_gradient():
     from blockllm import RowGradients
 

@@ -358,6 +358,9 @@ class BlockLLM(SelectionViews, Optimizer):
         by_id = {id(param): name for name, param in zip(names, params)}
         check_state(state_dict["state"], every, by_id, section, self._comm.local)
         super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
+        # torch's loader puts new dicts in param_groups: the rest step must read their lr, which a
+        # scheduler changes from now on, not the replaced dicts' frozen one.
+        self._flow.candidates_changed()
         # Exact copies: torch's loader would cast the fp32 moments of bf16 blocks to bf16.
         self.state = restored_state(state_dict["state"], every)
         self.num_skipped_steps = int(section["num_skipped_steps"])
