@@ -38,7 +38,7 @@ class SelectionProbe(transformers.TrainerCallback):
         }
 
 
-def _trainer(make_llama, make_args, dataset, trainable_candidates, output_dir):
+def _trainer(make_llama, make_args, dataset, trainable_candidates, output_dir, rest):
     model = make_llama()
     args = make_args(
         output_dir=str(output_dir),
@@ -47,7 +47,7 @@ def _trainer(make_llama, make_args, dataset, trainable_candidates, output_dir):
         save_steps=SAVE_AT,
         logging_steps=10,
     )
-    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=5)
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=5, rest=rest)
     probe = SelectionProbe(optimizer, trainable_candidates)
     trainer = transformers.Trainer(
         model=model,
@@ -59,11 +59,14 @@ def _trainer(make_llama, make_args, dataset, trainable_candidates, output_dir):
     return trainer, optimizer, probe
 
 
+# "none": only the selected block trains (its requires_grad is restored on resume); "sign"
+# (the default): every candidate trains, the rest state-free.
+@pytest.mark.parametrize("rest", ["none", "sign"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(
-    make_llama, make_args, dataset, trainable_candidates, tmp_path, caplog
+    make_llama, make_args, dataset, trainable_candidates, tmp_path, caplog, rest
 ):
     full, full_opt, full_probe = _trainer(
-        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full"
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full", rest
     )
     full.train()
     checkpoint = tmp_path / "full" / f"checkpoint-{SAVE_AT}"
@@ -78,10 +81,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(
     assert state["blockllm"]["selected"] == saved["selected"]
 
     resumed, resumed_opt, resumed_probe = _trainer(
-        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed"
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed", rest
     )
     # A fresh optimizer scores every candidate on its first backward...
-    assert trainable_candidates(resumed_opt) == set(resumed_opt.candidate_names)
+    everything = set(resumed_opt.candidate_names)
+    assert trainable_candidates(resumed_opt) == everything
     with caplog.at_level(logging.INFO, logger="blockllm.integrations"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -90,7 +94,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(
     assert begin["step"] == SAVE_AT
     assert begin["selected"] == saved["selected"]
     assert begin["trainable"] == saved["trainable"]
-    assert begin["trainable"] != set(resumed_opt.candidate_names)
+    # ...and with the rest frozen only the restored block needs gradients.
+    assert (begin["trainable"] == everything) == (rest != "none")
     assert any("selection restored at global step 20" in r.getMessage() for r in caplog.records)
 
     assert resumed_opt.num_reselections == full_opt.num_reselections
@@ -111,12 +116,13 @@ class MakeEverythingTrainable(transformers.TrainerCallback):
 def test_callback_reapplies_the_restored_selection(
     make_llama, make_args, dataset, trainable_candidates, tmp_path, caplog
 ):
+    # The frozen rest: the one mode in which requires_grad carries the selection.
     full, full_opt, full_probe = _trainer(
-        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full"
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "full", "none"
     )
     full.train()
     resumed, resumed_opt, resumed_probe = _trainer(
-        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed"
+        make_llama, make_args, dataset, trainable_candidates, tmp_path / "resumed", "none"
     )
     # Runs before BlockLLMCallback (callbacks are called in order).
     resumed.callback_handler.callbacks.insert(0, MakeEverythingTrainable())
