@@ -80,4 +80,16 @@ def expected_state_bytes(optimizer) -> int:
         total += 8 * count + 4
         if coordinates is not None:
             total += index_bytes(coordinates)
+    return total + rest_rule_bytes(optimizer)
+
+
+def rest_rule_bytes(optimizer) -> int:
+    """What a factored rest rule (``vocab_rest`` "auto" = "factored") must hold: fp32 row and
+    column means per matrix it has stepped, a full fp32 vector per vector, and a step count."""
+    params = dict(optimizer.named_candidates())
+    total = 0
+    for name in optimizer.state_dict()["blockllm"].get("rest", {}).get("rule", {}):
+        shape = params[name].shape
+        held = shape[-1] + params[name].numel() // shape[-1] if len(shape) >= 2 else shape.numel()
+        total += 4 * held + 4
     return total

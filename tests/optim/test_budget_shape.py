@@ -47,9 +47,13 @@ def test_compacted_gradients_train_exactly_like_dense_ones(accumulate):
         torch.testing.assert_close(snapshot(compact_model)[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_clip_grad_norm_sees_compacted_gradients():
-    dense_model, _, _ = run(max_tensor_share=0.3, partial="rows", clip=0.05, compact_grads=False)
-    compact_model, _, _ = run(max_tensor_share=0.3, partial="rows", clip=0.05, compact_grads=True)
+@pytest.mark.parametrize("rest", ["none", "colnorm"])
+def test_clip_grad_norm_sees_compacted_gradients(rest):
+    # Not "sign": a sign step amplifies the last-bit difference of the two norms' summation
+    # orders past this tolerance over 12 steps; colnorm is continuous and shows the same path.
+    options = dict(max_tensor_share=0.3, partial="rows", clip=0.05, rest=rest, vocab_rest=None)
+    dense_model, _, _ = run(compact_grads=False, **options)
+    compact_model, _, _ = run(compact_grads=True, **options)
     for name, value in snapshot(dense_model).items():
         torch.testing.assert_close(snapshot(compact_model)[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -104,8 +108,8 @@ def test_entry_warmup_scales_the_first_updates_of_a_reentering_block():
         model = TinyNet()
         optimizer = BlockLLM(
             model.named_parameters(), lr=1e-2, sparsity=0.5, trigger="interval", patience=1,
-            entry_warmup=entry_warmup, fused=False,
-        )  # fmt: skip
+            entry_warmup=entry_warmup, fused=False, rest="none",
+        )  # fmt: skip  (rest="none": a tensor's change is then Adam's alone)
         changes = []
         for batch in make_batches(3):
             before = snapshot(model)

@@ -16,8 +16,8 @@ def train(row_gradients, steps=14, accumulate=1, clip=None, tied=False, sparsity
         model.lm_head.weight = model.model.embed_tokens.weight
     optimizer = BlockLLM(
         model.named_parameters(), lr=3e-3, sparsity=sparsity, trigger="interval", patience=4,
-        compact_grads=True, fused=False,
-    )  # fmt: skip
+        compact_grads=True, fused=False, rest="none",
+    )  # fmt: skip  (row gradients serve the frozen rule; a rest rule needs every row)
     patched = RowGradients(model, optimizer).patched if row_gradients else []
     batches = list(patterned_batches(steps * accumulate))
     history = []
@@ -57,7 +57,7 @@ def test_ordinary_steps_build_no_dense_vocabulary_gradient():
     model = tiny_llama()
     optimizer = BlockLLM(
         model.named_parameters(), lr=1e-3, sparsity=0.97, trigger="interval", patience=50,
-        compact_grads=True, fused=False,
+        compact_grads=True, fused=False, rest="none",
     )  # fmt: skip
     RowGradients(model, optimizer)
     batches = patterned_batches(2)
@@ -92,12 +92,20 @@ def test_ordinary_steps_build_no_dense_vocabulary_gradient():
         )
 
 
+def test_row_gradients_patch_nothing_under_a_rest_rule():
+    # The rest step uses every unselected row's gradient: autograd's whole product is needed.
+    model = tiny_llama()
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, compact_grads=True, rest="sign")
+    assert RowGradients(model, optimizer).patched == []
+    assert type(model.lm_head) is nn.Linear
+
+
 def test_row_gradients_need_compact_grads_and_leave_eval_alone():
     model = tiny_llama()
     optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, compact_grads=False)
     with pytest.raises(ValueError, match="RowGradients needs an optimizer with compact_grads=True"):
         RowGradients(model, optimizer)
-    optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, compact_grads=True)
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.9, compact_grads=True, rest="none")
     tokens = next(patterned_batches(1))
     before = model(input_ids=tokens).logits.detach()
     RowGradients(model, optimizer)
@@ -112,7 +120,7 @@ def test_only_plain_linear_and_embedding_modules_are_patched():
             return super().forward(indices) * 2.0
 
     model = nn.Sequential(Scaled(10, 4), nn.Linear(4, 10), nn.Embedding(10, 4, max_norm=1.0))
-    optimizer = BlockLLM(model.named_parameters(), sparsity=0.5, compact_grads=True)
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.5, compact_grads=True, rest="none")
     assert RowGradients(model, optimizer).patched == ["1"]
 
 
@@ -122,7 +130,7 @@ def test_row_gradients_with_bias_under_bf16_autocast():
         model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 64))
         optimizer = BlockLLM(
             model.named_parameters(), lr=1e-2, sparsity=0.8, trigger="interval", patience=3,
-            compact_grads=True, fused=False,
+            compact_grads=True, fused=False, rest="none",
         )  # fmt: skip
         if row_gradients:
             assert RowGradients(model, optimizer).patched == ["0", "1"]
@@ -156,7 +164,7 @@ def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
     model = tiny_llama()
     optimizer = BlockLLM(
         model.named_parameters(), sparsity=0.97, trigger="interval", patience=50,
-        compact_grads=True,
+        compact_grads=True, rest="none",
     )  # fmt: skip
     RowGradients(model, optimizer)
     tokens = next(patterned_batches(1))

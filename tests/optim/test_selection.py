@@ -20,7 +20,8 @@ def test_budget_is_floor_of_decimal_fraction():
 
 def test_first_selection_happens_at_first_step_and_that_step_updates():
     model = TinyNet()
-    opt = BlockLLM(model.named_parameters(), sparsity=0.9, patience=1000)
+    # rest="none": only the selected block may move (the default moves every tensor).
+    opt = BlockLLM(model.named_parameters(), sparsity=0.9, patience=1000, rest="none")
     assert opt.selected == [] and opt.selection_pending
     before = snapshot(model)
     loss = loss_of(model, make_batches(1)[0])
@@ -95,8 +96,8 @@ def test_frozen_tensors_unchanged_and_at_most_k_coordinates_change(selection, sp
     model = TinyNet(width=24)
     opt = BlockLLM(
         model.named_parameters(), lr=1e-2, weight_decay=0.1, sparsity=sparsity,
-        trigger="interval", patience=3, selection=selection,
-    )  # fmt: skip
+        trigger="interval", patience=3, selection=selection, rest="none",
+    )  # fmt: skip  (rest="none": the frozen-until-selected rule this test is about)
     for batch in make_batches(20):
         before = snapshot(model)
         opt.zero_grad(set_to_none=True)

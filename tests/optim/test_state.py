@@ -135,7 +135,7 @@ def test_state_dict_from_a_different_model_is_refused():
 def test_frozen_tensors_are_bitwise_unchanged_over_training():
     model = TinyNet(width=24)
     opt = BlockLLM(model.named_parameters(), lr=5e-2, weight_decay=0.5, sparsity=0.9,
-                   trigger="interval", patience=1000)  # fmt: skip
+                   trigger="interval", patience=1000, rest="none")  # fmt: skip
     one_step(model, opt, make_batches(1)[0])
     selected = list(opt.selected)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in selected}

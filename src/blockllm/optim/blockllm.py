@@ -274,12 +274,23 @@ class BlockLLM(SelectionViews, Optimizer):
 
         if self.config.max_grad_norm is not None:
             self.last_grad_norm = float(self.clip_grad_norm_(self.config.max_grad_norm))
+        if self.config.skip_nonfinite and self._flow.rest is not None:
+            # The rest steps still to come (in finish() and for_update()) cannot be undone, so
+            # every gradient they and Adam would use is checked before any of them is taken.
+            if not self._is_finite(observed, self._flow.pending_finite):
+                self._flow.end_step()
+                self._skip_step(discard_selection=selector.pending)
+                return closure_loss
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
         if chosen is not None:
             self._flow.compact.deposit(selector.chosen_grads)
         grads = self._flow.for_update(selection)
-        finite = not self.config.skip_nonfinite or self._is_finite(observed, grads)
+        finite = (
+            not self.config.skip_nonfinite
+            or self._flow.rest is not None  # checked above
+            or self._is_finite(observed, lambda: self._flow.all_finite(grads))
+        )
         self._flow.end_step()
         if not finite:
             self._skip_step(discard_selection=chosen is not None)
@@ -292,12 +303,12 @@ class BlockLLM(SelectionViews, Optimizer):
         selector.observe_loss(observed)
         return closure_loss
 
-    def _is_finite(self, observed: float | None, grads: dict[int, torch.Tensor]) -> bool:
+    def _is_finite(self, observed: float | None, grads_finite: Callable[[], bool]) -> bool:
         if observed is not None and not math.isfinite(observed):
             return False
         if self._selector.saw_nonfinite:
             return False
-        return self._comm.all_true(self._flow.all_finite(grads))
+        return self._comm.all_true(grads_finite())
 
     def _skip_step(self, discard_selection: bool) -> None:
         self.num_skipped_steps += 1

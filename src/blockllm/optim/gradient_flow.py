@@ -151,6 +151,20 @@ class GradientFlow:
         self.comm.average_grads_(list(grads.items()))
         return grads
 
+    def pending_finite(self) -> bool:
+        """Before ``step()`` uses anything: every gradient held for it (in ``.grad`` or compacted,
+        this rank's part) and every one the rest stepped with in the hooks is finite."""
+        tensors = [
+            self.comm.local(p.grad) for p in self.candidates.params
+            if p.grad is not None and not p.grad.is_sparse
+        ]  # fmt: skip
+        if not self.compact.stale:
+            tensors.extend(self.compact.held.values())
+        scoring = self.selector.scoring
+        if scoring is not None:
+            tensors.extend(values for values, _ in scoring.held_elsewhere())
+        return all_finite(tensors) and (self.rest is None or self.rest.all_finite())
+
     def all_finite(self, grads: dict[int, torch.Tensor]) -> bool:
         finite = all_finite(list(grads.values()))
         if self.rest is not None:

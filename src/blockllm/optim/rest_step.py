@@ -154,7 +154,7 @@ class RestStepper:
         decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
-        update = self._direction(index, grad).to(work) * (lr * self.lr_scale)
+        update = self._direction(index, grad, finite).to(work) * (lr * self.lr_scale)
         if decay:
             update.add_(weight.to(work), alpha=float(decay) * float(lr))
         if selected is not None:
@@ -168,7 +168,7 @@ class RestStepper:
         if selected is None:
             param.grad = None
 
-    def _direction(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+    def _direction(self, index: int, grad: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         rule = self.overrides.get(index, self.rule)
         init = getattr(rule, "init_state", None)
         if init is None:
@@ -176,7 +176,13 @@ class RestStepper:
         state = self.rule_states.get(index)
         if state is None:
             state = self.rule_states[index] = init(grad)
-        return rule.direction(grad, state)
+        # A non-finite gradient must not reach the statistics (they would poison every later
+        # step): keep the old values then, without a host sync (the state is O(rows + columns)).
+        before = {key: value.clone() for key, value in state.items()}
+        direction = rule.direction(grad, state)
+        for key, value in state.items():
+            value.copy_(torch.where(finite, value, before[key]))
+        return direction
 
     @property
     def state_bytes(self) -> int:

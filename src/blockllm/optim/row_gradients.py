@@ -247,6 +247,12 @@ class RowGradients:
         self.patched: list[str] = []
         if optimizer.communicator.shards_parameters:
             return  # FSDP2: the weights are DTensors; autograd's backward stays
+        if optimizer.config.rest != "none":
+            # A rest rule steps every row of the unselected part, so every row's gradient is
+            # needed: the row product would save nothing.
+            logger.info("RowGradients: rest=%r needs whole gradients; nothing patched",
+                        optimizer.config.rest)  # fmt: skip
+            return
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if (
