@@ -47,14 +47,18 @@ def _comparable(snapshot: dict) -> dict:
 
 
 def inject_and_train(steps, seed, *, selection="tensor", trigger="interval", patience=1,
-                     dtype=torch.float32, micro_batches=1, rate=0.2):  # fmt: skip
+                     dtype=torch.float32, micro_batches=1, rate=0.2, rest="sign"):  # fmt: skip
     """Train a tiny Llama, injecting a random fault into about ``rate`` of the steps.
 
     Every injected step must be skipped with nothing changed; every other step must update.
+    That is the whole-step contract, which holds when the rest rule steps in ``step()``
+    (``rest_in_backward=False``) or there is none; in the hooks it is per tensor, pinned in
+    tests/optim/test_rest.py.
     """
     model = tiny_llama().to(dtype)
     opt = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.8, trigger=trigger,
-                   patience=patience, selection=selection)  # fmt: skip
+                   patience=patience, selection=selection, rest=rest,
+                   rest_in_backward=False)  # fmt: skip
     rng = random.Random(seed)
     batches = token_batches(8)
     faults = [*GRAD_FAULTS, *LOSS_FAULTS]
@@ -114,6 +118,7 @@ CONFIGS = [
     pytest.param(dict(dtype=torch.bfloat16, patience=2), id="bf16"),
     pytest.param(dict(dtype=torch.float16, patience=2), id="fp16"),
     pytest.param(dict(micro_batches=2, patience=2), id="accumulation"),
+    pytest.param(dict(rest="none", patience=2), id="frozen-rest"),
 ]
 
 
@@ -133,7 +138,9 @@ def test_injected_faults_are_skipped_with_nothing_changed_long(config):
 def test_low_precision_overflow_is_skipped_and_master_weights_stay_exact():
     """fp16 gradients overflow to inf long before fp32 ones: skipped, masters untouched."""
     model = tiny_llama().half()
-    opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.8, trigger="interval", patience=3)
+    # The rest in step(): a real overflow in a late backward must not follow rest steps taken.
+    opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.8, trigger="interval", patience=3,
+                   rest_in_backward=False)  # fmt: skip
     batches = token_batches(4)
     overflowed = 0
     for step in range(12):
