@@ -41,8 +41,10 @@ integers: nothing is sampled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from blockllm.app.planning.model_shapes import ModelShape
+if TYPE_CHECKING:  # model_shapes imports torch; `blockllm estimate --help` reads PRECISIONS
+    from blockllm.app.planning.model_shapes import ModelShape
 
 #: ``fp32``: everything fp32. ``bf16``: fp32 weights under bf16 autocast (``--precision bf16`` of
 #: ``blockllm pretrain``). ``bf16-pure``: bf16 weights and activations, fp32 master copies.

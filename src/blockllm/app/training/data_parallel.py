@@ -375,6 +375,10 @@ def data_parallel(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ite
     parallel = DataParallel(info.rank, info.world_size, info.local_rank, timeout_s)
     try:
         yield parallel
+        # A rank that tears gloo down while a peer is still inside a collective aborts that
+        # peer ("terminate called without an active exception"): leave together. (After a
+        # failure here torchrun stops the peers; they may never reach this.)
+        dist.barrier()
     finally:
         # After a peer failure the group is broken; tearing it down must not add a second error.
         with contextlib.suppress(Exception):
