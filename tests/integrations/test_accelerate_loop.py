@@ -28,7 +28,8 @@ def test_prepare_backward_and_step_with_loss_in_bf16(fresh_accelerate_state, mak
     # bf16 autocast works on any x86 CPU (natively with AVX512-BF16/AMX, emulated otherwise).
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     model = make_llama()
-    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.8, patience=4)
+    # rest="none": what is trainable is then exactly the selection, checked below.
+    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.8, patience=4, rest="none")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
     )

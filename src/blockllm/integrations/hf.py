@@ -61,6 +61,7 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         f"with: pip install 'blockllm[hf]' ({err})"
     ) from err
 
+from blockllm.config import BlockLLMConfig
 from blockllm.integrations.accelerate import unwrap_blockllm
 from blockllm.optim import BlockLLM
 
@@ -90,7 +91,8 @@ def _fit_to_trainer(args: TrainingArguments, options: dict[str, Any]) -> dict[st
             "from TrainingArguments, whose max_grad_norm is now 0)", args.max_grad_norm,
         )  # fmt: skip
         args.max_grad_norm = 0.0
-    if args.gradient_accumulation_steps > 1 and options.get("rest", "none") != "none":
+    config = options.get("config") or BlockLLMConfig()
+    if args.gradient_accumulation_steps > 1 and options.get("rest", config.rest) != "none":
         changes.setdefault("rest_in_backward", False)
     return changes
 
