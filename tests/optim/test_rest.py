@@ -206,6 +206,22 @@ def test_rest_in_hooks_skips_per_tensor_and_keeps_factored_statistics_finite():
     assert not torch.equal(head, before_head)
 
 
+@pytest.mark.parametrize("rule", ["sign", "factored"])
+def test_shortlists_split_the_rest_step_without_changing_it(rule):
+    # On a selection step a partly selected vocabulary matrix keeps only its shortlist's
+    # gradient: the rest steps the coordinates outside it at once and the shortlist's own
+    # (less Adam's pick) at the step. Same arithmetic as the dense gradient, less memory held.
+    options = dict(steps=16, rest=rule, vocab_rest=None, max_tensor_share=0.25, patience=3)
+    dense, dense_opt, _ = train(compact_grads=False, **options)
+    split, split_opt, _ = train(compact_grads=True, **options)
+    assert split_opt.num_reselections == dense_opt.num_reselections >= 4
+    assert max_difference(dense, split) == 0.0
+    largest = max(p.numel() * 4 for p in split.parameters())
+    assert split_opt.peak_selection_grad_bytes < dense_opt.peak_selection_grad_bytes
+    # The plan's whole tensors (at most the budget), shortlists, and the tensor landing.
+    assert split_opt.peak_selection_grad_bytes <= 4 * split_opt.budget + largest
+
+
 def test_no_full_gradient_is_held_during_backward():
     model = tiny_llama()
     optimizer = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.9, rest="colnorm",

@@ -137,7 +137,8 @@ class BlockLLM(SelectionViews, Optimizer):
         self._comm = choose_communicator(candidates.names, candidates.params, process_group)
         self._flow = GradientFlow(candidates, config, self._comm, self._groups_of_candidates)
         self._selector = BlockSelector(
-            candidates, config, self._comm, self._flow.release, self._flow.holding
+            candidates, config, self._comm, self._flow.release, self._flow.holding,
+            self._flow.deferred,
         )
         self._flow.attach(self._selector)
         self._constructed = True

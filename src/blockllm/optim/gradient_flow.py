@@ -80,6 +80,11 @@ class GradientFlow:
         """What the selector calls for a gradient it cannot use: the rest step, or None (free)."""
         return None if self.rest is None else self.rest.release
 
+    @property
+    def deferred(self) -> RestStepper | None:
+        """The rest rule when it steps in the hooks (shortlists can then split its step)."""
+        return self.rest if self.rest is not None and self.rest.in_backward else None
+
     def attach(self, selector: BlockSelector) -> None:
         self.selector = selector
 

@@ -31,7 +31,7 @@ import torch
 
 from blockllm.distributed.base import Communicator
 from blockllm.optim.rounding import stochastic_round_to_bf16
-from blockllm.selection.coordinates import Selected, fill_, gather
+from blockllm.selection.coordinates import Selected, as_flat, fill_, gather
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule
 
@@ -105,6 +105,41 @@ class RestStepper:
             self._check_once(index)
             self._step(index, coordinates)
 
+    def release_outside(self, index: int, kept: Selected) -> torch.Tensor:
+        """A shortlisted tensor on a selection step: step every coordinate but ``kept`` now and
+        free the gradient; returns the step of ``kept`` (layout order), for
+        :meth:`apply_deferred` once the selection knows which of them Adam takes."""
+        self._check_once(index)
+        return self._step(index, kept, defer=True)
+
+    @torch.no_grad()
+    def apply_deferred(
+        self,
+        index: int,
+        kept: Selected,
+        step: torch.Tensor,
+        picked: Selected | None,
+        squares: torch.Tensor | None = None,
+    ) -> None:
+        """Take the deferred step of the ``kept`` coordinates that Adam did not pick.
+
+        ``squares``: the squared norm of the tensor's whole gradient, when no shortlist counts it
+        for clipping any more (a tensor dropped from the plan).
+        """
+        if squares is not None:
+            self.consumed_squares.append(squares)
+        weight = self.comm.local(self.params[index])
+        where = as_flat(kept).long()
+        if picked is not None:
+            outside = ~torch.isin(where, as_flat(picked).long())
+            where, step = where[outside], step[outside]
+        flat = weight.view(-1)
+        if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
+            moved = stochastic_round_to_bf16(flat[where].float() - step, self._generator(weight))
+        else:  # the arithmetic of the dense step: subtract the step rounded to the weight's dtype
+            moved = flat[where] - step.to(weight.dtype)
+        flat.index_copy_(0, where, moved)
+
     def _check_once(self, index: int) -> None:
         if index in self.stepped:
             raise RuntimeError(
@@ -138,16 +173,22 @@ class RestStepper:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def _step(self, index: int, selected: Selected | None) -> None:
+    def _step(
+        self, index: int, selected: Selected | None, defer: bool = False
+    ) -> torch.Tensor | None:
+        """Step the coordinates outside ``selected``; with ``defer`` also free the gradient and
+        return the step ``selected`` would take (a shortlist's, whose squared norm the
+        selection counts whole for clipping)."""
         param = self.params[index]
         self.comm.average_grads_([(index, param.grad)])
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
         squares = grad.float().square().sum()
-        if selected is not None:
+        if selected is not None and not defer:
             squares = squares - gather(grad, selected).float().square().sum()
         finite = torch.isfinite(squares)
-        self.consumed_squares.append(squares)
+        if not defer:
+            self.consumed_squares.append(squares)
         self._finite.append(finite)
         group = self.groups[index]
         lr = group["lr"]
@@ -157,16 +198,20 @@ class RestStepper:
         update = self._direction(index, grad, finite).to(work) * (lr * self.lr_scale)
         if decay:
             update.add_(weight.to(work), alpha=float(decay) * float(lr))
-        if selected is not None:
-            fill_(update, selected, 0.0)
         # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
         update = torch.where(finite, update, torch.zeros_like(update))
+        deferred = None
+        if selected is not None:
+            if defer:
+                deferred = gather(update, selected)
+            fill_(update, selected, 0.0)
         if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
             weight.copy_(stochastic_round_to_bf16(weight.float() - update, self._generator(weight)))
         else:
             weight.sub_(update.to(weight.dtype))
-        if selected is None:
+        if selected is None or defer:
             param.grad = None
+        return deferred
 
     def _direction(self, index: int, grad: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         rule = self.overrides.get(index, self.rule)

@@ -250,8 +250,7 @@ class RowGradients:
         if optimizer.config.rest != "none":
             # A rest rule steps every row of the unselected part, so every row's gradient is
             # needed: the row product would save nothing.
-            logger.info("RowGradients: rest=%r needs whole gradients; nothing patched",
-                        optimizer.config.rest)  # fmt: skip
+            logger.info("BlockLLM: row gradients off (rest=%r steps every row)", optimizer.config.rest)
             return
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)

@@ -16,13 +16,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
+from blockllm.selection.coordinates import Selected
 from blockllm.selection.packing import BudgetPacker, Coordinates, Plan, WholeTensorPacker
 from blockllm.selection.shortlist import Shortlist, make_shortlist, pick
 
 ScoreFn = Callable[[int, torch.Tensor], float]
+
+
+class DeferredRest(Protocol):
+    """A state-free rest rule that can step a shortlisted tensor in two parts (the optimizer's
+    :class:`~blockllm.optim.rest_step.RestStepper`)."""
+
+    def release_outside(self, index: int, kept: Selected) -> torch.Tensor: ...
+
+    def apply_deferred(
+        self,
+        index: int,
+        kept: Selected,
+        step: torch.Tensor,
+        picked: Selected | None,
+        squares: torch.Tensor | None = None,
+    ) -> None: ...
 AverageFn = Callable[[list[tuple[int, torch.Tensor]]], None]
 
 
@@ -47,6 +65,9 @@ class ScoringPass:
             returns True (more micro-batches to come); None: never. Needs a
             :class:`WholeTensorPacker`; the picked coordinates' gradient is then handed over in
             ``chosen_grads``, not left in ``.grad``.
+        deferred: with a rest rule stepped in the hooks, shortlists work too: the coordinates
+            outside a shortlist take their rest step at once, and the shortlist's own take
+            theirs once the selection has picked Adam's among them.
     """
 
     def __init__(
@@ -59,6 +80,7 @@ class ScoringPass:
         freeze: bool = True,
         pinned: frozenset[int] = frozenset(),
         shortlist: Callable[[], bool] | None = None,
+        deferred: DeferredRest | None = None,
     ):
         self.params = params
         self.packer = packer
@@ -80,6 +102,9 @@ class ScoringPass:
         self.shortlists: dict[int, Shortlist] = {}
         # The picked coordinates' gradient of shortlisted tensors (their .grad is gone).
         self.chosen_grads: dict[int, torch.Tensor] = {}
+        self.deferred = deferred
+        # With a rest rule: the rest step of each shortlist's coordinates, waiting for finish().
+        self.deferred_steps: dict[int, torch.Tensor] = {}
 
     @property
     def started(self) -> bool:
@@ -102,10 +127,12 @@ class ScoringPass:
             # A later micro-batch of the same step: the plan's tensors keep accumulating (the
             # coordinates and the update use the whole step's gradient), the rest are dropped.
             if index not in self.plan.members:
-                self.release(index)
+                self._drop(index)
             else:
                 self._reduce(index, param.grad)
                 if index in self.shortlists:  # accumulated at its candidates only
+                    if self.deferred is not None:  # its rest already stepped: refused, with the fix
+                        self.deferred.release_outside(index, self.shortlists[index].kept)
                     self.shortlists[index].add_(param.grad)
                     param.grad = None
                 elif self.shortlist_held is not None and not self.shortlist_held():
@@ -116,15 +143,17 @@ class ScoringPass:
         if not math.isfinite(score):
             # The step will be skipped; rank the tensor last so the plan stays well defined.
             self.saw_nonfinite = True
-            self.nonfinite.add(index)
+            if self.deferred is None:
+                self.nonfinite.add(index)
+            # (A rest rule stepped in the hooks takes a zero step with it and frees it, as on
+            # any other step: keeping every bad gradient would hold the whole model's.)
             score = -math.inf
         self.scores[index] = score
         previous = self.plan.members
         self.plan = self.packer.plan(self.scores)
         members = self.plan.members
         for dropped in previous - members - self.nonfinite:
-            self.release(dropped)
-            self.shortlists.pop(dropped, None)
+            self._drop(dropped)
         if index not in members and index not in self.nonfinite:
             self.release(index)
         if self.shortlist_held is not None and not self.shortlist_held():
@@ -142,10 +171,22 @@ class ScoringPass:
             grad = self.params[index].grad
             if index in self.shortlists or index in self.nonfinite or grad is None:
                 continue
-            self.shortlists[index] = make_shortlist(
-                grad, self.packer.most(index), self.packer.row_size(index)
-            )
-            self.params[index].grad = None
+            shortlist = make_shortlist(grad, self.packer.most(index), self.packer.row_size(index))
+            self.shortlists[index] = shortlist
+            if self.deferred is not None:  # steps outside the shortlist and frees the gradient
+                self.deferred_steps[index] = self.deferred.release_outside(index, shortlist.kept)
+            else:
+                self.params[index].grad = None
+
+    def _drop(self, index: int) -> None:
+        """The plan no longer wants ``index``: release its gradient, or its shortlist's step."""
+        shortlist = self.shortlists.pop(index, None)
+        step = self.deferred_steps.pop(index, None)
+        if step is not None:
+            # Its squared norm leaves the shortlists: clipping counts it with the rest's.
+            self.deferred.apply_deferred(index, shortlist.kept, step, None, shortlist.squares)
+        elif shortlist is None:
+            self.release(index)
 
     def held_elsewhere(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(gradient values, squared norm of the whole gradient)`` of each shortlisted tensor.
@@ -180,8 +221,13 @@ class ScoringPass:
         chosen = self.packer.coordinates(self.plan, grads)
         counts = self.packer.counts(self.plan) if self.shortlists else {}
         for index, shortlist in self.shortlists.items():
+            picked = None
             if counts.get(index, 0) > 0:
                 chosen[index], self.chosen_grads[index] = pick(shortlist, counts[index])
+                picked = chosen[index]
+            step = self.deferred_steps.pop(index, None)
+            if step is not None:
+                self.deferred.apply_deferred(index, shortlist.kept, step, picked)
         self.shortlists.clear()
         chosen.update((index, None) for index in self.pinned)
         self.chosen = {

@@ -27,7 +27,7 @@ from blockllm.selection.packing import (
     tensor_cap,
 )
 from blockllm.selection.scorers import make_scorer
-from blockllm.selection.scoring import ScoringPass
+from blockllm.selection.scoring import DeferredRest, ScoringPass
 from blockllm.selection.triggers import make_trigger
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class BlockSelector:
             the selection does not use (it steps with it and frees it); every candidate then
             stays trainable. None: such gradients are freed and unselected candidates frozen.
         holding: True while the loop holds gradients for a later backward of the same step.
+        deferred: the rest rule, when it steps in the hooks: shortlists then split its step
+            (:class:`~blockllm.selection.scoring.ScoringPass`).
 
     Raises:
         ValueError: an unknown policy name, or a sparsity that leaves no budget.
@@ -60,12 +62,14 @@ class BlockSelector:
         comm: Communicator,
         release: Callable[[int], None] | None = None,
         holding: Callable[[], bool] = lambda: False,
+        deferred: DeferredRest | None = None,
     ):
         self.candidates = candidates
         self.config = config
         self.comm = comm
         self.release = release
         self.holding = holding
+        self.deferred = deferred
         self.trigger = make_trigger(config.trigger, config.patience)
         self.scorer = make_scorer(config.score)
         self.rule = make_selection_rule(config.selection)
@@ -146,12 +150,14 @@ class BlockSelector:
         # Shortlists hand the picked coordinates' gradient over compacted, and under FSDP2 the
         # coordinates come from a threshold over the shards' dense gradients: neither otherwise.
         shortlist = (
-            self.config.compact_grads and self.release is None and not self.comm.shards_parameters
+            self.config.compact_grads
+            and (self.release is None or self.deferred is not None)
+            and not self.comm.shards_parameters
         )
         self.scoring = ScoringPass(
             params, packer, self._score, average, release=self.release,
             freeze=self.release is None, pinned=self.candidates.pinned,
-            shortlist=self.holding if shortlist else None,
+            shortlist=self.holding if shortlist else None, deferred=self.deferred,
         )  # fmt: skip
         for param in params:
             param.requires_grad_(True)
