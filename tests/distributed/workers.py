@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -88,6 +89,10 @@ def ddp_detection_worker(rank: int, world_size: int, store: str, out_dir: str) -
         BlockLLM(TinyNet(width=8).named_parameters(), sparsity=0.5, process_group=dist.group.WORLD)
         outcome["with_group"] = "accepted"
         torch.save(outcome, Path(out_dir) / f"ddp{rank}.pt")
+        # DDP's reducer holds the group: release it while the group is alive (a reducer torn
+        # down after destroy_process_group aborted a rank in CI, SIGABRT).
+        del wrapped
+        gc.collect()
         leave_together()
     finally:
         dist.destroy_process_group()
