@@ -97,6 +97,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(
     # ...and with the rest frozen only the restored block needs gradients.
     assert (begin["trainable"] == everything) == (rest != "none")
     assert any("selection restored at global step 20" in r.getMessage() for r in caplog.records)
+    # Nothing was out of step, with the frozen rule or with a rest rule (every tensor trainable).
+    assert not any("re-applying it" in r.getMessage() for r in caplog.records)
 
     assert resumed_opt.num_reselections == full_opt.num_reselections
     assert resumed_opt.selected == full_opt.selected

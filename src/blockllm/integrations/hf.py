@@ -558,8 +558,9 @@ class BlockLLMCallback(TrainerCallback):
                 global_step,
             )
             return
-        expected = set(optimizer.candidate_names if optimizer.selection_pending
-                       else optimizer.selected)  # fmt: skip
+        # With a rest rule every candidate stays trainable; frozen, only the selection.
+        everything = optimizer.selection_pending or optimizer.config.rest != "none"
+        expected = set(optimizer.candidate_names if everything else optimizer.selected)
         candidates = set(optimizer.candidate_names)
         wrong = [
             name
