@@ -167,3 +167,30 @@ def test_top_rows_leftovers_are_the_same_when_found_chunk_by_chunk(monkeypatch):
         monkeypatch.setattr("blockllm.selection.packing._CHUNK_ENTRIES", chunk_entries)
         picked = top_rows(grad, count=4 * 8 + 5, row_size=8)
         assert torch.equal(picked.long().sort().values, expected.sort().values)
+
+
+def test_mask_equals_uncapped_coordinates_when_the_top_tensor_covers_the_budget():
+    # Why blockllm-mask and blockllm-uncapped report the same eval loss on pretrain-cpu: there the
+    # highest-scored tensor is always a vocabulary matrix larger than k, so the mask's prefix is
+    # that tensor alone and its threshold keeps its k largest |G|, which is exactly what the
+    # uncapped packer gives the first tensor (min(size, budget) largest-|G| coordinates). Not a
+    # dead option: when the top tensor is smaller than k the two rules differ.
+    generator = torch.Generator().manual_seed(0)
+
+    def picks(sizes, scores, budget):
+        grads = {i: torch.randn(size, generator=generator) for i, size in enumerate(sizes)}
+        chosen = []
+        for packer in (PaperMaskPacker(sizes, budget), WholeTensorPacker(sizes, budget)):
+            plan = packer.plan(scores)
+            coordinates = packer.coordinates(plan, {i: grads[i] for i in plan.partial})
+            chosen.append({i: None if c is None else c.long().tolist() for i, c in coordinates.items()})
+        return chosen
+
+    sizes, budget = [5000, 300, 300, 40], 800
+    mask, uncapped = picks(sizes, {0: 3.0, 1: 2.0, 2: 1.0, 3: 0.5}, budget)
+    assert mask == uncapped and list(mask) == [0] and len(mask[0]) == budget
+    # The top tensor below k: the mask thresholds |G| over the whole prefix, the packer fills
+    # tensors in score order.
+    mask, uncapped = picks(sizes, {1: 3.0, 2: 2.0, 0: 1.0, 3: 0.5}, budget)
+    assert mask != uncapped
+    assert uncapped[1] is None and uncapped[2] is None and len(uncapped[0]) == budget - 600
