@@ -297,6 +297,49 @@ SUITES: dict[str, Suite] = {
     # torch.cuda.max_memory_allocated (peak_gpu_bytes in the records). Both together are sized to
     # take under 8 minutes on one H200, the start-up of eight processes included (an estimate:
     # no GPU was at hand when they were written).
+    # Issue 14: peak memory where it matters, on this CPU machine. llama-350m is the largest
+    # preset whose AdamW step fits 24 GB with room (16 bytes per parameter: 5.5 GB, plus
+    # activations); a handful of steps at a small batch, since only the peaks are read (peak RSS
+    # of each child, training-state bytes from the optimizers' own accounting).
+    "memory-cpu": Suite(
+        name="memory-cpu",
+        description="llama-350m, peak RSS and training state of every method, a few steps",
+        command="pretrain",
+        model="llama-350m",
+        steps=4,
+        eval_every=4,
+        methods=(*plain("adamw", "adamw-8bit", "blockllm"),
+                 MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
+                 MethodEntry("blockllm-bf16-pure", "blockllm", ("--precision", "bf16-pure")),
+                 *plain("galore", "badam", "lisa", "lora")),
+        flags=("--batch-size", "2", "--seq-len", "128", "--eval-batches", "1", "--lr", "1e-3",
+               "--patience", "50"),
+        corpus=(1_000_000, 32000),
+    ),
+    # Issue 14 on a GPU (benchmarks/gpu.sh, GPU_SUITES=gpu-memory): llama-1b at 8 x 256 for 20
+    # steps, every method with and without activation checkpointing; peak_gpu_bytes from
+    # torch.cuda.max_memory_allocated.
+    "gpu-memory": Suite(
+        name="gpu-memory",
+        description="llama-1b on one GPU, bf16, peak memory with and without checkpointing",
+        command="pretrain",
+        model="llama-1b",
+        steps=20,
+        eval_every=20,
+        methods=tuple(
+            MethodEntry(f"{label}{suffix}", optimizer, (*flags, *extra))
+            for label, optimizer, flags in (
+                ("adamw", "adamw", ()), ("adamw-8bit", "adamw-8bit", ()),
+                ("blockllm", "blockllm", _BLOCKLLM_RECIPE),
+                ("blockllm-bf16-pure", "blockllm", (*_BLOCKLLM_RECIPE, "--precision", "bf16-pure")),
+                ("badam", "badam", ()), ("galore", "galore", ()),
+            )
+            for suffix, extra in (("", ()), ("-ckpt", ("--gradient-checkpointing",)))
+        ),
+        flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "2", "--lr", "1e-3",
+               "--patience", "50", "--device", "cuda", "--precision", "bf16"),
+        corpus=(3_000_000, 32000),
+    ),
     "gpu-60m": _gpu_suite("llama-60m", steps=300),
     "gpu-130m": _gpu_suite("llama-130m", steps=200),
 }  # fmt: skip
