@@ -178,3 +178,27 @@ def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
     assert copied.lm_head.weight.grad is not None and not optimizer.compact_gradients.held
     unpatch_module(model.lm_head)
     assert type(model.lm_head) is nn.Linear and "_blockllm_sink" not in vars(model.lm_head)
+
+
+def test_a_users_tensor_hook_still_sees_the_weights_gradient():
+    model = tiny_llama()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.97, trigger="interval",
+                         patience=50, compact_grads=True, rest="none")  # fmt: skip
+    RowGradients(model, optimizer)
+    batches = patterned_batches(3)
+    tokens = next(batches)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step(loss=1.0)  # the selection step
+    optimizer.zero_grad(set_to_none=True)
+    assert optimizer.coordinates("lm_head.weight") is not None  # partly selected: rows patched
+    seen = []
+    handle = model.lm_head.weight.register_hook(lambda grad: seen.append(grad))
+    tokens = next(batches)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    handle.remove()
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == model.lm_head.weight.shape
+    optimizer.step(loss=1.0)  # and training goes on with the hook removed
+    optimizer.zero_grad(set_to_none=True)
+    tokens = next(batches)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert model.lm_head.weight.grad is None  # the row product again: no dense gradient

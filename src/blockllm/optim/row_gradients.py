@@ -285,6 +285,10 @@ class RowGradients:
             # Not ours, a selection step (every gradient is scored whole), or a rest rule, whose
             # step needs the unselected rows' gradient too.
             return None
+        if weight._backward_hooks:
+            # The user's own tensor hook (weight.register_hook) expects the weight's gradient:
+            # it gets autograd's whole one rather than None.
+            return None
         coordinates = optimizer.selector.selection.get(index)
         if coordinates is None:
             return None  # selected whole, or not selected
