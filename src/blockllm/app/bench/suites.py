@@ -234,6 +234,10 @@ SUITES: dict[str, Suite] = {
             MethodEntry("sign-vocab-interval-200", "blockllm",
                         ("--trigger", "interval", "--patience", "200", "--rest", "sign",
                          "--always-adam", "auto")),
+            # The default (sign, factored vocabulary) under other reselection rules.
+            MethodEntry("default-interval-200", "blockllm",
+                        ("--trigger", "interval", "--patience", "200")),
+            MethodEntry("default-loss-50", "blockllm", ("--trigger", "loss", "--patience", "50")),
             MethodEntry("sign-vocab-0.95", "blockllm",
                         (*_BLOCKLLM_RECIPE, "--sparsity", "0.95", "--rest", "sign",
                          "--always-adam", "auto")),
