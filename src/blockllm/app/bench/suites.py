@@ -167,8 +167,10 @@ SUITES: dict[str, Suite] = {
         model="tiny",
         steps=60,
         eval_every=20,
-        methods=plain("adamw", "blockllm", "blockllm-random", "lisa", "badam", "galore", "lora",
-                      "adamw-8bit"),
+        methods=(*plain("adamw", "blockllm"),
+                 # The frozen rule (the default before 0.5): compares with older runs.
+                 MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
+                 *plain("blockllm-random", "lisa", "badam", "galore", "lora", "adamw-8bit")),
         flags=("--batch-size", "8", "--seq-len", "64", "--eval-batches", "4", "--lr", "2e-3",
                "--patience", "10"),
         corpus=(1_000_000, 2048),
