@@ -195,11 +195,16 @@ class RestStepper:
         decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
-        update = self._direction(index, grad, finite).to(work) * (lr * self.lr_scale)
+        update = self._direction(index, grad, finite).to(work)
+        if update.data_ptr() == grad.data_ptr() or update.data_ptr() == weight.data_ptr():
+            update = update.clone()  # a user rule may hand back its input: never scale that
+        # In place from here on: each full-size temporary costs time and, on a vocabulary
+        # matrix, a peak of its own.
+        update.mul_(lr * self.lr_scale)
         if decay:
             update.add_(weight.to(work), alpha=float(decay) * float(lr))
         # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
-        update = torch.where(finite, update, torch.zeros_like(update))
+        update.masked_fill_(~finite, 0.0)
         deferred = None
         if selected is not None:
             if defer:

@@ -100,10 +100,13 @@ class FactoredRest:
             state["row"].lerp_(matrix.mean(dim=1), 1 - self.beta2)
             state["col"].lerp_(matrix.mean(dim=0), 1 - self.beta2)
             row, col = state["row"] / correction, state["col"] / correction
-            factored = torch.outer(row / row.mean(), col)
-            update = (g.reshape(matrix.shape) / factored.sqrt()).reshape(g.shape)
+            del squares, matrix  # full-size: freed before the next full-size temporaries
+            # In place where the values are the same: two full-size temporaries at most.
+            update = torch.outer(row / row.mean(), col).sqrt_()
+            torch.div(g.reshape(update.shape), update, out=update)
+            update = update.reshape(g.shape)
         rms = update.square().mean().sqrt()
-        return (update / rms.clamp(min=1.0)).to(grad.dtype)
+        return update.div_(rms.clamp(min=1.0)).to(grad.dtype)
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
