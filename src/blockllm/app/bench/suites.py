@@ -227,10 +227,14 @@ SUITES: dict[str, Suite] = {
         methods=(
             *grid("adamw", ("1e-3",)),
             MethodEntry("frozen", "blockllm", (*_BLOCKLLM_RECIPE, "--rest", "none")),
-            *(MethodEntry(rule, "blockllm", (*_BLOCKLLM_RECIPE, "--rest", rule))
+            # One rule on every tensor: --vocab-rest names it too (its default, "auto", gives
+            # the vocabulary matrices the factored rule since 0.5).
+            *(MethodEntry(rule, "blockllm",
+                          (*_BLOCKLLM_RECIPE, "--rest", rule, "--vocab-rest", rule))
               for rule in ("sign", "colnorm", "factored")),
             *(MethodEntry(f"{rule}-head", "blockllm",
-                          (*_BLOCKLLM_RECIPE, "--rest", rule, "--always-adam", _HEAD_AND_NORMS))
+                          (*_BLOCKLLM_RECIPE, "--rest", rule, "--vocab-rest", rule,
+                           "--always-adam", _HEAD_AND_NORMS))
               for rule in ("sign", "colnorm", "factored")),
             *(MethodEntry(f"{rule}-vocab", "blockllm",
                           (*_BLOCKLLM_RECIPE, "--rest", rule, "--always-adam", "auto"))
