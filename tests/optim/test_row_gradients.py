@@ -53,18 +53,24 @@ def test_row_gradients_train_like_dense_gradients(options):
         assert (rows - dense).norm() < 1e-4 * dense.norm(), name
 
 
-def test_ordinary_steps_build_no_dense_vocabulary_gradient():
+def after_a_selection_with_row_gradients(steps):
+    """A patched tiny Llama after its selection step, its optimizer, and ``steps - 1`` batches."""
     model = tiny_llama()
     optimizer = BlockLLM(
         model.named_parameters(), lr=1e-3, sparsity=0.97, trigger="interval", patience=50,
         compact_grads=True, fused=False, rest="none",
     )  # fmt: skip
     RowGradients(model, optimizer)
-    batches = patterned_batches(2)
+    batches = patterned_batches(steps)
     tokens = next(batches)
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step(loss=1.0)  # the selection step
     optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, batches
+
+
+def test_ordinary_steps_build_no_dense_vocabulary_gradient():
+    model, optimizer, batches = after_a_selection_with_row_gradients(2)
     head = model.lm_head.weight
     assert optimizer.coordinates("lm_head.weight") is not None  # partly selected
     tokens = next(batches)
@@ -181,15 +187,7 @@ def test_a_deep_copy_of_a_patched_model_gets_ordinary_gradients():
 
 
 def test_a_users_tensor_hook_still_sees_the_weights_gradient():
-    model = tiny_llama()
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.97, trigger="interval",
-                         patience=50, compact_grads=True, rest="none")  # fmt: skip
-    RowGradients(model, optimizer)
-    batches = patterned_batches(3)
-    tokens = next(batches)
-    model(input_ids=tokens, labels=tokens).loss.backward()
-    optimizer.step(loss=1.0)  # the selection step
-    optimizer.zero_grad(set_to_none=True)
+    model, optimizer, batches = after_a_selection_with_row_gradients(3)
     assert optimizer.coordinates("lm_head.weight") is not None  # partly selected: rows patched
     seen = []
     handle = model.lm_head.weight.register_hook(lambda grad: seen.append(grad))

@@ -25,6 +25,7 @@ from blockllm.selection.packing import BudgetPacker, Coordinates, Plan, WholeTen
 from blockllm.selection.shortlist import Shortlist, make_shortlist, pick
 
 ScoreFn = Callable[[int, torch.Tensor], float]
+AverageFn = Callable[[list[tuple[int, torch.Tensor]]], None]
 
 
 class DeferredRest(Protocol):
@@ -41,7 +42,6 @@ class DeferredRest(Protocol):
         picked: Selected | None,
         squares: torch.Tensor | None = None,
     ) -> None: ...
-AverageFn = Callable[[list[tuple[int, torch.Tensor]]], None]
 
 
 class ScoringPass:

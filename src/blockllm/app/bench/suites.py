@@ -345,8 +345,8 @@ SUITES: dict[str, Suite] = {
             MethodEntry(f"{label}{suffix}", optimizer, (*flags, *extra))
             for label, optimizer, flags in (
                 ("adamw", "adamw", ()), ("adamw-8bit", "adamw-8bit", ()),
-                ("blockllm", "blockllm", _BLOCKLLM_RECIPE),
-                ("blockllm-bf16-pure", "blockllm", (*_BLOCKLLM_RECIPE, "--precision", "bf16-pure")),
+                ("blockllm", "blockllm", _PRETRAIN_RECIPE),
+                ("blockllm-bf16-pure", "blockllm", (*_PRETRAIN_RECIPE, "--precision", "bf16-pure")),
                 ("badam", "badam", ()), ("galore", "galore", ()),
             )
             for suffix, extra in (("", ()), ("-ckpt", ("--gradient-checkpointing",)))
