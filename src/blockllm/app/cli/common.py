@@ -31,7 +31,8 @@ from blockllm.app.training.run_config import (
 # is the kebab-case name.
 _COMMON_GROUPS: dict[str, list[str]] = {
     "optimization": [
-        "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio",
+        "optimizer", "max_steps", "batch_size", "grad_accum", "seq_len", "lr", "vocab_lr_scale",
+        "min_lr_ratio",
         "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision", "seed",
         "gradient_checkpointing",
     ],

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def _build_adamw(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     import torch  # here, not at import: listing the methods (`--help`) needs no torch
 
-    groups = decay_groups(model, config.weight_decay)
+    groups = decay_groups(model, config.weight_decay, config.vocab_lr())
     for group in groups:
         group.pop("names")  # torch.optim keeps unknown keys in every state_dict; keep it lean
     params = [param for group in groups for param in group["params"]]

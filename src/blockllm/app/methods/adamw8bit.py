@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     bnb = require_peer("adamw-8bit")
-    groups = decay_groups(model, config.weight_decay)
+    groups = decay_groups(model, config.weight_decay, config.vocab_lr())
     for group in groups:
         group.pop("names")
     return bnb.optim.AdamW8bit(

@@ -84,7 +84,7 @@ def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
             }
 
     base = torch.optim.AdamW(
-        decay_groups(model, config.weight_decay), lr=config.lr,
+        decay_groups(model, config.weight_decay, config.vocab_lr()), lr=config.lr,
         betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay,
     )  # fmt: skip
     with _quiet(), warnings.catch_warnings():

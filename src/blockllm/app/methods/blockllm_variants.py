@@ -24,7 +24,7 @@ def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> to
     from blockllm.optim.row_gradients import RowGradients
 
     optimizer = BlockLLM(
-        decay_groups(model, config.weight_decay),
+        decay_groups(model, config.weight_decay, config.vocab_lr()),
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
         weight_decay=config.weight_decay, config=config.blockllm_config(),
         # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly

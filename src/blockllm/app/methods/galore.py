@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from blockllm.app.methods.param_groups import vocabulary_parameters
 from blockllm.app.methods.peer_packages import require_peer
 
 if TYPE_CHECKING:
@@ -24,15 +25,23 @@ SCALE = 0.25
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     galore_torch = require_peer("galore")
+    vocab_lr = config.vocab_lr()
+    vocabulary = vocabulary_parameters(model) if vocab_lr is not None else set()
     projected: list[nn.Parameter] = []
     regular: list[nn.Parameter] = []
+    vocab: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         low_rank = param.ndim == 2 and any(key in name for key in ("attn", "mlp", "attention"))
-        (projected if low_rank else regular).append(param)
+        if id(param) in vocabulary:
+            vocab.append(param)
+        else:
+            (projected if low_rank else regular).append(param)
     rank = max(1, min(min(p.shape) for p in projected) // 4) if projected else 1
     groups: list[dict[str, Any]] = [{"params": regular}]
+    if vocab:
+        groups.append({"params": vocab, "lr": vocab_lr})
     if projected:
         groups.append(
             {"params": projected, "rank": rank, "update_proj_gap": UPDATE_PROJ_GAP,

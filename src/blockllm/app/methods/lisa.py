@@ -145,6 +145,11 @@ def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     Reusing BlockLLM's two knobs keeps the comparison at the same trainable share of the blocks
     and the same number of steps between switches.
     """
+    if config.vocab_lr() is not None:
+        raise ValueError(
+            f"Invalid vocab_lr_scale for lisa: {config.vocab_lr_scale} (LISA keeps one lr for "
+            "every tensor; use 1)"
+        )
     num_layers = len({m.group(1) for n, _ in model.named_parameters() if (m := _LAYER.match(n))})
     num_active = max(1, math.ceil((1.0 - config.sparsity) * num_layers))
     return LISA(

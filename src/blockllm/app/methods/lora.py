@@ -41,7 +41,7 @@ def prepare_model(model: nn.Module, config: RunConfig) -> nn.Module:
 
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    groups = decay_groups(model, config.weight_decay)
+    groups = decay_groups(model, config.weight_decay, config.vocab_lr())
     for group in groups:
         group.pop("names")
     optimizer = torch.optim.AdamW(

@@ -106,6 +106,10 @@ class RunConfig:
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
     seq_len: int = _field(128, "tokens per sequence (finetune: maximum length, longer is cut)")
     lr: float = _field(1e-3, "peak learning rate")
+    vocab_lr_scale: float = _field(
+        1.0, "learning rate of the embedding and head matrices as a multiple of --lr (a param "
+        "group of their own, scheduled like the rest); 1 = the same lr as every other tensor"
+    )
     min_lr_ratio: float = _field(0.1, "final learning rate as a fraction of the peak (cosine end)")
     warmup_steps: int = _field(-1, "linear warmup steps; -1 = 10% of max-steps")
     weight_decay: float = _field(0.0, "decoupled weight decay on matrices (not on norms/biases)")
@@ -276,6 +280,10 @@ class RunConfig:
             return min(self.warmup_steps, self.max_steps)
         return int(0.1 * self.max_steps)
 
+    def vocab_lr(self) -> float | None:
+        """The embedding and head matrices' own peak lr, or None where they share ``lr``."""
+        return None if self.vocab_lr_scale == 1.0 else self.lr * self.vocab_lr_scale
+
     def blockllm_config(self) -> BlockLLMConfig:
         """The BlockLLM knobs of this run (the run's seed seeds the optimizer's generator)."""
         from blockllm.config import BlockLLMConfig  # loads torch: not at import (see _knob)
@@ -348,6 +356,7 @@ class RunConfig:
         # started from is always a mistake (a typo, a bad sweep value), so it is refused.
         _float("lr", self.lr, 0.0, None, lower_open=True)
         _float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _float("vocab_lr_scale", self.vocab_lr_scale, 0.0, None, lower_open=True)
         _float("weight_decay", self.weight_decay, 0.0, None)
         _float("beta1", self.beta1, 0.0, 1.0, upper_open=True)
         _float("beta2", self.beta2, 0.0, 1.0, upper_open=True)
