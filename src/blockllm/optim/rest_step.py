@@ -183,7 +183,8 @@ class RestStepper:
         self.comm.average_grads_([(index, param.grad)])
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
-        squares = grad.float().square().sum()
+        # One reduction pass, no squared copy of the gradient (this runs for every tensor).
+        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         if selected is not None and not defer:
             squares = squares - gather(grad, selected).float().square().sum()
         finite = torch.isfinite(squares)
