@@ -229,14 +229,16 @@ SUITES: dict[str, Suite] = {
         methods=(
             *grid("adamw", ("1e-3", "2e-3")),
             *(MethodEntry(f"adamw-vocab-{scale}", "adamw", ("--vocab-lr-scale", scale))
-              for scale in ("3", "10")),
+              for scale in ("3", "10", "30")),
             MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_PRETRAIN_RECIPE)),
             MethodEntry("blockllm-lr2e-3", "blockllm",
                         ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2e-3")),
             *(MethodEntry(f"blockllm-vocab-{scale}", "blockllm",
                           ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--vocab-lr-scale", scale))
-              for scale in ("3", "10")),
+              for scale in ("3", "10", "30")),
             *grid("galore", ("1e-2",)),
+            # GaLore's vocabulary matrices already step at its full lr; this raises them further.
+            MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3")),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
