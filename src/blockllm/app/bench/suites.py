@@ -229,7 +229,7 @@ SUITES: dict[str, Suite] = {
         methods=(
             *grid("adamw", ("1e-3", "2e-3")),
             *(MethodEntry(f"adamw-vocab-{scale}", "adamw", ("--vocab-lr-scale", scale))
-              for scale in ("3", "10", "30")),
+              for scale in ("3", "10", "30", "100")),
             MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_PRETRAIN_RECIPE)),
             MethodEntry("blockllm-lr2e-3", "blockllm",
                         ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2e-3")),
