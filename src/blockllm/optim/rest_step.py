@@ -184,7 +184,10 @@ class RestStepper:
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
         # One reduction pass, no squared copy of the gradient (this runs for every tensor).
-        squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        # Low precision reduces in fp32; fp64 (which vector_norm will not narrow) in its own dtype.
+        low = grad.dtype in (torch.bfloat16, torch.float16)
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None)
+        squares = norm.float().square()
         if selected is not None and not defer:
             squares = squares - gather(grad, selected).float().square().sum()
         finite = torch.isfinite(squares)

@@ -74,6 +74,8 @@ def gather(tensor: torch.Tensor, coordinates: Selected) -> torch.Tensor:
     flat = tensor.reshape(-1)
     if isinstance(coordinates, RowCoordinates):
         rows = flat.view(-1, coordinates.row_size).index_select(0, coordinates.rows)
+        if coordinates.extra.numel() == 0:  # whole rows only: no second copy through cat
+            return rows.reshape(-1)
         return torch.cat([rows.reshape(-1), flat.index_select(0, coordinates.extra)])
     return flat.index_select(0, coordinates)
 
