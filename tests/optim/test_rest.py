@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM, NoMatchingParamsError
-from blockllm.selection.rest_rules import ColumnNormRest, SignRest
+from blockllm.selection.rest_rules import ColumnNormRest, FactoredRest, SignRest
 from tests.optim.test_llama import patterned_batches, tiny_llama
 
 
@@ -427,3 +427,30 @@ def test_always_adam_auto_pins_vectors_and_the_vocabulary_matrices():
     assert pinned == expected
     # Nothing to pin is fine for "auto" (an explicit pattern that matches nothing is an error).
     BlockLLM(nn.Sequential(nn.Linear(4, 4, bias=False)).named_parameters(), always_adam="auto")
+
+
+def reference_factored_directions(grads, beta2=0.999, eps=1e-30):
+    """Adafactor without momentum written out plainly: factored EMA of g**2 + eps, RMS clip 1."""
+    row = torch.zeros(grads[0].shape[0], dtype=torch.float64)
+    col = torch.zeros(grads[0].shape[1], dtype=torch.float64)
+    for step, grad in enumerate(grads, start=1):
+        g = grad.double()
+        squares = g * g + eps
+        row = beta2 * row + (1 - beta2) * squares.mean(dim=1)
+        col = beta2 * col + (1 - beta2) * squares.mean(dim=0)
+        correction = 1 - beta2**step
+        v = torch.outer(row / correction, col / correction) / (row / correction).mean()
+        update = g / v.sqrt()
+        yield update / max(1.0, update.square().mean().sqrt().item())
+
+
+def test_factored_rest_direction_matches_the_written_out_formula():
+    torch.manual_seed(0)
+    # Rows of very different size, as a vocabulary matrix's rare and common tokens have.
+    grads = [torch.randn(50, 8) * torch.logspace(-4, 1, 50)[:, None] for _ in range(5)]
+    rule = FactoredRest()
+    state = rule.init_state(grads[0])
+    for grad, expected in zip(grads, reference_factored_directions(grads)):
+        got = rule.direction(grad, state)
+        assert got.dtype == grad.dtype and got.shape == grad.shape
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
