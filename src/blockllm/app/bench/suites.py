@@ -236,6 +236,13 @@ SUITES: dict[str, Suite] = {
             *(MethodEntry(f"blockllm-vocab-{scale}", "blockllm",
                           ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--vocab-lr-scale", scale))
               for scale in ("3", "10", "30")),
+            # The vocabulary held at 1e-2 (the best of the scales above), the rest moved.
+            MethodEntry("blockllm-lr2e-3-vocab-5", "blockllm",
+                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2e-3",
+                         "--vocab-lr-scale", "5")),
+            MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
+                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "5e-4",
+                         "--vocab-lr-scale", "20")),
             # The bound on what a better vocabulary rule can give: Adam on the whole embedding
             # and head (outside the budget: 0.72x AdamW's state, not 0.35x).
             *(MethodEntry(f"blockllm-vocab-adam-{scale}", "blockllm",
