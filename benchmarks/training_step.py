@@ -67,7 +67,7 @@ def print_profiles(runs, batches) -> None:
         events = profiler.key_averages()
         total = sum(event.self_cpu_time_total for event in events) / 1e6
         print(f"{kind}: {len(batches)} steps, {total:.2f} s of operator time; the largest:")
-        for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]:
+        for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]:
             print(f"  {event.self_cpu_time_total / 1e6:7.2f} s  {event.key}")
 
 

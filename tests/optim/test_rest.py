@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM, NoMatchingParamsError
-from blockllm.selection.rest_rules import ColumnNormRest, FactoredRest, SignRest
+from blockllm.selection.rest_rules import (
+    ColumnNormRest,
+    FactoredRest,
+    SignRest,
+    _column_sums_of_squares,
+)
 from tests.optim.test_llama import patterned_batches, tiny_llama
 
 
@@ -444,13 +449,25 @@ def reference_factored_directions(grads, beta2=0.999, eps=1e-30):
         yield update / max(1.0, update.square().mean().sqrt().item())
 
 
-def test_factored_rest_direction_matches_the_written_out_formula():
+# (2000, 300): tall enough that the column sums run over several row slices on a CPU.
+@pytest.mark.parametrize("rows, cols", [(50, 8), (2000, 300)])
+def test_factored_rest_direction_matches_the_written_out_formula(rows, cols):
     torch.manual_seed(0)
     # Rows of very different size, as a vocabulary matrix's rare and common tokens have.
-    grads = [torch.randn(50, 8) * torch.logspace(-4, 1, 50)[:, None] for _ in range(5)]
+    grads = [torch.randn(rows, cols) * torch.logspace(-4, 1, rows)[:, None] for _ in range(5)]
     rule = FactoredRest()
     state = rule.init_state(grads[0])
     for grad, expected in zip(grads, reference_factored_directions(grads)):
         got = rule.direction(grad, state)
         assert got.dtype == grad.dtype and got.shape == grad.shape
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (1000, 7), (2000, 300), (40, 70000)])
+def test_column_sums_of_squares_match_the_dense_formula(shape):
+    torch.manual_seed(0)
+    matrix = torch.randn(shape)
+    expected = matrix.double().square().sum(dim=0)
+    got = _column_sums_of_squares(matrix)
+    assert got.dtype == matrix.dtype and got.shape == (shape[1],)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

