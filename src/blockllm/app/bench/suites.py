@@ -112,6 +112,14 @@ _HEAD_AND_NORMS = r"lm_head\.weight|.*norm\.weight"
 _TINY_PRETRAIN_FLAGS = ("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8",
                         "--lr", "1e-3", "--patience", "50", "--warmup-steps", "40",
                         "--min-lr-ratio", "0.1")
+# Each method at its best point of pretrain-lr (three seeds each; benchmarks/README.md): the
+# embedding and head at their own lr (--vocab-lr-scale), BlockLLM's rest at half the lr.
+_TUNED_PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
+    MethodEntry("adamw-vocab-30", "adamw", ("--vocab-lr-scale", "30")),
+    MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
+                ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "5e-4", "--vocab-lr-scale", "20")),
+    MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3")),
+)
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
     MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_PRETRAIN_RECIPE)),
@@ -128,6 +136,7 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     # GaLore at the suite's lr and at its paper's (1e-2, with its scale 0.25 as always).
     *grid("galore", ("1e-3", "1e-2")),
     *plain("lora", "adamw-8bit"),
+    *_TUNED_PRETRAIN_METHODS,
 )
 
 # Finetuning: full finetuning (AdamW, on a grid), BlockLLM at the paper's finetuning sparsity
@@ -327,11 +336,7 @@ SUITES: dict[str, Suite] = {
                  MethodEntry("blockllm", "blockllm", _PRETRAIN_RECIPE),
                  MethodEntry("blockllm-paper", PAPER_METHOD), *plain("badam", "galore"),
                  # pretrain-lr's best point of each method, checked on a second model.
-                 MethodEntry("adamw-vocab-30", "adamw", ("--vocab-lr-scale", "30")),
-                 MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
-                             (*_PRETRAIN_RECIPE, "--lr", "5e-4", "--vocab-lr-scale", "20")),
-                 *grid("galore", ("1e-2",)),
-                 MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3"))),
+                 *grid("galore", ("1e-2",)), *_TUNED_PRETRAIN_METHODS),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
