@@ -56,8 +56,13 @@ def test_pretrain_suite_follows_the_issue():
         "adamw", "blockllm", "blockllm-0.95", "blockllm-random", "blockllm-novisit",
         "blockllm-mask", "lisa", "badam", "galore", "lora", "adamw-8bit", PAPER_METHOD,
     }  # fmt: skip
-    grid = sorted(e.flags[1] for e in suite.methods if e.optimizer == "adamw")
+    grid = sorted(e.flags[1] for e in suite.methods if e.optimizer == "adamw" and "--lr" in e.flags)
     assert grid == ["1e-3", "3e-3"]
+    # Each method's tuned pretraining point (issue 13), the same on both pretraining suites.
+    tuned = {e.label: e.flags for e in suite.methods if "--vocab-lr-scale" in e.flags}
+    assert {label: flags[flags.index("--vocab-lr-scale") + 1] for label, flags in tuned.items()} == {
+        "adamw-vocab-30": "30", "blockllm-lr5e-4-vocab-20": "20", "galore-vocab-3": "3"}  # fmt: skip
+    assert set(tuned) <= {e.label for e in SUITES["pretrain-cpu-20m"].methods}
     flags = suite.shared_flags()
     assert flags[flags.index("--patience") + 1] == "50" and suite.steps == 400
     assert suite.model == "tiny" and SUITES["pretrain-cpu-20m"].model == "llama-20m"
@@ -69,9 +74,9 @@ def test_select_entries_by_label_optimizer_or_registered_name():
     suite = SUITES["pretrain-cpu"]
     registered = tuple(OPTIMIZERS)
     adamw = select_entries(suite, ["adamw"], registered)
-    assert [e.label for e in adamw] == ["adamw-lr1e-3", "adamw-lr3e-3"]
+    assert [e.label for e in adamw] == ["adamw-lr1e-3", "adamw-lr3e-3", "adamw-vocab-30"]
     picked = select_entries(suite, ["adamw-lr3e-3", "blockllm", "adamw"], registered)
-    assert [e.label for e in picked] == ["adamw-lr3e-3", "blockllm", "adamw-lr1e-3"]
+    assert [e.label for e in picked] == ["adamw-lr3e-3", "blockllm", "adamw-lr1e-3", "adamw-vocab-30"]
     quick = select_entries(SUITES["quick"], ["blockllm-0.95"], registered)
     assert quick == [MethodEntry("blockllm-0.95", "blockllm-0.95")]
     with pytest.raises(ValueError, match="Invalid methods"):
@@ -179,7 +184,8 @@ def test_pretrain_suite_end_to_end_records_skips_and_failures(tmp_path, cache_di
         flags=("--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--lr", "1e-3",
                "--patience", "2"),
         # A child that fails (an invalid lr) is recorded, never fatal.
-        methods=(*SUITES["pretrain-cpu"].methods,
+        # (The tuned entries are left out: two more children would test nothing new.)
+        methods=(*(e for e in SUITES["pretrain-cpu"].methods if "--vocab-lr-scale" not in e.flags),
                  MethodEntry("adamw-bad", "adamw", ("--lr", "-1")),
                  MethodEntry("future", "no-such-optimizer")),
     )  # fmt: skip
