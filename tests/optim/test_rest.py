@@ -279,7 +279,7 @@ def test_activation_checkpointing_gives_the_same_training(reentrant):
     def run(checkpointing):
         model = tiny_llama()
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
         model.train()
         return train(steps=8, model=model, rest="colnorm", compact_grads=True)[0]
 
