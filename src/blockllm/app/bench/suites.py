@@ -137,6 +137,11 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("galore", ("1e-3", "1e-2")),
     *plain("lora", "adamw-8bit"),
     *_TUNED_PRETRAIN_METHODS,
+    # Issue 14: bf16 weights with fp32 masters for the selection only, against bf16 autocast over
+    # fp32 weights, at BlockLLM's tuned point (slow on a CPU without a bf16 fast path).
+    *(MethodEntry(f"blockllm-lr5e-4-vocab-20-{precision}", "blockllm",
+                  (*_TUNED_PRETRAIN_METHODS[1].flags, "--precision", precision))
+      for precision in ("bf16", "bf16-pure")),
 )
 
 # Finetuning: full finetuning (AdamW, on a grid), BlockLLM at the paper's finetuning sparsity
