@@ -37,6 +37,17 @@ def grid(optimizer: str, lrs: tuple[str, ...]) -> tuple[MethodEntry, ...]:
     return tuple(MethodEntry(f"{optimizer}-lr{lr}", optimizer, ("--lr", lr)) for lr in lrs)
 
 
+def _lr_pairs(
+    optimizer: str, flags: tuple[str, ...], pairs: tuple[tuple[str, str], ...]
+) -> tuple[MethodEntry, ...]:
+    """One entry per (lr, vocabulary lr scale), labelled ``OPTIMIZER-lrLR-vocab-SCALE``."""
+    return tuple(
+        MethodEntry(f"{optimizer}-lr{lr}-vocab-{scale}", optimizer,
+                    (*flags, "--lr", lr, "--vocab-lr-scale", scale))
+        for lr, scale in pairs
+    )  # fmt: skip
+
+
 def plain(*optimizers: str) -> tuple[MethodEntry, ...]:
     """Entries that run an optimizer under its own name with the suite's flags only."""
     return tuple(MethodEntry(name, name) for name in optimizers)
@@ -112,17 +123,18 @@ _HEAD_AND_NORMS = r"lm_head\.weight|.*norm\.weight"
 _TINY_PRETRAIN_FLAGS = ("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8",
                         "--lr", "1e-3", "--patience", "50", "--warmup-steps", "40",
                         "--min-lr-ratio", "0.1")
+# BlockLLM's pretraining entries: sparsity 0.9 and the recipe above, then the entry's own flags.
+_BLOCKLLM_PRETRAIN = ("--sparsity", "0.9", *_PRETRAIN_RECIPE)
 # Each method at its best point of pretrain-lr (three seeds each; benchmarks/README.md): the
-# embedding and head at their own lr (--vocab-lr-scale), BlockLLM's rest at half the lr.
-_TUNED_PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
-    MethodEntry("adamw-vocab-30", "adamw", ("--vocab-lr-scale", "30")),
-    MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
-                ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "5e-4", "--vocab-lr-scale", "20")),
-    MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3")),
-)
+# embedding and head at their own lr (--vocab-lr-scale), BlockLLM at half AdamW's lr.
+_ADAMW_TUNED = MethodEntry("adamw-vocab-30", "adamw", ("--vocab-lr-scale", "30"))
+_BLOCKLLM_TUNED = MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
+                              (*_BLOCKLLM_PRETRAIN, "--lr", "5e-4", "--vocab-lr-scale", "20"))
+_GALORE_TUNED = MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3"))
+_TUNED_PRETRAIN_METHODS = (_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_TUNED)
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
-    MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_PRETRAIN_RECIPE)),
+    MethodEntry("blockllm", "blockllm", _BLOCKLLM_PRETRAIN),
     # The 0.3 recipe: the rest frozen until selected.
     MethodEntry("blockllm-frozen", "blockllm", ("--sparsity", "0.9", *_BLOCKLLM_RECIPE,
                                                 "--rest", "none")),
@@ -139,8 +151,8 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *_TUNED_PRETRAIN_METHODS,
     # Issue 14: bf16 weights with fp32 masters for the selection only, against bf16 autocast over
     # fp32 weights, at BlockLLM's tuned point (slow on a CPU without a bf16 fast path).
-    *(MethodEntry(f"blockllm-lr5e-4-vocab-20-{precision}", "blockllm",
-                  (*_TUNED_PRETRAIN_METHODS[1].flags, "--precision", precision))
+    *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-{precision}", "blockllm",
+                  (*_BLOCKLLM_TUNED.flags, "--precision", precision))
       for precision in ("bf16", "bf16-pure")),
 )
 
@@ -244,44 +256,32 @@ SUITES: dict[str, Suite] = {
             *grid("adamw", ("1e-3", "2e-3")),
             *(MethodEntry(f"adamw-vocab-{scale}", "adamw", ("--vocab-lr-scale", scale))
               for scale in ("3", "10", "30", "100")),
-            MethodEntry("blockllm", "blockllm", ("--sparsity", "0.9", *_PRETRAIN_RECIPE)),
-            MethodEntry("blockllm-lr2e-3", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2e-3")),
+            MethodEntry("blockllm", "blockllm", _BLOCKLLM_PRETRAIN),
+            MethodEntry("blockllm-lr2e-3", "blockllm", (*_BLOCKLLM_PRETRAIN, "--lr", "2e-3")),
             *(MethodEntry(f"blockllm-vocab-{scale}", "blockllm",
-                          ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--vocab-lr-scale", scale))
+                          (*_BLOCKLLM_PRETRAIN, "--vocab-lr-scale", scale))
               for scale in ("3", "10", "30")),
-            # The vocabulary held at 1e-2 (the best of the scales above), the rest moved.
-            MethodEntry("blockllm-lr2e-3-vocab-5", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2e-3",
-                         "--vocab-lr-scale", "5")),
-            MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "5e-4",
-                         "--vocab-lr-scale", "20")),
-            # Around the best point: the rest lower still, the vocabulary higher.
-            MethodEntry("blockllm-lr2.5e-4-vocab-40", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "2.5e-4",
-                         "--vocab-lr-scale", "40")),
-            MethodEntry("blockllm-lr5e-4-vocab-30", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--lr", "5e-4",
-                         "--vocab-lr-scale", "30")),
+            # The vocabulary held at 1e-2 (the best of the scales above), the rest moved (2e-3,
+            # and the best point, 5e-4); around the best point: the rest lower still, or the
+            # vocabulary higher.
+            *_lr_pairs("blockllm", _BLOCKLLM_PRETRAIN, (("2e-3", "5"), ("2.5e-4", "40"),
+                                                        ("5e-4", "30"))),
+            _BLOCKLLM_TUNED,
             # Adam's part of BlockLLM back at 1e-3 (its vocabulary rows at 2e-2) while the
             # state-free steps keep the best point's 5e-4 and 1e-2.
             MethodEntry("blockllm-rest-0.5-vocab-20", "blockllm",
-                        ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--rest-lr-scale", "0.5",
-                         "--vocab-lr-scale", "20")),
+                        (*_BLOCKLLM_PRETRAIN, "--rest-lr-scale", "0.5", "--vocab-lr-scale", "20")),
             # The same two rates for AdamW, so that the reference has had BlockLLM's best point,
             # and GaLore's (its effective 2.5e-3 on the matrices beat AdamW's 1e-3 at vocab 3e-2).
-            MethodEntry("adamw-lr5e-4-vocab-20", "adamw", ("--lr", "5e-4", "--vocab-lr-scale", "20")),
-            MethodEntry("adamw-lr2e-3-vocab-15", "adamw", ("--lr", "2e-3", "--vocab-lr-scale", "15")),
+            *_lr_pairs("adamw", (), (("5e-4", "20"), ("2e-3", "15"))),
             # The bound on what a better vocabulary rule can give: Adam on the whole embedding
             # and head (outside the budget: 0.72x AdamW's state, not 0.35x).
             *(MethodEntry(f"blockllm-vocab-adam-{scale}", "blockllm",
-                          ("--sparsity", "0.9", *_PRETRAIN_RECIPE, "--always-adam", "auto",
-                           "--vocab-lr-scale", scale))
+                          (*_BLOCKLLM_PRETRAIN, "--always-adam", "auto", "--vocab-lr-scale", scale))
               for scale in ("10", "30")),
             *grid("galore", ("1e-2",)),
             # GaLore's vocabulary matrices already step at its full lr; this raises them further.
-            MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3")),
+            _GALORE_TUNED,
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
