@@ -32,10 +32,11 @@ _COLUMN_SLICE_ELEMENTS = 1 << 18
 def _column_sums_of_squares(matrix: torch.Tensor) -> torch.Tensor:
     """``(matrix**2).sum(dim=0)`` with no full-size temporary.
 
-    On a CPU ``vector_norm(matrix, dim=0)`` is a strided reduction that ran 17-35x slower than
-    summing row slices (21 ms against 0.6 ms on an 8192 x 256 head, 949 ms against 27 ms on a
-    32000 x 1024 embedding, one thread); it was most of the factored rule's time. GPUs reduce
-    over the leading dimension well, and one kernel beats a loop of small ones there.
+    On a CPU ``vector_norm(matrix, dim=0)`` is a strided reduction about 20-24x slower than
+    summing row slices on vocabulary-shaped matrices (``benchmarks/column_sums.py``: 370 ms
+    against 15 ms on 32000 x 1024, one thread); it was most of the factored rule's time. Other
+    devices keep the single reduction: a loop of small kernels there would pay a launch per
+    slice, and no GPU has measured the strided one as slow.
     """
     if matrix.device.type != "cpu":
         return torch.linalg.vector_norm(matrix, dim=0).square_()
