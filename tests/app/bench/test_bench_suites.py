@@ -221,9 +221,7 @@ def test_pretrain_suite_end_to_end_records_skips_and_failures(tmp_path, cache_di
     when = done[0]["equal_time_seconds"]
     assert all(r["equal_time_seconds"] == when for r in done)
     assert all(when <= r["train_seconds"] + 1e-3 for r in done)
-    assert any(
-        r["eval_loss_at_equal_time"] == pytest.approx(r["final_eval_loss"]) for r in done
-    )
+    assert any(r["eval_loss_at_equal_time"] == pytest.approx(r["final_eval_loss"]) for r in done)
     grid = [by_label["adamw-lr1e-3"], by_label["adamw-lr3e-3"]]
     best = min(grid, key=lambda r: r["final_eval_loss"])
     assert [r["method"] for r in done if r["baseline"]] == [best["method"]]
