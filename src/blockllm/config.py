@@ -59,7 +59,8 @@ class BlockLLMConfig:
         "tensor", "'tensor' (whole tensors in score order, the remainder on the best one that "
         "did not fit) or 'mask' (the paper's |G| >= tau mask)")
     score: str | Scorer = _knob(
-        "grad_norm", "how tensors are ranked: 'grad_norm' or 'random' (the ablation baseline)")
+        "grad_norm", "how tensors are ranked: 'grad_norm', 'cyclic' (FRUGAL's order: the least-selected "
+        "first, from the output down) or 'random' (the ablation baseline)")
     visit_penalty: bool = _knob(
         True, "divide each tensor's score by 1 + the times it was selected before")
     max_tensor_share: float = _knob(

@@ -297,3 +297,37 @@ def test_reentrant_checkpointing_scores_every_segment():
         opt.step(loss=loss)
         assert opt.num_selected == opt.budget == 108, reentrant
         assert "a.weight" in opt.selected
+
+
+def test_cyclic_order_sweeps_from_the_output_down_and_resumes_where_it_stopped():
+    def stack():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(torch.nn.Linear(8, 8, bias=False) for _ in range(8)))
+
+    def run(model, opt, steps):
+        picked = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 8)).square().mean()
+            loss.backward()
+            opt.step(loss=loss)
+            picked.append(sorted(int(name.split(".")[0]) for name in opt.selected))
+        return picked
+
+    # Eight equal tensors and a budget of two: each selection takes the next two of the sweep,
+    # whatever their gradients, and the ninth selection starts a new sweep at the output.
+    kwargs = dict(sparsity=0.75, score="cyclic", trigger="interval", patience=1,
+                  max_tensor_share=1.0, lr=1e-3)  # fmt: skip
+    model = stack()
+    opt = BlockLLM(model.named_parameters(), **kwargs)
+    assert run(model, opt, 5) == [[6, 7], [4, 5], [2, 3], [0, 1], [6, 7]]
+    assert set(opt.visit_counts.values()) == {1, 2}
+
+    # The sweep's place lives in the visit counts, so a resumed optimizer carries on.
+    model = stack()
+    opt = BlockLLM(model.named_parameters(), **kwargs)
+    run(model, opt, 2)
+    saved = opt.state_dict()
+    resumed = BlockLLM(model.named_parameters(), **kwargs)
+    resumed.load_state_dict(saved)
+    assert run(model, resumed, 2) == [[2, 3], [0, 1]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -33,6 +33,25 @@ class GradNormScorer:
         return norm(grad)
 
 
+class CyclicScorer:
+    """``score="cyclic"``: FRUGAL's and BAdam's order instead of a score of the gradient.
+
+    The candidates selected the fewest times come first and, among them, the last registered
+    (the layers nearest the output, FRUGAL's "descending" order). Each selection therefore takes
+    the next blocks of a sweep from the output down to the input, and a new sweep starts when
+    every candidate has had its turn. The order lives in the visit counts, which checkpoints
+    already hold, so resuming continues the sweep. The visit penalty has nothing to add and is
+    not applied.
+    """
+
+    def position(self, index: int, visits: Sequence[int]) -> float:
+        """The candidate's place in the sweep as a score: higher is selected first."""
+        return float(index - visits[index] * len(visits))
+
+    def score(self, grad: torch.Tensor, *, norm: NormFn, generator: torch.Generator) -> float:
+        raise TypeError("CyclicScorer ranks by position; the selector calls position()")
+
+
 class RandomScorer:
     """``score="random"``: a uniform draw, the ablation baseline (how much does the gradient buy?)."""
 
@@ -40,7 +59,7 @@ class RandomScorer:
         return float(torch.rand((), generator=generator))
 
 
-SCORERS = {"grad_norm": GradNormScorer, "random": RandomScorer}
+SCORERS = {"grad_norm": GradNormScorer, "random": RandomScorer, "cyclic": CyclicScorer}
 
 
 def make_scorer(spec: str | Scorer) -> Scorer:
@@ -56,4 +75,4 @@ def make_scorer(spec: str | Scorer) -> Scorer:
     return SCORERS[spec]()
 
 
-__all__ = ["SCORERS", "GradNormScorer", "RandomScorer", "Scorer", "make_scorer"]
+__all__ = ["SCORERS", "CyclicScorer", "GradNormScorer", "RandomScorer", "Scorer", "make_scorer"]

@@ -26,7 +26,7 @@ from blockllm.selection.packing import (
     make_selection_rule,
     tensor_cap,
 )
-from blockllm.selection.scorers import make_scorer
+from blockllm.selection.scorers import CyclicScorer, make_scorer
 from blockllm.selection.scoring import DeferredRest, ScoringPass
 from blockllm.selection.triggers import make_trigger
 
@@ -163,6 +163,8 @@ class BlockSelector:
             param.requires_grad_(True)
 
     def _score(self, index: int, grad: torch.Tensor) -> float:
+        if isinstance(self.scorer, CyclicScorer):
+            return self.scorer.position(index, self.visits)
         value = self.scorer.score(grad, norm=self.comm.grad_norm, generator=self.generator)
         if self.config.visit_penalty:
             value /= 1 + self.visits[index]

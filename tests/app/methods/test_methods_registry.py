@@ -38,6 +38,7 @@ def _tiny_llama():
 @pytest.mark.parametrize(
     "name,expected",
     [("blockllm-0.95", {"sparsity": 0.95}), ("blockllm-random", {"score": "random"}),
+     ("blockllm-cyclic", {"score": "cyclic"}),
      ("blockllm-novisit", {"visit_penalty": False}), ("blockllm-mask", {"selection": "mask"})],
 )  # fmt: skip
 def test_blockllm_variants_fix_their_setting(name, expected, monkeypatch):

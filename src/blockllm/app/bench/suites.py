@@ -328,6 +328,27 @@ SUITES: dict[str, Suite] = {
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
     ),
+    # Issue 13, item 4: how the block is reselected when every other weight takes a state-free
+    # step, at BlockLLM's tuned point of pretrain-lr: our gradient scores with the visit penalty
+    # against FRUGAL's cyclic order, every 200 steps (FRUGAL's period) and every 20.
+    "pretrain-reselection": Suite(
+        name="pretrain-reselection",
+        description="BlockLLM's reselection order and period at its tuned pretraining point",
+        command="pretrain",
+        model="tiny",
+        steps=400,
+        eval_every=25,
+        methods=(
+            _ADAMW_TUNED,
+            MethodEntry("gradnorm-200", "blockllm", _BLOCKLLM_TUNED.flags),
+            MethodEntry("cyclic-200", "blockllm-cyclic", _BLOCKLLM_TUNED.flags),
+            MethodEntry("gradnorm-20", "blockllm", (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
+            MethodEntry("cyclic-20", "blockllm-cyclic",
+                        (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
+        ),
+        flags=_TINY_PRETRAIN_FLAGS,
+        corpus=(3_000_000, 8192),
+    ),
     # llama-20m is tiny's network at a 32k vocabulary: the embedding and head dominate, so a step
     # costs several times tiny's. Fewer methods and steps keep the suite feasible on a CPU.
     "pretrain-cpu-20m": Suite(

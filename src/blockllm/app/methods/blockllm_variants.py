@@ -70,6 +70,11 @@ _BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"score": "random"},
         "BlockLLM ablation: random tensors instead of gradient-selected ones, same budget",
     ),
+    "blockllm-cyclic": (
+        {"score": "cyclic"},
+        "BlockLLM with FRUGAL's cyclic order (the least-selected tensors first, from the output "
+        "down) instead of gradient scores",
+    ),
     "blockllm-novisit": (
         {"visit_penalty": False},
         "BlockLLM ablation: scores not divided by 1 + times selected",
