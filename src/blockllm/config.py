@@ -69,6 +69,10 @@ class BlockLLMConfig:
     partial: str = _knob(
         "rows", "a partly selected tensor trains its 'rows' with the largest gradient norm (the "
         "few leftover coordinates by |G|) or its largest-|G| 'coordinates'")
+    keep_moments: bool = _knob(
+        False, "keep the Adam moments of a whole tensor that leaves the selection and resume them "
+        "when it is selected whole again (they stay in memory while it is away, so the state "
+        "grows toward AdamW's); False = fresh moments at every entry, as FRUGAL and BAdam")
     entry_warmup: int = _knob(
         0, "steps over which a block entering at a reselection ramps its lr up from "
         "lr / entry_warmup; 0 = off")
@@ -126,6 +130,7 @@ class BlockLLMConfig:
                 f"Invalid max_tensor_share: {self.max_tensor_share} (must be in (0, 1])"
             )
         _choice("partial", self.partial, PARTIALS)
+        _flag("keep_moments", self.keep_moments)
         _integer("entry_warmup", self.entry_warmup, minimum=0)
         NameMatcher("include", self.include)
         NameMatcher("exclude", self.exclude)

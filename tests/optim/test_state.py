@@ -180,3 +180,81 @@ def test_state_dict_of_full_precision_tensors_is_refused_for_bf16_ones():
     target = BlockLLM(low.named_parameters(), sparsity=0.0)
     with pytest.raises(StateDictMismatchError, match="has no fp32 master copy"):
         target.load_state_dict(saved.state_dict())
+
+
+def _stack_of_eight():
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(8)))
+
+
+def _sweep_steps(model, opt, inputs):
+    for x in inputs:
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step(loss=loss)
+
+
+# Eight equal tensors, two selected at a time in FRUGAL's cyclic order, a new pair every step:
+# the pair (6, 7) is selected at steps 1 and 5 (its second turn).
+_SWEEP = dict(lr=1e-2, sparsity=0.75, score="cyclic", trigger="interval", patience=1,
+              max_tensor_share=1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_moments_resumes_a_returning_tensor_where_it_left(keep):
+    model = _stack_of_eight()
+    opt = BlockLLM(model.named_parameters(), keep_moments=keep, **_SWEEP)
+    inputs = torch.randn(5, 4, 8)
+    last = model[7].weight
+    _sweep_steps(model, opt, inputs[:1])
+    moments = {key: opt.state[last][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+    _sweep_steps(model, opt, inputs[1:4])
+    assert last not in opt.state or not opt.state[last]  # away: no state in the update's view
+    state_bytes = opt.memory_report()["optimizer_state"]
+    if keep:  # the three pairs that left keep their two moments (8 x 8 fp32) and step each
+        assert state_bytes == 2 * (2 * 64 * 4 + 4) + 6 * (2 * 64 * 4 + 4)
+    else:
+        assert state_bytes == 2 * (2 * 64 * 4 + 4)
+    opt.zero_grad(set_to_none=True)
+    model(inputs[4]).square().mean().backward()
+    grad = last.grad.clone()
+    opt.step(loss=1.0)
+    assert opt.selected == ["6.weight", "7.weight"]
+    state = opt.state[last]
+    assert state["step"].item() == (2 if keep else 1)
+    # Adam's first moment after one more gradient: from the kept moment, or from zero.
+    start = moments["exp_avg"] if keep else torch.zeros_like(grad)
+    torch.testing.assert_close(state["exp_avg"], 0.9 * start + 0.1 * grad)
+
+
+def test_keep_moments_resume_is_bit_for_bit_with_tensors_away():
+    inputs = torch.randn(9, 4, 8)
+    model = _stack_of_eight()
+    opt = BlockLLM(model.named_parameters(), keep_moments=True, **_SWEEP)
+    _sweep_steps(model, opt, inputs[:3])  # three pairs have left, with their moments kept
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = save_load(opt.state_dict())
+    assert set(saved_opt["blockllm"]["parked"]) == {"4.weight", "5.weight", "6.weight", "7.weight"}
+
+    clone = _stack_of_eight()
+    clone.load_state_dict(saved_model)
+    resumed = BlockLLM(clone.named_parameters(), keep_moments=True, **_SWEEP)
+    resumed.load_state_dict(saved_opt)
+    _sweep_steps(model, opt, inputs[3:])
+    _sweep_steps(clone, resumed, inputs[3:])
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(a, b), name
+    assert resumed.memory_report() == opt.memory_report()
+
+
+def test_kept_moments_of_another_shape_are_refused():
+    model = _stack_of_eight()
+    opt = BlockLLM(model.named_parameters(), keep_moments=True, **_SWEEP)
+    _sweep_steps(model, opt, torch.randn(2, 4, 8))
+    state = opt.state_dict()
+    state["blockllm"]["parked"]["7.weight"]["exp_avg"] = torch.zeros(4, 16)
+    with pytest.raises(StateDictMismatchError, match=re.escape(
+        "Invalid state_dict: its kept exp_avg of '7.weight' has shape (4, 16), (8, 8) expected here"
+    )):  # fmt: skip
+        BlockLLM(_stack_of_eight().named_parameters(), keep_moments=True, **_SWEEP).load_state_dict(state)

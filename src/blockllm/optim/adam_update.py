@@ -25,6 +25,8 @@ from blockllm.selection.coordinates import Selected, gather, scatter_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FUSED_DEVICES = ("cpu", "cuda")
+#: What ``keep_moments`` keeps of a block while it is away from the selection.
+PARKED_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 def needs_master(param: torch.Tensor) -> bool:
@@ -128,12 +130,14 @@ def update_selected_(
     local: Callable[[torch.Tensor], torch.Tensor],
     num_steps: int,
     entry_warmup: int,
+    parked: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """One AdamW step on every selected block that has a gradient in ``grads``.
 
     ``grads`` and ``selection`` are keyed by candidate index (``index_of(param)``); a block
-    without state gets fresh state (zero moments, master copy) here. Blocks still in their entry
-    warmup run in batches of their own, at a scaled lr.
+    without state gets fresh state (zero moments, master copy) here, or, entering whole with
+    moments ``parked`` from an earlier turn (``keep_moments``), those moments and their step
+    count. Blocks still in their entry warmup run in batches of their own, at a scaled lr.
     """
     for group in param_groups:
         batches: dict[float, UpdateBatch] = defaultdict(UpdateBatch)
@@ -146,6 +150,8 @@ def update_selected_(
             if not held:
                 fused, _ = resolve_implementation(group, [param])
                 held.update(init_state(local(param), coordinates, fused))
+                if parked and coordinates is None and index in parked:
+                    held.update(parked.pop(index))
             factor = _warmup_factor(held, num_steps, entry_warmup)
             batches[factor].add(local(param), coordinates, grads[index], held)
         for factor, batch in batches.items():

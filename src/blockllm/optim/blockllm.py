@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from blockllm.config import DEFAULTS, BlockLLMConfig
 from blockllm.distributed.base import Communicator, choose_communicator
 from blockllm.errors import BlockLLMError
-from blockllm.optim.adam_update import update_selected_
+from blockllm.optim.adam_update import PARKED_KEYS, update_selected_
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.gradient_flow import GradientFlow
 from blockllm.optim.inspection import SelectionViews
@@ -23,7 +23,9 @@ from blockllm.optim.state_format import (
     check_same_model,
     check_state,
     model_section,
+    parked_section,
     read_section,
+    restored_parked,
     restored_state,
 )
 from blockllm.optim.validation import check_adam_arguments
@@ -123,6 +125,9 @@ class BlockLLM(SelectionViews, Optimizer):
         self.last_loss: float | None = None
         self.last_grad_norm: float | None = None  # with max_grad_norm: the norm step() clipped
         self._recorded_losses: list[float] = []
+        # keep_moments: candidate index -> the Adam moments and step of a whole tensor away
+        # from the selection, taken up again when it comes back whole.
+        self._parked: dict[int, dict[str, torch.Tensor]] = {}
         self._warned: set[str] = set()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach,
@@ -297,8 +302,13 @@ class BlockLLM(SelectionViews, Optimizer):
             self._skip_step(discard_selection=chosen is not None)
             return closure_loss
         if chosen is not None:
+            before = dict(selector.selection)
             for index in selector.commit(chosen, self.num_steps):
-                self.state.pop(self._candidates.params[index], None)
+                left = self.state.pop(self._candidates.params[index], None)
+                if self.config.keep_moments and left and before.get(index, 0) is None:
+                    # Moments only: the master is copied afresh from the weight on return,
+                    # since the rest rule moves the weight while the tensor is away.
+                    self._parked[index] = {key: left[key] for key in PARKED_KEYS}
         self._update(grads)
         self.num_steps += 1
         selector.observe_loss(observed)
@@ -327,7 +337,7 @@ class BlockLLM(SelectionViews, Optimizer):
     def _update(self, grads: dict[int, torch.Tensor]) -> None:
         update_selected_(
             self.param_groups, self.state, grads, self._selector.selection, self._candidates.index,
-            self._comm.local, self.num_steps, self.config.entry_warmup,
+            self._comm.local, self.num_steps, self.config.entry_warmup, self._parked,
         )  # fmt: skip
 
     def _warn_once(self, key: str, message: str, *args: Any) -> bool:
@@ -351,6 +361,7 @@ class BlockLLM(SelectionViews, Optimizer):
             **model_section(self._candidates.names, self._candidates.params, self.budget, self.sparsity),
             **self._selector.state_dict(),
             "rest": {} if self._flow.rest is None else self._flow.rest.state_dict(self._candidates.names),
+            "parked": parked_section(self._parked, self._candidates.names),
             "num_skipped_steps": self.num_skipped_steps,
             "num_steps": self.num_steps,
         }
@@ -369,6 +380,8 @@ class BlockLLM(SelectionViews, Optimizer):
         every = [param for group in self.param_groups for param in group["params"]]
         by_id = {id(param): name for name, param in zip(names, params)}
         check_state(state_dict["state"], every, by_id, section, self._comm.local)
+        # Checked before anything changes; older checkpoints keep no moments.
+        parked = restored_parked(section.get("parked", {}), names, params, self._comm.local)
         super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
         # torch's loader puts new dicts in param_groups: the rest step must read their lr, which a
         # scheduler changes from now on, not the replaced dicts' frozen one.
@@ -378,6 +391,7 @@ class BlockLLM(SelectionViews, Optimizer):
         self.num_skipped_steps = int(section["num_skipped_steps"])
         self.num_steps = int(section["num_steps"])
         self._selector.load_state_dict(section)
+        self._parked = parked if self.config.keep_moments else {}
         if self._flow.rest is not None:  # older checkpoints have none: fresh generators and state
             self._flow.rest.load_state_dict(section.get("rest", {}), self._candidates.names)
 

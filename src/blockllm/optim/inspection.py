@@ -77,13 +77,23 @@ class SelectionViews:
 
         ``params``: every parameter in the param groups; ``grads``: their ``.grad`` tensors (and
         compacted gradients); ``optimizer_state``: Adam moments, step counters and coordinate
-        lists; ``master_weights``: fp32 copies of low-precision blocks.
+        lists (and the moments ``keep_moments`` keeps for blocks away from the selection);
+        ``master_weights``: fp32 copies of low-precision blocks.
         """
         return count_bytes(
             self.param_groups, self.state, self._selector.selection.values(),
             self._flow.compact.nbytes, self._comm.local,
-            0 if self._flow.rest is None else self._flow.rest.state_bytes,
+            (0 if self._flow.rest is None else self._flow.rest.state_bytes) + self._parked_bytes,
         )  # fmt: skip
+
+    @property
+    def _parked_bytes(self) -> int:
+        """The moments ``keep_moments`` holds for blocks away from the selection."""
+        return sum(
+            value.numel() * value.element_size()
+            for entry in self._parked.values()
+            for value in entry.values()
+        )
 
 
 __all__ = ["SelectionViews"]

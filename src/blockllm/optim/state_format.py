@@ -149,6 +149,43 @@ def restored_state(
     return state
 
 
+def parked_section(
+    parked: dict[int, dict[str, torch.Tensor]], names: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``keep_moments``' moments of the blocks away from the selection, keyed by name."""
+    return {names[index]: dict(entry) for index, entry in sorted(parked.items())}
+
+
+def restored_parked(
+    saved: dict[str, dict[str, Any]],
+    names: list[str],
+    params: list[torch.Tensor],
+    local: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[int, dict[str, torch.Tensor]]:
+    """:func:`parked_section` read back onto the candidates, each moment checked against its shape.
+
+    Raises:
+        StateDictMismatchError: a name that is no candidate, or moments of another shape.
+    """
+    index_of = {name: index for index, name in enumerate(names)}
+    parked: dict[int, dict[str, torch.Tensor]] = {}
+    for name, entry in saved.items():
+        if name not in index_of:
+            raise StateDictMismatchError(
+                f"Invalid state_dict: it keeps moments for {name!r}, which is no candidate here"
+            )
+        param = params[index_of[name]]
+        expected = tuple(local(param).shape)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if tuple(entry[key].shape) != expected:
+                raise StateDictMismatchError(
+                    f"Invalid state_dict: its kept {key} of {name!r} has shape "
+                    f"{tuple(entry[key].shape)}, {expected} expected here"
+                )
+        parked[index_of[name]] = {key: restore_tensor(key, value, param) for key, value in entry.items()}
+    return parked
+
+
 def restore_tensor(key: str, value: Any, param: torch.Tensor) -> Any:
     """An exact copy of a saved state entry, on ``param``'s device (``step`` stays put).
 

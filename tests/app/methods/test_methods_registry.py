@@ -38,7 +38,8 @@ def _tiny_llama():
 @pytest.mark.parametrize(
     "name,expected",
     [("blockllm-0.95", {"sparsity": 0.95}), ("blockllm-random", {"score": "random"}),
-     ("blockllm-cyclic", {"score": "cyclic"}),
+     ("blockllm-cyclic", {"score": "cyclic"}), ("blockllm-keep-moments", {"keep_moments": True}),
+     ("blockllm-cyclic-keep", {"score": "cyclic", "keep_moments": True}),
      ("blockllm-novisit", {"visit_penalty": False}), ("blockllm-mask", {"selection": "mask"})],
 )  # fmt: skip
 def test_blockllm_variants_fix_their_setting(name, expected, monkeypatch):

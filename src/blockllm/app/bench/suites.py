@@ -345,6 +345,12 @@ SUITES: dict[str, Suite] = {
             MethodEntry("gradnorm-20", "blockllm", (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
             MethodEntry("cyclic-20", "blockllm-cyclic",
                         (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
+            # Moments kept for a tensor's next turn (MISA's choice) instead of reset (FRUGAL's,
+            # BAdam's): every 20 steps, where tensors come back within the run.
+            MethodEntry("gradnorm-20-keep", "blockllm-keep-moments",
+                        (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
+            MethodEntry("cyclic-20-keep", "blockllm-cyclic-keep",
+                        (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),

@@ -75,6 +75,14 @@ _BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "BlockLLM with FRUGAL's cyclic order (the least-selected tensors first, from the output "
         "down) instead of gradient scores",
     ),
+    "blockllm-keep-moments": (
+        {"keep_moments": True},
+        "BlockLLM keeping a leaving tensor's Adam moments for its return (the state grows)",
+    ),
+    "blockllm-cyclic-keep": (
+        {"score": "cyclic", "keep_moments": True},
+        "BlockLLM in FRUGAL's cyclic order, keeping each tensor's moments for its next turn",
+    ),
     "blockllm-novisit": (
         {"visit_penalty": False},
         "BlockLLM ablation: scores not divided by 1 + times selected",
