@@ -471,3 +471,38 @@ def test_column_sums_of_squares_match_the_dense_formula(shape):
     got = _column_sums_of_squares(matrix)
     assert got.dtype == matrix.dtype and got.shape == (shape[1],)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("poison", [None, "nan", "inf"])
+def test_the_sign_fast_path_steps_exactly_as_the_general_path(poison, monkeypatch):
+    # Whole fp32 tensors under "sign" take a fast path (the sign in place on the freed
+    # gradient, one fused add); the general path must give the same weights bit for bit, and a
+    # non-finite gradient must leave its tensor where it was on both.
+    from blockllm.optim.rest_step import RestStepper
+
+    def run(fast):
+        if not fast:
+            monkeypatch.setattr(RestStepper, "_plain_sign", lambda *args: False)
+        torch.manual_seed(0)
+        model = tiny_llama()
+        optimizer = BlockLLM(model.named_parameters(), lr=3e-3, weight_decay=0.0, sparsity=0.9,
+                             trigger="interval", patience=2)  # fmt: skip
+        target = model.model.layers[0].mlp.up_proj.weight
+        for step, tokens in enumerate(patterned_batches(6)):
+            handle = None
+            if poison and step == 4 and "model.layers.0.mlp.up_proj.weight" not in optimizer.selected:
+                before = target.detach().clone()
+                handle = target.register_hook(lambda g: torch.full_like(g, float(poison)))
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            if handle is not None:
+                handle.remove()
+            optimizer.step(loss=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            if handle is not None:
+                assert torch.equal(target, before)  # not moved by sign(inf) = 1
+        monkeypatch.undo()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    fast, general = run(True), run(False)
+    for name, value in fast.items():
+        assert torch.equal(value, general[name]), name

@@ -33,7 +33,7 @@ from blockllm.distributed.base import Communicator
 from blockllm.optim.rounding import stochastic_round_to_bf16
 from blockllm.selection.coordinates import Selected, as_flat, fill_, gather
 from blockllm.selection.packing import Coordinates
-from blockllm.selection.rest_rules import RestRule
+from blockllm.selection.rest_rules import RestRule, SignRest
 
 
 class RestStepper:
@@ -197,6 +197,15 @@ class RestStepper:
         group = self.groups[index]
         lr = group["lr"]
         decay = group["weight_decay"] if self.weight_decay is None else self.weight_decay
+        if selected is None and not decay and self._plain_sign(index, grad, weight, lr):
+            # signSGD on a whole full-precision tensor, as the general path below computes it
+            # (bitwise: w - sign * lr), in half its passes over memory: the sign taken in place
+            # on the gradient, which is freed next anyway, and one fused add into the weight.
+            # This runs for most of the model at every step.
+            grad.sign_().masked_fill_(~finite, 0.0)
+            weight.add_(grad, alpha=-(lr * self.lr_scale))
+            param.grad = None
+            return None
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
         update = self._direction(index, grad, finite).to(work)
@@ -221,6 +230,18 @@ class RestStepper:
         if selected is None or defer:
             param.grad = None
         return deferred
+
+    def _plain_sign(
+        self, index: int, grad: torch.Tensor, weight: torch.Tensor, lr: float | torch.Tensor
+    ) -> bool:
+        """The built-in sign rule on a full-precision weight of the gradient's dtype, at a float
+        lr: the case :meth:`_step`'s fast path computes exactly as its general path does."""
+        return (
+            type(self.overrides.get(index, self.rule)) is SignRest
+            and grad.dtype == weight.dtype
+            and weight.dtype not in (torch.bfloat16, torch.float16)
+            and isinstance(lr, float)
+        )
 
     def _direction(self, index: int, grad: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         rule = self.overrides.get(index, self.rule)
