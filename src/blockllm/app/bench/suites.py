@@ -342,6 +342,9 @@ SUITES: dict[str, Suite] = {
             _ADAMW_TUNED,
             MethodEntry("gradnorm-200", "blockllm", _BLOCKLLM_TUNED.flags),
             MethodEntry("cyclic-200", "blockllm-cyclic", _BLOCKLLM_TUNED.flags),
+            # No reselection at all: the block picked at the first step stays for the run.
+            MethodEntry("gradnorm-never", "blockllm",
+                        (*_BLOCKLLM_TUNED.flags, "--patience", "1000000")),
             MethodEntry("gradnorm-20", "blockllm", (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
             MethodEntry("cyclic-20", "blockllm-cyclic",
                         (*_BLOCKLLM_TUNED.flags, "--patience", "20")),
