@@ -488,9 +488,11 @@ def test_the_sign_fast_path_steps_exactly_as_the_general_path(poison, monkeypatc
         optimizer = BlockLLM(model.named_parameters(), lr=3e-3, weight_decay=0.0, sparsity=0.9,
                              trigger="interval", patience=2)  # fmt: skip
         target = model.model.layers[0].mlp.up_proj.weight
+        poisoned = False
         for step, tokens in enumerate(patterned_batches(6)):
             handle = None
             if poison and step == 4 and "model.layers.0.mlp.up_proj.weight" not in optimizer.selected:
+                poisoned = True
                 before = target.detach().clone()
                 handle = target.register_hook(lambda g: torch.full_like(g, float(poison)))
             model(input_ids=tokens, labels=tokens).loss.backward()
@@ -500,6 +502,7 @@ def test_the_sign_fast_path_steps_exactly_as_the_general_path(poison, monkeypatc
             optimizer.zero_grad(set_to_none=True)
             if handle is not None:
                 assert torch.equal(target, before)  # not moved by sign(inf) = 1
+        assert poisoned == bool(poison)  # the poisoned tensor was in the rest, as meant
         monkeypatch.undo()
         return {name: p.detach().clone() for name, p in model.named_parameters()}
 
