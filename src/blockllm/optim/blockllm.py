@@ -305,7 +305,7 @@ class BlockLLM(SelectionViews, Optimizer):
             before = dict(selector.selection)
             for index in selector.commit(chosen, self.num_steps):
                 left = self.state.pop(self._candidates.params[index], None)
-                if self.config.keep_moments and left and before.get(index, 0) is None:
+                if self.config.keep_moments and left and before[index] is None:
                     # Moments only: the master is copied afresh from the weight on return,
                     # since the rest rule moves the weight while the tensor is away.
                     self._parked[index] = {key: left[key] for key in PARKED_KEYS}
