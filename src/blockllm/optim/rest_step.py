@@ -36,6 +36,15 @@ from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule, SignRest
 
 
+def _zero_unless_finite(update: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``update``, zeroed in place when its gradient was not finite (a zero step). Sync-free on
+    an accelerator (a masked fill rather than a branch on the host, which would wait for the
+    device); on a CPU reading the flag costs nothing and saves a pass over the tensor."""
+    if update.device.type != "cpu":
+        return update.masked_fill_(~finite, 0.0)
+    return update if bool(finite) else update.zero_()
+
+
 class RestStepper:
     """State-free steps for the unselected coordinates of one optimizer's candidates.
 
@@ -202,8 +211,7 @@ class RestStepper:
             # (bitwise: w - sign * lr), in half its passes over memory: the sign taken in place
             # on the gradient, which is freed next anyway, and one fused add into the weight.
             # This runs for most of the model at every step.
-            grad.sign_().masked_fill_(~finite, 0.0)
-            weight.add_(grad, alpha=-(lr * self.lr_scale))
+            weight.add_(_zero_unless_finite(grad.sign_(), finite), alpha=-(lr * self.lr_scale))
             param.grad = None
             return None
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
@@ -216,8 +224,7 @@ class RestStepper:
         update.mul_(lr * self.lr_scale)
         if decay:
             update.add_(weight.to(work), alpha=float(decay) * float(lr))
-        # Sync-free: a non-finite gradient gives a zero step rather than a branch on the host.
-        update.masked_fill_(~finite, 0.0)
+        _zero_unless_finite(update, finite)
         deferred = None
         if selected is not None:
             if defer:

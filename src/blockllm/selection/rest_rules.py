@@ -30,20 +30,65 @@ _COLUMN_SLICE_ELEMENTS = 1 << 18
 
 
 def _column_sums_of_squares(matrix: torch.Tensor) -> torch.Tensor:
-    """``(matrix**2).sum(dim=0)`` with no full-size temporary.
+    """``(matrix**2).sum(dim=0)`` with no full-size temporary."""
+    return _sums_of_squares(matrix)[1]
+
+
+def _row_slices(matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, matrix.shape[1])))
+
+
+def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(matrix**2).sum(dim=1)`` and ``(matrix**2).sum(dim=0)`` with no full-size temporary.
 
     On a CPU ``vector_norm(matrix, dim=0)`` is a strided reduction about 20-24x slower than
     summing row slices on vocabulary-shaped matrices (``benchmarks/column_sums.py``: 370 ms
-    against 15 ms on 32000 x 1024, one thread); it was most of the factored rule's time. Other
-    devices keep the single reduction: a loop of small kernels there would pay a launch per
-    slice, and no GPU has measured the strided one as slow.
+    against 15 ms on 32000 x 1024, one thread); it was most of the factored rule's time. The
+    slices also give both sums in one pass over the matrix, each slice squared while it is in
+    cache. Other devices keep the two reductions: a loop of small kernels there would pay a
+    launch per slice, and no GPU has measured the strided one as slow.
     """
     if matrix.device.type != "cpu":
-        return torch.linalg.vector_norm(matrix, dim=0).square_()
-    total = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
-    for rows in matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // matrix.shape[1])):
-        total.add_(rows.square().sum(dim=0))
-    return total
+        return (
+            torch.linalg.vector_norm(matrix, dim=1).square_(),
+            torch.linalg.vector_norm(matrix, dim=0).square_(),
+        )
+    row_sums = torch.empty(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    col_sums = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    start = 0
+    for rows in _row_slices(matrix):
+        squares = rows.square()
+        torch.sum(squares, dim=1, out=row_sums[start : start + rows.shape[0]])
+        col_sums.add_(squares.sum(dim=0))
+        start += rows.shape[0]
+    return row_sums, col_sums
+
+
+def _scale_rows_and_columns(
+    matrix: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new ``matrix * row_scale[:, None] * col_scale[None, :]`` and its sum of squares: on a
+    CPU one pass over ``matrix`` (each slice scaled and summed while in cache), elsewhere
+    three fused kernels."""
+    out = torch.mul(matrix, row_scale[:, None])
+    if matrix.device.type != "cpu":
+        out.mul_(col_scale)
+        return out, torch.linalg.vector_norm(out).square_()
+    total = torch.zeros((), dtype=out.dtype)
+    for rows in _row_slices(out):
+        total.add_(torch.linalg.vector_norm(rows.mul_(col_scale)).square_())
+    return out, total
+
+
+def _clip_rms(update: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """``update`` divided by its root mean square when that exceeds 1 (Adafactor's clip), in
+    place; ``squares`` is its sum of squares. A CPU skips the pass when the RMS is at most 1
+    (usual in steady training; dividing by 1 would change nothing); elsewhere it stays
+    unconditional, as a host check would wait for the device."""
+    rms = (squares / update.numel()).sqrt_()
+    if update.device.type == "cpu" and not bool(rms > 1.0):
+        return update
+    return update.div_(rms.clamp(min=1.0))
 
 
 @runtime_checkable
@@ -115,21 +160,20 @@ class FactoredRest:
             state["full"].lerp_(g.square().add_(self.eps), 1 - self.beta2)
             update = g / (state["full"] / correction).sqrt()
         else:
-            # The means of g**2 per row and per column as reductions (a norm, squared), and the
-            # RMS below too: the update is the only full-size tensor this builds. Over a 32k x
-            # 1024 vocabulary matrix each full-size temporary is 131 MB at the backward's peak.
+            # The update is the only full-size tensor this builds (over a 32k x 1024 vocabulary
+            # matrix each full-size temporary is 131 MB at the backward's peak), and it is
+            # written in one pass: g / sqrt(row_i col_j / mean(row)) as g * a_i * b_j with
+            # a = (row / mean(row))**-1/2, b = col**-1/2, no outer product of the factors.
             matrix = g.reshape(state["row"].numel(), -1)
             rows, cols = matrix.shape
-            row_means = torch.linalg.vector_norm(matrix, dim=1).square_().div_(cols).add_(self.eps)
-            col_means = _column_sums_of_squares(matrix).div_(rows).add_(self.eps)
-            state["row"].lerp_(row_means, 1 - self.beta2)
-            state["col"].lerp_(col_means, 1 - self.beta2)
+            row_sums, col_sums = _sums_of_squares(matrix)
+            state["row"].lerp_(row_sums.div_(cols).add_(self.eps), 1 - self.beta2)
+            state["col"].lerp_(col_sums.div_(rows).add_(self.eps), 1 - self.beta2)
             row, col = state["row"] / correction, state["col"] / correction
-            update = torch.outer(row / row.mean(), col).sqrt_()
-            torch.div(matrix, update, out=update)
-            update = update.reshape(g.shape)
-        rms = torch.linalg.vector_norm(update) / update.numel() ** 0.5
-        return update.div_(rms.clamp(min=1.0)).to(grad.dtype)
+            row_scale = row.div_(row.mean()).rsqrt_()
+            update, squares = _scale_rows_and_columns(matrix, row_scale, col.rsqrt_())
+            return _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
+        return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
