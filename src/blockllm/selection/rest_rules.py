@@ -34,8 +34,11 @@ def _column_sums_of_squares(matrix: torch.Tensor) -> torch.Tensor:
     return _sums_of_squares(matrix)[1]
 
 
-def _row_slices(matrix: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, matrix.shape[1])))
+def _row_slices(matrix: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Slices of whole rows, about ``_COLUMN_SLICE_ELEMENTS`` each for ``columns`` columns
+    (``matrix``'s own by default), so that slices of several tensors line up."""
+    width = matrix.shape[1] if columns is None else columns
+    return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, width)))
 
 
 def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +73,16 @@ def _scale_rows_and_columns(
     """A new ``matrix * row_scale[:, None] * col_scale[None, :]`` and its sum of squares: on a
     CPU one pass over ``matrix`` (each slice scaled and summed while in cache), elsewhere
     three fused kernels."""
-    out = torch.mul(matrix, row_scale[:, None])
     if matrix.device.type != "cpu":
-        out.mul_(col_scale)
+        out = torch.mul(matrix, row_scale[:, None]).mul_(col_scale)
         return out, torch.linalg.vector_norm(out).square_()
+    out = torch.empty_like(matrix)
     total = torch.zeros((), dtype=out.dtype)
-    for rows in _row_slices(out):
-        total.add_(torch.linalg.vector_norm(rows.mul_(col_scale)).square_())
+    for rows, scale, into in zip(
+        _row_slices(matrix), _row_slices(row_scale[:, None], matrix.shape[1]), _row_slices(out)
+    ):
+        torch.mul(rows, scale, out=into).mul_(col_scale)
+        total.add_(torch.linalg.vector_norm(into).square_())
     return out, total
 
 
