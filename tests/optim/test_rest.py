@@ -509,3 +509,17 @@ def test_the_sign_fast_path_steps_exactly_as_the_general_path(poison, monkeypatc
     fast, general = run(True), run(False)
     for name, value in fast.items():
         assert torch.equal(value, general[name]), name
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_sliced_sign_step_equals_the_whole_tensor_step(finite):
+    # On a CPU the sign step runs slice by slice (several slices here); it must give the
+    # whole-tensor arithmetic bit for bit, and no step at all for a non-finite gradient.
+    from blockllm.optim.rest_step import _SIGN_SLICE_ELEMENTS, _sign_step_
+
+    torch.manual_seed(0)
+    grad = torch.randn(3 * _SIGN_SLICE_ELEMENTS + 17)
+    weight = torch.randn_like(grad)
+    expected = weight + (-3e-4) * torch.sign(grad) if finite else weight.clone()
+    _sign_step_(weight, grad.clone(), torch.tensor(finite), -3e-4)
+    assert torch.equal(weight, expected)

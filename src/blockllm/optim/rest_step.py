@@ -45,6 +45,26 @@ def _zero_unless_finite(update: torch.Tensor, finite: torch.Tensor) -> torch.Ten
     return update if bool(finite) else update.zero_()
 
 
+# Elements per slice of the sign step on a CPU: a slice of the gradient and of the weight
+# (2 x 256 KB in fp32) stay in a core's cache between the sign and the add.
+_SIGN_SLICE_ELEMENTS = 1 << 16
+
+
+def _sign_step_(weight: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, alpha: float) -> None:
+    """``weight += alpha * sign(grad)``, taking the sign in place on ``grad`` (which the caller
+    frees). On a CPU slice by slice, so that each slice's sign is read back from cache rather
+    than from memory: the same elementwise arithmetic, one pass over the gradient fewer."""
+    if weight.device.type != "cpu" or not (grad.is_contiguous() and weight.is_contiguous()):
+        weight.add_(_zero_unless_finite(grad.sign_(), finite), alpha=alpha)
+        return
+    if not bool(finite):
+        return
+    for grads, weights in zip(
+        grad.view(-1).split(_SIGN_SLICE_ELEMENTS), weight.view(-1).split(_SIGN_SLICE_ELEMENTS)
+    ):
+        weights.add_(grads.sign_(), alpha=alpha)
+
+
 class RestStepper:
     """State-free steps for the unselected coordinates of one optimizer's candidates.
 
@@ -211,7 +231,7 @@ class RestStepper:
             # (bitwise: w - sign * lr), in half its passes over memory: the sign taken in place
             # on the gradient, which is freed next anyway, and one fused add into the weight.
             # This runs for most of the model at every step.
-            weight.add_(_zero_unless_finite(grad.sign_(), finite), alpha=-(lr * self.lr_scale))
+            _sign_step_(weight, grad, finite, -(lr * self.lr_scale))
             param.grad = None
             return None
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
