@@ -4,8 +4,9 @@ The default rest rules run in the gradient hooks every step: ``sign`` on most ma
 factored rule on the embedding and head, the largest tensors of a language model. This times one
 whole rest step (the clipping norm, the direction, the update of the weight, the gradient freed)
 per rule on a single tensor of each shape, and ``torch.optim.AdamW(fused=True)``'s step with
-``clip_grad_norm_`` before it on the same tensor, for scale. Median of repeats; a fresh gradient is copied in before each step and the
-copy's time is subtracted. Run it against another checkout's library to compare two versions:
+``clip_grad_norm_`` before it on the same tensor, for scale. Median of repeats; a fresh gradient
+is copied in, untimed, before each step. Run it against another checkout's library to compare
+two versions:
 
     .venv/bin/python benchmarks/rest_step_time.py [--threads 2] [--repeats 10]
     PYTHONPATH=/path/to/other/checkout/src .venv/bin/python benchmarks/rest_step_time.py
@@ -32,18 +33,15 @@ RULES = ("sign", "factored")
 
 
 def median_ms(step, reset, repeats: int) -> float:
-    """Median time of ``reset(); step()`` less the median time of ``reset()`` alone."""
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    for _ in range(2):  # warm-up: first-touch allocation, the factored rule's state
+    """Median time of ``step()``, each repeat after an untimed ``reset()``."""
+    times = []
+    for repeat in range(repeats + 2):  # two warm-ups: first-touch allocation, the rule's state
         reset()
+        start = time.perf_counter()
         step()
-    both = [timed(lambda: (reset(), step())) for _ in range(repeats)]
-    alone = [timed(reset) for _ in range(repeats)]
-    return (statistics.median(both) - statistics.median(alone)) * 1e3
+        if repeat >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def rest_step_ms(rule: str, gradient: torch.Tensor, repeats: int) -> float:
