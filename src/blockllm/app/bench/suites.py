@@ -286,6 +286,10 @@ SUITES: dict[str, Suite] = {
             *grid("galore", ("1e-2",)),
             # GaLore's vocabulary matrices already step at its full lr; this raises them further.
             _GALORE_TUNED,
+            # A finer step of the grid around both tuned points, alike: the main lr x0.8 with the
+            # vocabulary's lr held (BlockLLM 4e-4 / 1e-2, GaLore 8e-3 / 3e-2).
+            *_lr_pairs("blockllm", _BLOCKLLM_PRETRAIN, (("4e-4", "25"),)),
+            *_lr_pairs("galore", (), (("8e-3", "3.75"),)),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
