@@ -289,6 +289,8 @@ SUITES: dict[str, Suite] = {
             # A finer step of the grid around both tuned points, alike: the main lr x0.8 with the
             # vocabulary's lr held (BlockLLM 4e-4 / 1e-2, GaLore 8e-3 / 3e-2).
             *_lr_pairs("blockllm", _BLOCKLLM_PRETRAIN, (("4e-4", "25"),)),
+            # BlockLLM's vocabulary below 1e-2 (1.5e-2 was worse): 7e-3.
+            *_lr_pairs("blockllm", _BLOCKLLM_PRETRAIN, (("5e-4", "14"),)),
             *_lr_pairs("galore", (), (("8e-3", "3.75"),)),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
