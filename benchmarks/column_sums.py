@@ -2,7 +2,8 @@
 
 The factored rest rule needs, every step, the mean of ``g**2`` down each column of the
 embedding and head gradients. This times torch's strided reduction against the row-slice sum
-the rule uses (``blockllm.selection.rest_rules._column_sums_of_squares``), on vocabulary-shaped
+the rule uses (``blockllm.selection.rest_rules._sums_of_squares``, which takes the row sums in
+the same pass, so the ratio understates the column sums' own gain), on vocabulary-shaped
 matrices, one thread, median of repeats, and prints the ratio.
 
     .venv/bin/python benchmarks/column_sums.py [--threads 1] [--repeats 5]
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from blockllm.selection.rest_rules import _column_sums_of_squares
+from blockllm.selection.rest_rules import _sums_of_squares
 
 # (rows, columns): tiny's head, llama-20m's and llama-350m's embedding, MiniLM's embedding.
 SHAPES = ((8192, 256), (32000, 256), (32000, 1024), (30522, 384))
@@ -44,7 +45,7 @@ def main() -> None:
     for shape in SHAPES:
         matrix = torch.randn(shape)
         strided = median_ms(lambda m=matrix: torch.linalg.vector_norm(m, dim=0).square_(), args.repeats)
-        sliced = median_ms(lambda m=matrix: _column_sums_of_squares(m), args.repeats)
+        sliced = median_ms(lambda m=matrix: _sums_of_squares(m), args.repeats)
         label = f"{shape[0]} x {shape[1]}"
         print(f"{label:>14}  {strided:15.1f} ms  {sliced:7.1f} ms  {strided / sliced:5.1f}x")
 

@@ -18,7 +18,7 @@ from blockllm.selection.rest_rules import (
     ColumnNormRest,
     FactoredRest,
     SignRest,
-    _column_sums_of_squares,
+    _sums_of_squares,
 )
 from tests.optim.test_llama import patterned_batches, tiny_llama
 
@@ -464,13 +464,16 @@ def test_factored_rest_direction_matches_the_written_out_formula(rows, cols):
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (1000, 7), (2000, 300), (40, 70000)])
-def test_column_sums_of_squares_match_the_dense_formula(shape):
+def test_row_and_column_sums_of_squares_match_the_dense_formulas(shape):
     torch.manual_seed(0)
     matrix = torch.randn(shape)
     expected = matrix.double().square().sum(dim=0)
-    got = _column_sums_of_squares(matrix)
+    rows, got = _sums_of_squares(matrix)
     assert got.dtype == matrix.dtype and got.shape == (shape[1],)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # The row sums come from the same pass.
+    assert rows.dtype == matrix.dtype and rows.shape == (shape[0],)
+    torch.testing.assert_close(rows.double(), matrix.double().square().sum(dim=1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("poison", [None, "nan", "inf"])

@@ -29,11 +29,6 @@ _RMS_FLOOR = 1e-8
 _COLUMN_SLICE_ELEMENTS = 1 << 18
 
 
-def _column_sums_of_squares(matrix: torch.Tensor) -> torch.Tensor:
-    """``(matrix**2).sum(dim=0)`` with no full-size temporary."""
-    return _sums_of_squares(matrix)[1]
-
-
 def _row_slices(matrix: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, ...]:
     """Slices of whole rows, about ``_COLUMN_SLICE_ELEMENTS`` each for ``columns`` columns
     (``matrix``'s own by default), so that slices of several tensors line up."""
