@@ -177,33 +177,7 @@ class FactoredRest:
         return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
 
 
-class LionRest:
-    """PROTOTYPE ``rest="lion"``: ``sign(beta1 m + (1 - beta1) g)``, then ``m <- lerp(m, g, 1 - beta2)``."""
-
-    def __init__(self, beta1: float = 0.9, beta2: float = 0.99, scale: float = 1.0) -> None:
-        self.beta1 = beta1
-        self.beta2 = beta2
-        self.scale = scale
-
-    def init_state(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"m": torch.zeros(grad.shape, device=grad.device)}
-
-    def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        m = state["m"]
-        g = grad.float()
-        out = torch.lerp(m, g, 1 - self.beta1).sign_().mul_(self.scale)
-        m.lerp_(g, 1 - self.beta2)
-        return out.to(grad.dtype)
-
-
-class SignumRest(LionRest):
-    def __init__(self) -> None:
-        super().__init__(0.9, 0.9)
-
-
-REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest,
-              "lion": LionRest, "signum": SignumRest,
-              "lion-0.2": lambda: LionRest(scale=0.2), "lion-0.5": lambda: LionRest(scale=0.5)}
+REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
 
 
 def make_rest_rule(spec: str | RestRule) -> RestRule | None:

@@ -271,8 +271,6 @@ SUITES: dict[str, Suite] = {
             # Adam does not hold (the vocabulary keeps the factored rule).
             MethodEntry(f"{_BLOCKLLM_TUNED.label}-colnorm", "blockllm",
                         (*_BLOCKLLM_TUNED.flags, "--rest", "colnorm")),
-            *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-{rule}", "blockllm",
-                          (*_BLOCKLLM_TUNED.flags, "--rest", rule)) for rule in ("lion", "signum", "lion-0.2", "lion-0.5")),
             *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-s{sparsity}", "blockllm",
                           (*_BLOCKLLM_TUNED.flags, "--sparsity", sparsity)) for sparsity in ("0.8", "0.95")),
             # Adam's part of BlockLLM back at 1e-3 (its vocabulary rows at 2e-2) while the
