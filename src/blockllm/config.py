@@ -31,6 +31,8 @@ from blockllm.selection.scorers import SCORERS, Scorer
 from blockllm.selection.triggers import TRIGGERS, Trigger
 
 PARTIALS = ("coordinates", "rows")
+#: The dtypes Adam's moments of the selected block may be stored in.
+MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -114,6 +116,11 @@ class BlockLLMConfig:
         None, "names trained with Adam whole at every step, outside the budget: a regex or a list "
         "of names, as for exclude; 'auto' = vectors (norms, biases) and the embedding and output "
         "head, by the names language models give them")
+    moment_dtype: str = _knob(
+        "float32", "the dtype Adam's moments are stored in: 'float32', or 'bfloat16' (half the "
+        "optimizer state, so twice the block at the same memory; the update still runs in fp32 "
+        "and its moments are rounded stochastically, so that EMA steps below half a bf16 unit "
+        "survive on average)")
 
     def __post_init__(self) -> None:
         value = check_real("sparsity", self.sparsity)
@@ -155,6 +162,7 @@ class BlockLLMConfig:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm} (must be > 0, or None)")
         if self.always_adam != "auto":
             NameMatcher("always_adam", self.always_adam)
+        _choice("moment_dtype", self.moment_dtype, MOMENT_DTYPES)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -233,4 +241,4 @@ def _policy(name: str, value: Any, choices: Sequence[str], protocol: type) -> No
 DEFAULTS = BlockLLMConfig()
 """The defaults (``BlockLLM`` starts from them when given no config)."""
 
-__all__ = ["DEFAULTS", "PARTIALS", "BlockLLMConfig", "check_real"]
+__all__ = ["DEFAULTS", "MOMENT_DTYPES", "PARTIALS", "BlockLLMConfig", "check_real"]

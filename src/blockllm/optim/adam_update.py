@@ -9,6 +9,11 @@ same kernels ``torch.optim.AdamW`` runs (fused, foreach or for-loop). BlockLLM o
 * a partial tensor: a compact 1-D vector of its selected coordinates (gathered from the master
   copy or the parameter), scattered back afterwards. Its moments are compact too, so a partly
   selected embedding costs state for the selected coordinates only.
+
+Moments stored in bf16 (``moment_dtype="bfloat16"``) are widened to fp32 one block at a time,
+updated by the same kernel, and rounded back stochastically: with beta2 = 0.999 the second
+moment moves by 0.1 % of itself per step, below half a bf16 unit (0.2 %), so round-to-nearest
+would freeze it; stochastic rounding keeps it right on average (:mod:`.rounding`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam
 
+from blockllm.optim.rounding import RoundingGenerators, stochastic_round_to_bf16
 from blockllm.selection.coordinates import Selected, gather, scatter_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -33,19 +39,29 @@ def needs_master(param: torch.Tensor) -> bool:
     return param.dtype in LOW_PRECISION
 
 
-def init_state(param: torch.Tensor, coordinates: Selected | None, fused: bool) -> dict[str, Any]:
-    """Fresh state for a block entering the selection: zero moments, step 0, fp32 master."""
+def init_state(
+    param: torch.Tensor,
+    coordinates: Selected | None,
+    fused: bool,
+    moment_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Fresh state for a block entering the selection: zero moments (fp32, or bf16 when
+    ``moment_dtype`` asks), step 0, fp32 master."""
     with torch.no_grad():
         value = param.detach() if coordinates is None else gather(param.detach(), coordinates)
         master = needs_master(param)
         work = value.float() if master else value
+        # float32 (the default) means "the update's own dtype", as torch.optim.AdamW keeps them.
+        moments = work.dtype if moment_dtype == torch.float32 else moment_dtype
         state: dict[str, Any] = {
             # Same placement as torch.optim.AdamW so the bias corrections match bit for bit.
             "step": torch.zeros((), dtype=torch.float32, device=param.device)
             if fused
             else torch.tensor(0.0, dtype=torch.float32),
-            "exp_avg": torch.zeros_like(work, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(work, memory_format=torch.preserve_format),
+            "exp_avg": torch.zeros_like(work, dtype=moments, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(
+                work, dtype=moments, memory_format=torch.preserve_format
+            ),
         }
         if master:
             state["master"] = work.clone(memory_format=torch.preserve_format)
@@ -65,6 +81,10 @@ class UpdateBatch:
     write_back: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(
         default_factory=list
     )
+    # Blocks whose moments are stored narrower than their update runs: (param, grad, exp_avg,
+    # exp_avg_sq, step), each run on its own so that only one block's fp32 moments exist at once.
+    narrow: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    rounding: RoundingGenerators | None = None
 
     def add(
         self,
@@ -84,6 +104,9 @@ class UpdateBatch:
             self.write_back.append((param, coordinates, target))
         if grad.dtype != target.dtype:
             grad = grad.to(target.dtype)
+        if state["exp_avg"].dtype != target.dtype:
+            self.narrow.append((target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]))
+            return
         self.params.append(target)
         self.grads.append(grad)
         self.exp_avgs.append(state["exp_avg"])
@@ -91,34 +114,53 @@ class UpdateBatch:
         self.steps.append(state["step"])
 
     def run(self, group: dict[str, Any]) -> None:
-        if not self.params:
-            return
-        beta1, beta2 = group["betas"]
-        fused, foreach = resolve_implementation(group, self.params)
-        adam(
-            self.params,
-            self.grads,
-            self.exp_avgs,
-            self.exp_avg_sqs,
-            [],
-            self.steps,
-            foreach=foreach,
-            fused=fused,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        if self.params:
+            _adamw(group, self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps)
+        if self.narrow and self.rounding is None:
+            raise RuntimeError("BlockLLM: moments stored in bf16 need rounding generators")
+        for param, grad, exp_avg, exp_avg_sq, step in self.narrow:
+            wide_avg, wide_avg_sq = exp_avg.to(param.dtype), exp_avg_sq.to(param.dtype)
+            _adamw(group, [param], [grad], [wide_avg], [wide_avg_sq], [step])
+            generator = self.rounding.for_tensor(param)
+            exp_avg.copy_(stochastic_round_to_bf16(wide_avg.float(), generator))
+            exp_avg_sq.copy_(stochastic_round_to_bf16(wide_avg_sq.float(), generator))
         with torch.no_grad():
             for param, coordinates, updated in self.write_back:
                 if coordinates is None:
                     param.copy_(updated)
                 else:
                     scatter_(param, coordinates, updated)
+
+
+def _adamw(
+    group: dict[str, Any],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+) -> None:
+    """torch's AdamW step on lists of same-dtype tensors, with the group's hyperparameters."""
+    beta1, beta2 = group["betas"]
+    fused, foreach = resolve_implementation(group, params)
+    adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        foreach=foreach,
+        fused=fused,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )
 
 
 def update_selected_(
@@ -131,6 +173,8 @@ def update_selected_(
     num_steps: int,
     entry_warmup: int,
     parked: dict[int, dict[str, torch.Tensor]] | None = None,
+    moment_dtype: torch.dtype = torch.float32,
+    rounding: RoundingGenerators | None = None,
 ) -> None:
     """One AdamW step on every selected block that has a gradient in ``grads``.
 
@@ -138,9 +182,10 @@ def update_selected_(
     without state gets fresh state (zero moments, master copy) here, or, entering whole with
     moments ``parked`` from an earlier turn (``keep_moments``), those moments and their step
     count. Blocks still in their entry warmup run in batches of their own, at a scaled lr.
+    Fresh moments are stored in ``moment_dtype``; bf16 ones are rounded with ``rounding``.
     """
     for group in param_groups:
-        batches: dict[float, UpdateBatch] = defaultdict(UpdateBatch)
+        batches: dict[float, UpdateBatch] = defaultdict(lambda: UpdateBatch(rounding=rounding))
         for param in group["params"]:
             index = index_of(param)
             if index is None or index not in grads:
@@ -149,7 +194,7 @@ def update_selected_(
             held = state[param]
             if not held:
                 fused, _ = resolve_implementation(group, [param])
-                held.update(init_state(local(param), coordinates, fused))
+                held.update(init_state(local(param), coordinates, fused, moment_dtype))
                 if parked and coordinates is None and index in parked:
                     held.update(parked.pop(index))
             factor = _warmup_factor(held, num_steps, entry_warmup)

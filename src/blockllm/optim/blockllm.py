@@ -19,6 +19,7 @@ from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.gradient_flow import GradientFlow
 from blockllm.optim.inspection import SelectionViews
 from blockllm.optim.params import normalize_group, normalize_param_groups
+from blockllm.optim.rounding import RoundingGenerators
 from blockllm.optim.state_format import (
     check_same_model,
     check_state,
@@ -128,6 +129,8 @@ class BlockLLM(SelectionViews, Optimizer):
         # keep_moments: candidate index -> the Adam moments and step of a whole tensor away
         # from the selection, taken up again when it comes back whole.
         self._parked: dict[int, dict[str, torch.Tensor]] = {}
+        # Stochastic rounding of bf16 moments (moment_dtype), apart from the rest step's stream.
+        self._moment_rounding = RoundingGenerators(config.seed + 1)
         self._warned: set[str] = set()
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach,
@@ -338,6 +341,7 @@ class BlockLLM(SelectionViews, Optimizer):
         update_selected_(
             self.param_groups, self.state, grads, self._selector.selection, self._candidates.index,
             self._comm.local, self.num_steps, self.config.entry_warmup, self._parked,
+            getattr(torch, self.config.moment_dtype), self._moment_rounding,
         )  # fmt: skip
 
     def _warn_once(self, key: str, message: str, *args: Any) -> bool:
@@ -362,6 +366,7 @@ class BlockLLM(SelectionViews, Optimizer):
             **self._selector.state_dict(),
             "rest": {} if self._flow.rest is None else self._flow.rest.state_dict(self._candidates.names),
             "parked": parked_section(self._parked, self._candidates.names),
+            "moment_rounding": self._moment_rounding.state_dict(),
             "num_skipped_steps": self.num_skipped_steps,
             "num_steps": self.num_steps,
         }
@@ -392,6 +397,7 @@ class BlockLLM(SelectionViews, Optimizer):
         self.num_steps = int(section["num_steps"])
         self._selector.load_state_dict(section)
         self._parked = parked if self.config.keep_moments else {}
+        self._moment_rounding.load_state_dict(section.get("moment_rounding", {}))
         if self._flow.rest is not None:  # older checkpoints have none: fresh generators and state
             self._flow.rest.load_state_dict(section.get("rest", {}), self._candidates.names)
 

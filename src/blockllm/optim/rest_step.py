@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from blockllm.distributed.base import Communicator
-from blockllm.optim.rounding import stochastic_round_to_bf16
+from blockllm.optim.rounding import RoundingGenerators, stochastic_round_to_bf16
 from blockllm.selection.coordinates import Selected, as_flat, fill_, gather
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule, SignRest
@@ -108,8 +108,7 @@ class RestStepper:
         self.in_backward = in_backward
         self.held = held
         self.stochastic_rounding = stochastic_rounding
-        self.seed = seed
-        self.generators: dict[str, torch.Generator] = {}
+        self.rounding = RoundingGenerators(seed)
         # A stateful rule's state, by candidate index (kept whether or not the tensor is selected).
         self.rule_states: dict[int, dict[str, torch.Tensor]] = {}
         # This step's gradients already stepped with and freed: squared norms (for clipping)
@@ -166,7 +165,7 @@ class RestStepper:
             where, step = where[outside], step[outside]
         flat = weight.view(-1)
         if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
-            moved = stochastic_round_to_bf16(flat[where].float() - step, self._generator(weight))
+            moved = stochastic_round_to_bf16(flat[where].float() - step, self.rounding.for_tensor(weight))
         else:  # the arithmetic of the dense step: subtract the step rounded to the weight's dtype
             moved = flat[where] - step.to(weight.dtype)
         flat.index_copy_(0, where, moved)
@@ -253,7 +252,8 @@ class RestStepper:
                 deferred = gather(update, selected)
             fill_(update, selected, 0.0)
         if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
-            weight.copy_(stochastic_round_to_bf16(weight.float() - update, self._generator(weight)))
+            generator = self.rounding.for_tensor(weight)
+            weight.copy_(stochastic_round_to_bf16(weight.float() - update, generator))
         else:
             weight.sub_(update.to(weight.dtype))
         if selected is None or defer:
@@ -295,17 +295,10 @@ class RestStepper:
             t.numel() * t.element_size() for state in self.rule_states.values() for t in state.values()
         )
 
-    def _generator(self, tensor: torch.Tensor) -> torch.Generator:
-        generator = self.generators.get(str(tensor.device))
-        if generator is None:
-            generator = torch.Generator(device=tensor.device).manual_seed(self.seed)
-            self.generators[str(tensor.device)] = generator
-        return generator
-
     def state_dict(self, names: Sequence[str]) -> dict[str, Any]:
         """The rounding generators' states by device, and a stateful rule's state by name."""
         return {
-            "rounding": {device: g.get_state() for device, g in self.generators.items()},
+            "rounding": self.rounding.state_dict(),
             "rule": {
                 names[index]: {key: value.detach().cpu().clone() for key, value in state.items()}
                 for index, state in self.rule_states.items()
@@ -313,10 +306,7 @@ class RestStepper:
         }
 
     def load_state_dict(self, saved: dict[str, Any], names: Sequence[str]) -> None:
-        for device, state in saved.get("rounding", {}).items():
-            generator = torch.Generator(device=device)
-            generator.set_state(state.cpu() if device == "cpu" else state)
-            self.generators[device] = generator
+        self.rounding.load_state_dict(saved.get("rounding", {}))
         index_of = {name: index for index, name in enumerate(names)}
         self.rule_states = {
             index_of[name]: {

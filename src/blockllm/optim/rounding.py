@@ -32,4 +32,29 @@ def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator) ->
     return torch.where(finite, rounded.view(torch.float32), value).to(torch.bfloat16)
 
 
-__all__ = ["stochastic_round_to_bf16"]
+class RoundingGenerators:
+    """One seeded generator per device for stochastic rounding, checkpointed with the optimizer
+    so that a resumed run draws the same numbers as the uninterrupted one."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}
+
+    def for_tensor(self, tensor: torch.Tensor) -> torch.Generator:
+        generator = self.generators.get(str(tensor.device))
+        if generator is None:
+            generator = torch.Generator(device=tensor.device).manual_seed(self.seed)
+            self.generators[str(tensor.device)] = generator
+        return generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {device: generator.get_state() for device, generator in self.generators.items()}
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        for device, state in saved.items():
+            generator = torch.Generator(device=device)
+            generator.set_state(state.cpu() if device == "cpu" else state)
+            self.generators[device] = generator
+
+
+__all__ = ["RoundingGenerators", "stochastic_round_to_bf16"]

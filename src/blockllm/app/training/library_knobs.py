@@ -30,6 +30,7 @@ _REGISTRIES = {
     "score": ("selection/scorers.py", "SCORERS"),
     "rest": ("selection/rest_rules.py", "REST_RULES"),
     "partial": ("config.py", "PARTIALS"),
+    "moment_dtype": ("config.py", "MOMENT_DTYPES"),
 }
 _CONFIG_FILE = "config.py"
 _CONFIG_CLASS = "BlockLLMConfig"
@@ -70,7 +71,7 @@ def library_knobs() -> dict[str, Knob]:
 @functools.cache
 def builtin_names(knob: str) -> tuple[str, ...]:
     """The built-in names a policy knob (``trigger``, ``selection``, ``score``, ``rest``,
-    ``partial``) accepts, in the library's order."""
+    ``partial``, ``moment_dtype``) accepts, in the library's order."""
     filename, variable = _REGISTRIES[knob]
     try:
         return _read_names(_source(filename), variable)
@@ -80,7 +81,7 @@ def builtin_names(knob: str) -> tuple[str, ...]:
 
 
 def _imported_names(knob: str) -> tuple[str, ...]:
-    from blockllm.config import PARTIALS
+    from blockllm.config import MOMENT_DTYPES, PARTIALS
     from blockllm.selection.packing import SELECTION_RULES
     from blockllm.selection.rest_rules import REST_RULES
     from blockllm.selection.scorers import SCORERS
@@ -88,7 +89,7 @@ def _imported_names(knob: str) -> tuple[str, ...]:
 
     registries = {
         "trigger": TRIGGERS, "selection": SELECTION_RULES, "score": SCORERS,
-        "rest": REST_RULES, "partial": PARTIALS,
+        "rest": REST_RULES, "partial": PARTIALS, "moment_dtype": MOMENT_DTYPES,
     }  # fmt: skip
     return tuple(registries[knob])
 
