@@ -132,6 +132,15 @@ _BLOCKLLM_TUNED = MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
                               (*_BLOCKLLM_PRETRAIN, "--lr", "5e-4", "--vocab-lr-scale", "20"))
 _GALORE_TUNED = MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3"))
 _TUNED_PRETRAIN_METHODS = (_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_TUNED)
+# The tuned point with a larger Adam block at the same budget: bf16 moments take half the bytes,
+# so s = 0.82 fits within 0.35x AdamW's training state (s = 0.9 with fp32 moments: 0.33x).
+_BLOCKLLM_TUNED_BF16 = MethodEntry(
+    f"{_BLOCKLLM_TUNED.label}-s0.82-bf16", "blockllm",
+    (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.82", "--moment-dtype", "bfloat16"),
+)
+# GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
+_GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
+                           ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
     MethodEntry("blockllm", "blockllm", _BLOCKLLM_PRETRAIN),
@@ -275,9 +284,9 @@ SUITES: dict[str, Suite] = {
             # fp32 moments is over the 0.35x budget), then the block that bf16 moments pay for.
             *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-s{sparsity}", "blockllm",
                           (*_BLOCKLLM_TUNED.flags, "--sparsity", sparsity)) for sparsity in ("0.8", "0.95")),
-            *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-s{sparsity}-bf16", "blockllm",
-                          (*_BLOCKLLM_TUNED.flags, "--sparsity", sparsity, "--moment-dtype", "bfloat16"))
-              for sparsity in ("0.8", "0.82")),
+            MethodEntry(f"{_BLOCKLLM_TUNED.label}-s0.8-bf16", "blockllm",
+                        (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.8", "--moment-dtype", "bfloat16")),
+            _BLOCKLLM_TUNED_BF16,
             # Adam's part of BlockLLM back at 1e-3 (its vocabulary rows at 2e-2) while the
             # state-free steps keep the best point's 5e-4 and 1e-2.
             MethodEntry("blockllm-rest-0.5-vocab-20", "blockllm",
@@ -299,7 +308,8 @@ SUITES: dict[str, Suite] = {
             # BlockLLM's vocabulary below 1e-2 (1.5e-2 was worse): 7e-3.
             *_lr_pairs("blockllm", _BLOCKLLM_PRETRAIN, (("5e-4", "14"),)),
             # GaLore's lr 8e-3 beat 1e-2 on every seed: one step lower again (x0.8), to bracket it.
-            *_lr_pairs("galore", (), (("8e-3", "3.75"), ("6.4e-3", "4.6875"))),
+            _GALORE_BEST,
+            *_lr_pairs("galore", (), (("6.4e-3", "4.6875"),)),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
@@ -389,7 +399,9 @@ SUITES: dict[str, Suite] = {
                  MethodEntry("blockllm", "blockllm", _PRETRAIN_RECIPE),
                  MethodEntry("blockllm-paper", PAPER_METHOD), *plain("badam", "galore"),
                  # pretrain-lr's best point of each method, checked on a second model.
-                 *grid("galore", ("1e-2",)), *_TUNED_PRETRAIN_METHODS),
+                 *grid("galore", ("1e-2",)), *_TUNED_PRETRAIN_METHODS,
+                 # The larger block at the same budget, and GaLore's best point of the finer grid.
+                 _BLOCKLLM_TUNED_BF16, _GALORE_BEST),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
