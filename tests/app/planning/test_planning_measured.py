@@ -80,10 +80,12 @@ def record_bytes(sizes: list[int], grad: torch.Tensor) -> None:
     sizes.append(grad.numel() * grad.element_size())
 
 
-def run_steps(optimizer: str, steps: int = 2) -> tuple[Measured, MemoryTracker, torch.nn.Module]:
+def run_steps(
+    optimizer: str, steps: int = 2, **knobs: str
+) -> tuple[Measured, MemoryTracker, torch.nn.Module]:
     config = RunConfig.create(
         "pretrain", "tiny", optimizer=optimizer, vocab_size=VOCAB, seq_len=SEQ_LEN,
-        batch_size=BATCH, patience=10,
+        batch_size=BATCH, patience=10, **knobs,
     )  # fmt: skip
     model = build_llama("tiny", vocab_size=VOCAB, max_seq_len=SEQ_LEN, seed=0)
     spec = get_optimizer_spec(optimizer)
@@ -132,15 +134,20 @@ def run_steps(optimizer: str, steps: int = 2) -> tuple[Measured, MemoryTracker, 
     return measured, tracker, model
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "blockllm"])
-def test_estimate_matches_a_measured_tiny_run(optimizer):
-    measured, tracker, model = run_steps(optimizer)
+@pytest.mark.parametrize(
+    ("optimizer", "moment_dtype"),
+    [("adamw", "float32"), ("blockllm", "float32"), ("blockllm", "bfloat16")],
+)
+def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype):
+    knobs = {} if optimizer == "adamw" else {"moment_dtype": moment_dtype}
+    measured, tracker, model = run_steps(optimizer, **knobs)
     peak = tracker.peak
     plan = estimate_memory(
         shape_of_config(model.config, name="tiny"),
-        EstimateSettings(batch_size=BATCH, seq_len=SEQ_LEN, precision="fp32", sparsity=0.9),
+        EstimateSettings(batch_size=BATCH, seq_len=SEQ_LEN, precision="fp32", sparsity=0.9,
+                         moment_dtype=moment_dtype),
         [optimizer],
-    )
+    )  # fmt: skip
     row = plan.rows[0]
 
     # Category by category: exact where the estimate counts every byte.
@@ -148,7 +155,7 @@ def test_estimate_matches_a_measured_tiny_run(optimizer):
     assert row.gradients - row.gradient_transient == peak["grads"]
     assert row.gradient_transient == (measured.landing if optimizer == "blockllm" else 0)
     assert row.master_weights == peak["master_weights"] == 0
-    assert row.optimizer_state == measured.moments  # 8 bytes per trained coordinate
+    assert row.optimizer_state == measured.moments  # 8 (bf16 moments: 4) bytes per coordinate
     assert plan.activations.saved == measured.saved - measured.scalars - measured.slack
     assert plan.activations.loss_transient == measured.loss_transient
 

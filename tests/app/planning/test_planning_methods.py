@@ -68,6 +68,17 @@ def test_blockllm_follows_its_budget(shape):
     assert by["blockllm-0.95"].optimizer_state == 8 * math.floor(0.05 * n + 1e-9)
 
 
+def test_blockllm_bf16_moments_take_half_the_state(shape):
+    k = math.floor(0.2 * shape.num_parameters + 1e-9)
+    for precision in ("fp32", "bf16-pure"):
+        _, by = rows(shape, ["blockllm", "blockllm-mask"], precision=precision, sparsity=0.8,
+                     moment_dtype="bfloat16")  # fmt: skip
+        assert by["blockllm"].optimizer_state == 4 * k
+        assert by["blockllm-mask"].optimizer_state == 4 * k + 4 * k  # plus the int32 ids
+    with pytest.raises(ValueError, match=r"Invalid moment_dtype: 'float16' \(choose from"):
+        rows(shape, ["blockllm"], moment_dtype="float16")
+
+
 def test_blockllm_exclude_and_always_adam(shape):
     embed = 1000 * 64
     n = shape.num_parameters

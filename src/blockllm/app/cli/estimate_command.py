@@ -20,6 +20,7 @@ examples:
 
 def add_estimate_parser(subparsers: Any) -> None:
     from blockllm.app.planning.activation_memory import PRECISIONS
+    from blockllm.app.training.library_knobs import builtin_names
 
     parser = subparsers.add_parser(
         "estimate",
@@ -55,6 +56,10 @@ def add_estimate_parser(subparsers: Any) -> None:
                         help="BlockLLM: parameters never selected (frozen)")  # fmt: skip
     parser.add_argument("--always-adam", metavar="REGEX", default=None,
                         help="BlockLLM: parameters trained with Adam whole at every step")  # fmt: skip
+    parser.add_argument(
+        "--moment-dtype", choices=builtin_names("moment_dtype"), default="float32",
+        help="BlockLLM: the dtype of the block's Adam moments (default: float32)",
+    )  # fmt: skip
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="override the model's vocabulary size")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
@@ -72,7 +77,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     settings = EstimateSettings(
         batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, sparsity=args.sparsity,
-        exclude=args.exclude, always_adam=args.always_adam,
+        exclude=args.exclude, always_adam=args.always_adam, moment_dtype=args.moment_dtype,
     )  # fmt: skip
     plan = estimate_memory(args.model, settings, args.optimizer, vocab_size=args.vocab_size)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))

@@ -6,7 +6,8 @@ method as this application runs it. Categories, all in bytes, each at its own pe
 * ``weights``: every parameter (plus LoRA's adapters);
 * ``gradients``: the most gradient memory held at once, ``gradient_transient`` of it being the one
   gradient that lands and is freed during the backward (BlockLLM);
-* ``optimizer_state``: Adam's two fp32 moments (8 bytes a coordinate) and what else the method
+* ``optimizer_state``: Adam's two fp32 moments (8 bytes a coordinate; BlockLLM's in bf16 with
+  ``moment_dtype="bfloat16"``: 4) and what else the method
   keeps (GaLore's projectors, 8-bit AdamW's block scales, BlockLLM's coordinate lists);
 * ``master_weights``: fp32 copies of bf16 weights, for what the method updates (under
   ``bf16-pure``; BAdam keeps one of its active block in every precision);
@@ -33,6 +34,8 @@ from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
 
 MOMENTS = 8  # Adam's exp_avg and exp_avg_sq, fp32
+# BlockLLM's moments by its moment_dtype ("float32": the update's dtype, fp32 in every precision).
+_MOMENTS_OF = {"float32": MOMENTS, "bfloat16": 4}
 _FP32 = 4
 _INDEX32 = 4  # an int32 coordinate id
 
@@ -49,6 +52,7 @@ class EstimateSettings:
         sparsity: BlockLLM's sparsity; LISA's share of frozen layers.
         exclude: BlockLLM: names never selected (frozen), a regex.
         always_adam: BlockLLM: names trained with Adam whole at every step, a regex.
+        moment_dtype: BlockLLM: the dtype of the block's Adam moments (its ``moment_dtype``).
     """
 
     batch_size: int
@@ -58,6 +62,7 @@ class EstimateSettings:
     sparsity: float = 0.9
     exclude: str | None = None
     always_adam: str | None = None
+    moment_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -65,8 +70,11 @@ class EstimateSettings:
                 f"Invalid precision: {self.precision!r} (choose from "
                 f"{', '.join(map(repr, PRECISIONS))})"
             )
-        # BlockLLM's own checks (sparsity in [0, 1), valid regexes), with its messages.
-        BlockLLMConfig(sparsity=self.sparsity, exclude=self.exclude, always_adam=self.always_adam)
+        # BlockLLM's own checks (sparsity in [0, 1), valid regexes, dtypes), with its messages.
+        BlockLLMConfig(
+            sparsity=self.sparsity, exclude=self.exclude, always_adam=self.always_adam,
+            moment_dtype=self.moment_dtype,
+        )  # fmt: skip
 
     @property
     def weight_bytes(self) -> int:
@@ -164,8 +172,9 @@ def blockllm_memory(
         ValueError: the sparsity leaves no coordinate to train.
     """
     config = BlockLLMConfig(
-        sparsity=settings.sparsity, exclude=settings.exclude, always_adam=settings.always_adam
-    ).replace(**(knobs or {}))
+        sparsity=settings.sparsity, exclude=settings.exclude, always_adam=settings.always_adam,
+        moment_dtype=settings.moment_dtype,
+    ).replace(**(knobs or {}))  # fmt: skip
     excluded = NameMatcher("exclude", config.exclude)
     pinned_names = NameMatcher("always_adam", config.always_adam)
     candidates = [t for t in shape.tensors if not excluded.matches([t.name])]
@@ -201,7 +210,10 @@ def blockllm_memory(
         weights=shape.num_parameters * size,
         gradients=held * size + largest * size,
         gradient_transient=largest * size,
-        optimizer_state=MOMENTS * (budget + pinned) + (_INDEX32 * budget if single else 0),
+        optimizer_state=(
+            _MOMENTS_OF[config.moment_dtype] * (budget + pinned)
+            + (_INDEX32 * budget if single else 0)
+        ),
         master_weights=settings.master_bytes * (budget + pinned),
         activations=activations.total,
         activations_checkpointed=activations.checkpointed,
