@@ -4,7 +4,8 @@ Times whole training steps (forward, backward, clip, optimizer step, zero_grad) 
 the methods taking turns in rounds so that a machine that gets busier or quieter affects them
 alike. BlockLLM runs the CLI's pretraining recipe (sparsity 0.9, a reselection every 20 steps,
 compacted gradients): with its default rest rule (every weight steps, so the whole backward
-runs), and with the frozen rule (``rest="none"``) once with ``RowGradients(model, optimizer)``
+runs), the same with a larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the block
+the same bytes hold with ``moment_dtype="bfloat16"``), and with the frozen rule (``rest="none"``) once with ``RowGradients(model, optimizer)``
 and once without, so the ratio between those two is what the row gradients buy. Step time does not depend on the text, so the
 batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them to
 ``benchmarks/results/training_step.json``.
@@ -30,13 +31,17 @@ from blockllm import BlockLLM, RowGradients
 from blockllm.app.models.presets import build_llama
 
 
-def make_optimizer(kind: str, model: torch.nn.Module, sparsity: float, interval: int):
+def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    rest = {} if kind == "blockllm" else {"rest": "none"}
+    knobs = {"sparsity": args.sparsity}
+    if kind == "blockllm-bf16-moments":
+        knobs = {"sparsity": args.bf16_sparsity, "moment_dtype": "bfloat16"}
+    elif kind != "blockllm":
+        knobs["rest"] = "none"
     optimizer = BlockLLM(
-        model.named_parameters(), lr=1e-3, sparsity=sparsity, trigger="interval",
-        patience=interval, compact_grads=True, **rest,
+        model.named_parameters(), lr=1e-3, trigger="interval", patience=args.interval,
+        compact_grads=True, **knobs,
     )  # fmt: skip
     if kind == "blockllm-frozen-rows":
         RowGradients(model, optimizer)
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--bf16-sparsity", type=float, default=0.82,
+                        help="sparsity of the bf16-moments entry")  # fmt: skip
     parser.add_argument("--interval", type=int, default=20, help="steps between reselections")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method per round")
@@ -91,11 +98,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    kinds = ("adamw", "blockllm", "blockllm-frozen", "blockllm-frozen-rows")
+    kinds = (
+        "adamw",
+        "blockllm",
+        "blockllm-bf16-moments",
+        "blockllm-frozen",
+        "blockllm-frozen-rows",
+    )
     runs = {}
     for kind in kinds:
         model = build_llama(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
-        runs[kind] = (model, make_optimizer(kind, model, args.sparsity, args.interval))
+        runs[kind] = (model, make_optimizer(kind, model, args))
     generator = torch.Generator().manual_seed(0)
 
     def batches(count):
@@ -116,11 +129,11 @@ def main() -> None:
     tokens = args.steps * args.batch_size * args.seq_len
     speed = {kind: tokens / statistics.median(values) for kind, values in seconds.items()}
     print(f"{args.preset}, vocab {args.vocab_size}, {args.batch_size}x{args.seq_len}, "
-          f"s={args.sparsity}, reselect every {args.interval}, {args.threads} threads, "
+          f"s={args.sparsity} (bf16 moments: {args.bf16_sparsity}), reselect every {args.interval}, {args.threads} threads, "
           f"median of {args.rounds} rounds of {args.steps} steps")  # fmt: skip
     for kind in kinds:
         ratio = speed[kind] / speed["adamw"]
-        print(f"  {kind:20s} {speed[kind]:9,.0f} tokens/s  {ratio:.2f}x AdamW")
+        print(f"  {kind:22s} {speed[kind]:9,.0f} tokens/s  {ratio:.2f}x AdamW")
     rows = speed["blockllm-frozen-rows"] / speed["blockllm-frozen"]
     print(f"  row gradients: {rows:.2f}x the frozen rule without")
 
