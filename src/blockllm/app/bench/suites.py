@@ -401,7 +401,12 @@ SUITES: dict[str, Suite] = {
                  # pretrain-lr's best point of each method, checked on a second model.
                  *grid("galore", ("1e-2",)), *_TUNED_PRETRAIN_METHODS,
                  # The larger block at the same budget, and GaLore's best point of the finer grid.
-                 _BLOCKLLM_TUNED_BF16, _GALORE_BEST),
+                 _BLOCKLLM_TUNED_BF16, _GALORE_BEST,
+                 # Which of the two changes moves the loss here: the block's size or its moments.
+                 MethodEntry(f"{_BLOCKLLM_TUNED.label}-bf16", "blockllm",
+                             (*_BLOCKLLM_TUNED.flags, "--moment-dtype", "bfloat16")),
+                 MethodEntry(f"{_BLOCKLLM_TUNED.label}-s0.82", "blockllm",
+                             (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.82"))),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
