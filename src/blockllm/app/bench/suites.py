@@ -191,7 +191,11 @@ def _gpu_suite(model: str, steps: int) -> Suite:
         eval_every=50,
         methods=(MethodEntry("adamw", "adamw"),
                  MethodEntry("blockllm", "blockllm", _PRETRAIN_RECIPE),
-                 *plain("galore", "badam")),
+                 *plain("galore", "badam"),
+                 # The CPU suites' tuned points (pretrain-lr), GaLore at its paper's lr, and the
+                 # larger block in bf16 moments: their lrs are the CPU's, to be gridded here.
+                 *_TUNED_PRETRAIN_METHODS, *grid("galore", ("1e-2",)), _GALORE_BEST,
+                 _BLOCKLLM_TUNED_BF16),
         flags=("--batch-size", "32", "--seq-len", "256", "--eval-batches", "10", "--lr", "1e-3",
                "--patience", "50", "--device", "cuda", "--precision", "bf16"),
         corpus=(3_000_000, 32000),
