@@ -4,9 +4,10 @@ Times whole training steps (forward, backward, clip, optimizer step, zero_grad) 
 the methods taking turns in rounds so that a machine that gets busier or quieter affects them
 alike. BlockLLM runs the CLI's pretraining recipe (sparsity 0.9, a reselection every 20 steps,
 compacted gradients): with its default rest rule (every weight steps, so the whole backward
-runs), the same with a larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the block
-the same bytes hold with ``moment_dtype="bfloat16"``), and with the frozen rule (``rest="none"``) once with ``RowGradients(model, optimizer)``
-and once without, so the ratio between those two is what the row gradients buy. Step time does not depend on the text, so the
+runs), the same with a larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the
+block the same bytes hold with ``moment_dtype="bfloat16"``), and with the frozen rule
+(``rest="none"``) once with ``RowGradients(model, optimizer)`` and once without, so the ratio
+between those two is what the row gradients buy. Step time does not depend on the text, so the
 batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them to
 ``benchmarks/results/training_step.json``.
 
@@ -129,7 +130,8 @@ def main() -> None:
     tokens = args.steps * args.batch_size * args.seq_len
     speed = {kind: tokens / statistics.median(values) for kind, values in seconds.items()}
     print(f"{args.preset}, vocab {args.vocab_size}, {args.batch_size}x{args.seq_len}, "
-          f"s={args.sparsity} (bf16 moments: {args.bf16_sparsity}), reselect every {args.interval}, {args.threads} threads, "
+          f"s={args.sparsity} (bf16 moments: {args.bf16_sparsity}), "
+          f"reselect every {args.interval}, {args.threads} threads, "
           f"median of {args.rounds} rounds of {args.steps} steps")  # fmt: skip
     for kind in kinds:
         ratio = speed[kind] / speed["adamw"]

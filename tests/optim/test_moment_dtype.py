@@ -5,7 +5,7 @@ import torch
 
 from blockllm import BlockLLM
 from tests.optim.helpers import TinyNet, expected_state_bytes, make_batches, train_steps
-from tests.optim.test_state import one_step, save_load
+from tests.optim.test_state import one_step, resume
 
 
 def _moments(opt):
@@ -25,7 +25,11 @@ def test_bf16_moments_take_half_the_bytes_of_the_same_selection():
         train_steps(model, opt, make_batches(3))
         assert {m.dtype for m in _moments(opt)} == {getattr(torch, dtype)}
         moments = sum(m.numel() * m.element_size() for m in _moments(opt))
-        reports[dtype] = (moments, opt.memory_report()["optimizer_state"], expected_state_bytes(opt))
+        reports[dtype] = (
+            moments,
+            opt.memory_report()["optimizer_state"],
+            expected_state_bytes(opt),
+        )
     fp32, bf16 = reports["float32"], reports["bfloat16"]
     assert fp32[1] == fp32[2]  # the helper's count is exact for fp32 moments
     assert bf16[0] * 2 == fp32[0]
@@ -79,12 +83,7 @@ def test_resume_with_bf16_moments_is_bit_for_bit_across_a_reselection(rest):
     batches = make_batches(24)
     for batch in batches[:7]:
         one_step(model, opt, batch)
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = save_load(opt.state_dict())
-    clone = TinyNet(width=24)
-    clone.load_state_dict(saved_model)
-    resumed = BlockLLM(clone.named_parameters(), **kwargs)
-    resumed.load_state_dict(saved_opt)
+    clone, resumed, _ = resume(model, opt, lambda: TinyNet(width=24), **kwargs)
     assert {m.dtype for m in _moments(resumed)} == {torch.bfloat16}
     for batch in batches[7:]:
         one_step(model, opt, batch)

@@ -62,6 +62,18 @@ def save_load(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
+def resume(model, opt, build, **kwargs):
+    """A checkpoint of ``model`` and ``opt`` (through ``torch.save``) loaded into a fresh model
+    from ``build()`` and a fresh ``BlockLLM(**kwargs)``; returns the clone, the resumed optimizer
+    and the saved optimizer state."""
+    saved_opt = save_load(opt.state_dict())
+    clone = build()
+    clone.load_state_dict(model.state_dict())
+    resumed = BlockLLM(clone.named_parameters(), **kwargs)
+    resumed.load_state_dict(saved_opt)
+    return clone, resumed, saved_opt
+
+
 @pytest.mark.parametrize("selection", ["tensor", "mask"])
 @pytest.mark.parametrize("trigger", ["loss", "interval"])
 def test_resume_is_bit_for_bit_across_a_reselection(selection, trigger):
@@ -74,13 +86,7 @@ def test_resume_is_bit_for_bit_across_a_reselection(selection, trigger):
     losses = [10.0 - 0.01 * i for i in range(6)] + [5.0] * 34  # the loss trigger fires too
     for batch, value in zip(batches[:7], losses[:7]):
         one_step(model, opt, batch, value)
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = save_load(opt.state_dict())
-
-    clone = TinyNet(width=24)
-    clone.load_state_dict(saved_model)
-    resumed = BlockLLM(clone.named_parameters(), **kwargs)
-    resumed.load_state_dict(saved_opt)
+    clone, resumed, _ = resume(model, opt, lambda: TinyNet(width=24), **kwargs)
     assert resumed.selected == opt.selected
     assert resumed.selection_pending == opt.selection_pending
     for (name, a), b in zip(model.named_parameters(), clone.parameters()):
@@ -233,14 +239,8 @@ def test_keep_moments_resume_is_bit_for_bit_with_tensors_away():
     model = _stack_of_eight()
     opt = BlockLLM(model.named_parameters(), keep_moments=True, **_SWEEP)
     _sweep_steps(model, opt, inputs[:3])  # three pairs have left, with their moments kept
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = save_load(opt.state_dict())
+    clone, resumed, saved_opt = resume(model, opt, _stack_of_eight, keep_moments=True, **_SWEEP)
     assert set(saved_opt["blockllm"]["parked"]) == {"4.weight", "5.weight", "6.weight", "7.weight"}
-
-    clone = _stack_of_eight()
-    clone.load_state_dict(saved_model)
-    resumed = BlockLLM(clone.named_parameters(), keep_moments=True, **_SWEEP)
-    resumed.load_state_dict(saved_opt)
     _sweep_steps(model, opt, inputs[3:])
     _sweep_steps(clone, resumed, inputs[3:])
     for (name, a), b in zip(model.named_parameters(), clone.parameters()):

@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from blockllm.app.planning.activation_memory import PRECISIONS, ActivationMemory, activation_memory
 from blockllm.app.planning.model_shapes import ModelShape, TensorInfo
 from blockllm.config import BlockLLMConfig
@@ -34,8 +36,6 @@ from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
 
 MOMENTS = 8  # Adam's exp_avg and exp_avg_sq, fp32
-# BlockLLM's moments by its moment_dtype ("float32": the update's dtype, fp32 in every precision).
-_MOMENTS_OF = {"float32": MOMENTS, "bfloat16": 4}
 _FP32 = 4
 _INDEX32 = 4  # an int32 coordinate id
 
@@ -211,7 +211,8 @@ def blockllm_memory(
         gradients=held * size + largest * size,
         gradient_transient=largest * size,
         optimizer_state=(
-            _MOMENTS_OF[config.moment_dtype] * (budget + pinned)
+            # Two moments in moment_dtype ("float32" is the update's dtype: fp32 in every precision).
+            2 * getattr(torch, config.moment_dtype).itemsize * (budget + pinned)
             + (_INDEX32 * budget if single else 0)
         ),
         master_weights=settings.master_bytes * (budget + pinned),
