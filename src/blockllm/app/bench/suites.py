@@ -132,12 +132,16 @@ _BLOCKLLM_TUNED = MethodEntry("blockllm-lr5e-4-vocab-20", "blockllm",
                               (*_BLOCKLLM_PRETRAIN, "--lr", "5e-4", "--vocab-lr-scale", "20"))
 _GALORE_TUNED = MethodEntry("galore-vocab-3", "galore", ("--lr", "1e-2", "--vocab-lr-scale", "3"))
 _TUNED_PRETRAIN_METHODS = (_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_TUNED)
+
+
+def _tuned_blockllm(suffix: str, *flags: str) -> MethodEntry:
+    """BlockLLM's tuned point with one change: ``blockllm-lr5e-4-vocab-20-SUFFIX``, plus ``flags``."""
+    return MethodEntry(f"{_BLOCKLLM_TUNED.label}-{suffix}", "blockllm", (*_BLOCKLLM_TUNED.flags, *flags))
+
+
 # The tuned point with a larger Adam block at the same budget: bf16 moments take half the bytes,
 # so s = 0.82 fits within 0.35x AdamW's training state (s = 0.9 with fp32 moments: 0.33x).
-_BLOCKLLM_TUNED_BF16 = MethodEntry(
-    f"{_BLOCKLLM_TUNED.label}-s0.82-bf16", "blockllm",
-    (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.82", "--moment-dtype", "bfloat16"),
-)
+_BLOCKLLM_TUNED_BF16 = _tuned_blockllm("s0.82-bf16", "--sparsity", "0.82", "--moment-dtype", "bfloat16")
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
@@ -160,8 +164,7 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *_TUNED_PRETRAIN_METHODS,
     # Issue 14: bf16 weights with fp32 masters for the selection only, against bf16 autocast over
     # fp32 weights, at BlockLLM's tuned point (slow on a CPU without a bf16 fast path).
-    *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-{precision}", "blockllm",
-                  (*_BLOCKLLM_TUNED.flags, "--precision", precision))
+    *(_tuned_blockllm(precision, "--precision", precision)
       for precision in ("bf16", "bf16-pure")),
 )
 
@@ -282,14 +285,11 @@ SUITES: dict[str, Suite] = {
             _BLOCKLLM_TUNED,
             # The best point with SCALE's column-normalised step instead of sign for the matrices
             # Adam does not hold (the vocabulary keeps the factored rule).
-            MethodEntry(f"{_BLOCKLLM_TUNED.label}-colnorm", "blockllm",
-                        (*_BLOCKLLM_TUNED.flags, "--rest", "colnorm")),
+            _tuned_blockllm("colnorm", "--rest", "colnorm"),
             # The Adam block's size at the tuned point: s = 0.95 and 0.8 beside its 0.9 (0.8 with
             # fp32 moments is over the 0.35x budget), then the block that bf16 moments pay for.
-            *(MethodEntry(f"{_BLOCKLLM_TUNED.label}-s{sparsity}", "blockllm",
-                          (*_BLOCKLLM_TUNED.flags, "--sparsity", sparsity)) for sparsity in ("0.8", "0.95")),
-            MethodEntry(f"{_BLOCKLLM_TUNED.label}-s0.8-bf16", "blockllm",
-                        (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.8", "--moment-dtype", "bfloat16")),
+            *(_tuned_blockllm(f"s{sparsity}", "--sparsity", sparsity) for sparsity in ("0.8", "0.95")),
+            _tuned_blockllm("s0.8-bf16", "--sparsity", "0.8", "--moment-dtype", "bfloat16"),
             _BLOCKLLM_TUNED_BF16,
             # Adam's part of BlockLLM back at 1e-3 (its vocabulary rows at 2e-2) while the
             # state-free steps keep the best point's 5e-4 and 1e-2.
@@ -407,10 +407,8 @@ SUITES: dict[str, Suite] = {
                  # The larger block at the same budget, and GaLore's best point of the finer grid.
                  _BLOCKLLM_TUNED_BF16, _GALORE_BEST,
                  # Which of the two changes moves the loss here: the block's size or its moments.
-                 MethodEntry(f"{_BLOCKLLM_TUNED.label}-bf16", "blockllm",
-                             (*_BLOCKLLM_TUNED.flags, "--moment-dtype", "bfloat16")),
-                 MethodEntry(f"{_BLOCKLLM_TUNED.label}-s0.82", "blockllm",
-                             (*_BLOCKLLM_TUNED.flags, "--sparsity", "0.82"))),
+                 _tuned_blockllm("bf16", "--moment-dtype", "bfloat16"),
+                 _tuned_blockllm("s0.82", "--sparsity", "0.82")),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
