@@ -1,5 +1,7 @@
 """What is selected, what may change, and when the selection is renewed."""
 
+import ast
+import logging
 import math
 
 import pytest
@@ -31,6 +33,20 @@ def test_first_selection_happens_at_first_step_and_that_step_updates():
     assert opt.selected and opt.num_selected == opt.budget
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == set(opt.selected)  # the authors' code skips the first update; we do not
+
+
+def test_debug_log_names_each_selected_tensor_with_its_coordinates(caplog):
+    model = TinyNet()
+    opt = BlockLLM(model.named_parameters(), sparsity=0.9, max_tensor_share=0.25)
+    caplog.set_level(logging.DEBUG, logger="blockllm")
+    loss = loss_of(model, make_batches(1)[0])
+    loss.backward()
+    opt.step(loss=loss)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("selected (")]
+    counts = ast.literal_eval(line.split("): ", 1)[1])
+    assert list(counts) == opt.selected
+    assert sum(counts.values()) == opt.num_selected == opt.budget
+    assert all(0 < count <= dict(model.named_parameters())[name].numel() for name, count in counts.items())
 
 
 @pytest.mark.parametrize("share, partial", [(1.0, "coordinates"), (0.25, "rows"), (0.25, "coordinates")])

@@ -230,8 +230,18 @@ class BlockSelector:
             "BlockLLM selection %d at step %d: %d tensors, %d of %d coordinates",
             self.num_selections, step, len(chosen), self.num_selected, self.budget,
         )  # fmt: skip
-        logger.debug("selected: %s", [self.candidates.names[i] for i in sorted(self.selection)])
+        logger.debug("selected (name: coordinates): %s", self._selection_summary())
         return leaving
+
+    def _selection_summary(self) -> dict[str, int]:
+        """Each selected tensor's name and how many of its coordinates Adam now holds."""
+        params = self.candidates.params
+        return {
+            self.candidates.names[index]: (
+                params[index].numel() if coordinates is None else self.comm.count(coordinates)
+            )
+            for index, coordinates in sorted(self.selection.items())
+        }
 
     def observe_loss(self, loss: float | None) -> None:
         """Feed the trigger one step's loss; start a selection when it fires."""
