@@ -13,6 +13,7 @@ batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them 
 
     .venv/bin/python benchmarks/training_step.py                # about 4 min on 2 cores
     .venv/bin/python benchmarks/training_step.py --profile 20   # where the time goes, per op
+    .venv/bin/python benchmarks/training_step.py --phases --kinds adamw,blockllm  # per phase
     .venv/bin/python benchmarks/training_step.py --preset llama-20m --vocab-size 32000
 """
 
@@ -30,6 +31,8 @@ import torch
 
 from blockllm import BlockLLM, RowGradients
 from blockllm.app.models.presets import build_llama
+
+KINDS = ("adamw", "blockllm", "blockllm-bf16-moments", "blockllm-frozen", "blockllm-frozen-rows")
 
 
 def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
@@ -49,19 +52,46 @@ def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
     return optimizer
 
 
+def timed_step(model, optimizer, tokens) -> tuple[float, float, float]:
+    """One training step; seconds of its forward, backward (with the hooks' rest steps) and the
+    clip + optimizer step + zero_grad."""
+    started = time.perf_counter()
+    loss = model(input_ids=tokens, labels=tokens).loss
+    forward = time.perf_counter()
+    loss.backward()
+    backward = time.perf_counter()
+    if isinstance(optimizer, BlockLLM):
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step(loss=loss)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return forward - started, backward - forward, time.perf_counter() - backward
+
+
 def train_steps(model, optimizer, batches) -> float:
     started = time.perf_counter()
     for tokens in batches:
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        if isinstance(optimizer, BlockLLM):
-            optimizer.clip_grad_norm_(1.0)
-            optimizer.step(loss=loss)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        timed_step(model, optimizer, tokens)
     return time.perf_counter() - started
+
+
+def print_phases(runs, rounds: int, batches) -> None:
+    """Median milliseconds per step of each phase, the methods taking turns as in the timing:
+    with a rest rule the state-free steps run inside the backward, so their cost shows there."""
+    phases = ("forward", "backward", "clip+step")
+    spent = {kind: {phase: [] for phase in phases} for kind in runs}
+    for _ in range(rounds):
+        data = batches()
+        for kind, (model, optimizer) in runs.items():
+            for tokens in data:
+                for phase, seconds in zip(phases, timed_step(model, optimizer, tokens)):
+                    spent[kind][phase].append(seconds * 1000)
+    for kind, times in spent.items():
+        medians = {phase: statistics.median(values) for phase, values in times.items()}
+        parts = "  ".join(f"{phase} {ms:7.1f}" for phase, ms in medians.items())
+        print(f"  {kind:22s} {parts}  total {sum(medians.values()):7.1f} ms/step")
 
 
 def print_profiles(runs, batches) -> None:
@@ -96,16 +126,21 @@ def main() -> None:
         help="instead of timing, profile STEPS steps per method (torch.profiler) and print the "
         "operators that take the most time",
     )  # fmt: skip
+    parser.add_argument(
+        "--phases", action="store_true",
+        help="instead of tokens/s, print each method's median ms per step of forward, backward "
+        "(with the rest steps in its hooks) and clip + step",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {', '.join(KINDS)}"
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    kinds = (
-        "adamw",
-        "blockllm",
-        "blockllm-bf16-moments",
-        "blockllm-frozen",
-        "blockllm-frozen-rows",
-    )
+    kinds = tuple(args.kinds.split(","))
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or "adamw" not in kinds:
+        parser.error(f"--kinds: unknown {unknown} or no adamw (the reference) in {args.kinds!r}")
     runs = {}
     for kind in kinds:
         model = build_llama(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
@@ -120,6 +155,9 @@ def main() -> None:
         train_steps(model, optimizer, batches(3))
     if args.profile:
         print_profiles(runs, batches(args.profile))
+        return
+    if args.phases:
+        print_phases(runs, args.rounds, lambda: batches(args.steps))
         return
     seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
@@ -136,8 +174,9 @@ def main() -> None:
     for kind in kinds:
         ratio = speed[kind] / speed["adamw"]
         print(f"  {kind:22s} {speed[kind]:9,.0f} tokens/s  {ratio:.2f}x AdamW")
-    rows = speed["blockllm-frozen-rows"] / speed["blockllm-frozen"]
-    print(f"  row gradients: {rows:.2f}x the frozen rule without")
+    if {"blockllm-frozen-rows", "blockllm-frozen"} <= set(kinds):
+        rows = speed["blockllm-frozen-rows"] / speed["blockllm-frozen"]
+        print(f"  row gradients: {rows:.2f}x the frozen rule without")
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
