@@ -142,8 +142,8 @@ def _tuned_blockllm(suffix: str, *flags: str) -> MethodEntry:
 # The tuned point with a larger Adam block at the same budget: bf16 moments take half the bytes,
 # so s = 0.82 fits within 0.35x AdamW's training state (s = 0.9 with fp32 moments: 0.33x).
 _BLOCKLLM_TUNED_BF16 = _tuned_blockllm("s0.82-bf16", "--sparsity", "0.82", "--moment-dtype", "bfloat16")
-# The larger block holds Adam on more of the hidden matrices (24 % of them on tiny, 63 % on
-# llama-20m, against 12 % and 36 % at s = 0.9), and Adam's steps are smaller than sign's at one
+# The larger block holds Adam on more of the hidden matrices (21 % of them on tiny, 48 % on
+# llama-20m, against 12 % and 27 % at s = 0.9, at the first selection), and Adam's steps are smaller than sign's at one
 # lr, so its lr was moved up one grid step (x1.25) with the vocabulary's held at 1e-2.
 _BLOCKLLM_TUNED_BF16_LR = MethodEntry(
     "blockllm-lr6.25e-4-vocab-16-s0.82-bf16", "blockllm",
