@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blockllm.selection.candidates import CandidateSet
-from blockllm.selection.coordinates import same, to_saved
+from blockllm.selection.coordinates import Selected, same, to_saved
 from blockllm.selection.packing import (
     BudgetPacker,
     Coordinates,
@@ -126,12 +126,18 @@ class BlockSelector:
     @property
     def num_selected(self) -> int:
         """Coordinates that may change at the next step, over all ranks."""
-        params, pinned = self.candidates.params, self.candidates.pinned
+        pinned = self.candidates.pinned
         return sum(
-            params[index].numel() if coordinates is None else self.comm.count(coordinates)
+            self._count(index, coordinates)
             for index, coordinates in self.selection.items()
             if index not in pinned
         )
+
+    def _count(self, index: int, coordinates: Selected | None) -> int:
+        """Coordinates of candidate ``index`` that ``coordinates`` (None: all) hold, all ranks."""
+        if coordinates is None:
+            return self.candidates.params[index].numel()
+        return self.comm.count(coordinates)
 
     # ------------------------------------------------------------------ one selection
 
@@ -235,11 +241,8 @@ class BlockSelector:
 
     def _selection_summary(self) -> dict[str, int]:
         """Each selected tensor's name and how many of its coordinates Adam now holds."""
-        params = self.candidates.params
         return {
-            self.candidates.names[index]: (
-                params[index].numel() if coordinates is None else self.comm.count(coordinates)
-            )
+            self.candidates.names[index]: self._count(index, coordinates)
             for index, coordinates in sorted(self.selection.items())
         }
 
