@@ -37,6 +37,8 @@ def exact(records):
 )
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, cache_dir, overrides):
     config = tiny_config(max_steps=8, eval_every=4, save_every=100, **overrides)
+    # The handler the process had (SIG_IGN in a job started in the background, not the default).
+    handler_before = signal.getsignal(signal.SIGINT)
     TrainingRun(config, tmp_path / "straight", cache_dir=cache_dir).run()
 
     # A real SIGINT during step 3 (not a save step; mid log-window for log_every=2).
@@ -45,7 +47,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, cache_dir, overrides)
         interrupted.run()
     assert caught.value.step == 3
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
     TrainingRun(config, tmp_path / "resumed", resume=True, cache_dir=cache_dir).run()
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
