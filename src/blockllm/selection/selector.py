@@ -236,7 +236,8 @@ class BlockSelector:
             "BlockLLM selection %d at step %d: %d tensors, %d of %d coordinates",
             self.num_selections, step, len(chosen), self.num_selected, self.budget,
         )  # fmt: skip
-        logger.debug("selected (name: coordinates): %s", self._selection_summary())
+        if logger.isEnabledFor(logging.DEBUG):  # the summary is built only when it is shown
+            logger.debug("selected (name: coordinates): %s", self._selection_summary())
         return leaving
 
     def _selection_summary(self) -> dict[str, int]:

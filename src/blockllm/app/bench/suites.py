@@ -38,11 +38,12 @@ def grid(optimizer: str, lrs: tuple[str, ...]) -> tuple[MethodEntry, ...]:
 
 
 def _lr_pairs(
-    optimizer: str, flags: tuple[str, ...], pairs: tuple[tuple[str, str], ...]
+    optimizer: str, flags: tuple[str, ...], pairs: tuple[tuple[str, str], ...], suffix: str = ""
 ) -> tuple[MethodEntry, ...]:
-    """One entry per (lr, vocabulary lr scale), labelled ``OPTIMIZER-lrLR-vocab-SCALE``."""
+    """One entry per (lr, vocabulary lr scale), labelled ``OPTIMIZER-lrLR-vocab-SCALE`` plus
+    ``suffix``."""
     return tuple(
-        MethodEntry(f"{optimizer}-lr{lr}-vocab-{scale}", optimizer,
+        MethodEntry(f"{optimizer}-lr{lr}-vocab-{scale}{suffix}", optimizer,
                     (*flags, "--lr", lr, "--vocab-lr-scale", scale))
         for lr, scale in pairs
     )  # fmt: skip
@@ -146,11 +147,9 @@ _BLOCKLLM_TUNED_BF16 = _tuned_blockllm("s0.82-bf16", "--sparsity", "0.82", "--mo
 # holds Adam on more of the hidden matrices (21 % of them on tiny, 48 % on llama-20m, against
 # 12 % and 27 % at s = 0.9, at the first selection). Seed 0: 6.25e-4 worse on both models, 4e-4
 # level on tiny and better than 5e-4 on llama-20m but still behind s = 0.9 there.
-_BLOCKLLM_TUNED_BF16_LRS = tuple(
-    MethodEntry(f"blockllm-lr{lr}-vocab-{scale}-s0.82-bf16", "blockllm",
-                (*_BLOCKLLM_PRETRAIN, "--lr", lr, "--vocab-lr-scale", scale, "--sparsity", "0.82",
-                 "--moment-dtype", "bfloat16"))
-    for lr, scale in (("6.25e-4", "16"), ("4e-4", "25"))
+_BLOCKLLM_TUNED_BF16_LRS = _lr_pairs(
+    "blockllm", (*_BLOCKLLM_PRETRAIN, "--sparsity", "0.82", "--moment-dtype", "bfloat16"),
+    (("6.25e-4", "16"), ("4e-4", "25")), suffix="-s0.82-bf16",
 )  # fmt: skip
 # The tuned point with the cap per tensor at half the budget instead of a quarter: the block
 # then goes to the embedding's and head's rows (their gradients score highest), the hidden
