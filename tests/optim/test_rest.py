@@ -526,3 +526,90 @@ def test_the_sliced_sign_step_equals_the_whole_tensor_step(finite):
     expected = weight + (-3e-4) * torch.sign(grad) if finite else weight.clone()
     _sign_step_(weight, grad.clone(), torch.tensor(finite), -3e-4)
     assert torch.equal(weight, expected)
+
+
+@pytest.mark.parametrize("live", [0.1, 0.9])
+def test_factored_rows_direction_is_the_dense_direction_on_its_rows(live):
+    # An embedding's gradient is zero outside the batch's tokens: direction_rows gives the
+    # direction on the other rows only, with the statistics updated exactly as direction()
+    # updates them; when most rows are live it hands back the dense direction itself.
+    torch.manual_seed(0)
+    grads = []
+    for _ in range(4):
+        grad = torch.randn(2000, 300) * torch.logspace(-4, 1, 2000)[:, None]
+        grad[torch.rand(2000) > live] = 0.0
+        grads.append(grad)
+    dense_rule, rows_rule = FactoredRest(), FactoredRest()
+    dense_state, rows_state = dense_rule.init_state(grads[0]), rows_rule.init_state(grads[0])
+    for grad in grads:
+        expected = dense_rule.direction(grad, dense_state)
+        rows, values = rows_rule.direction_rows(grad, rows_state)
+        for key in dense_state:
+            assert torch.equal(dense_state[key], rows_state[key]), key
+        if live > 0.5:
+            assert rows is None and torch.equal(values, expected)
+            continue
+        assert torch.equal(rows, grad.abs().sum(dim=1).nonzero().squeeze(1))
+        assert values.shape == (rows.numel(), 300)
+        untouched = torch.ones(2000, dtype=torch.bool)
+        untouched[rows] = False
+        assert not expected[untouched].any()  # the dense direction is zero on the other rows
+        # Equal up to the clip's RMS, whose sum runs over other slices.
+        torch.testing.assert_close(values, expected[rows], rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("selection", ["none", "rows", "rows+extra", "coordinates"])
+def test_the_row_step_leaves_out_the_selected_coordinates_as_the_dense_step(selection):
+    from blockllm.optim.rest_step import _step_rows_
+    from blockllm.selection.coordinates import RowCoordinates, fill_
+
+    torch.manual_seed(0)
+    weight, direction = torch.randn(50, 8), torch.randn(50, 8)
+    live = torch.tensor([1, 4, 5, 9, 20, 33, 49])
+    direction[~torch.isin(torch.arange(50), live)] = 0.0
+    selected = {
+        "none": None,
+        "rows": RowCoordinates(torch.tensor([4, 7, 33], dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 8),
+        "rows+extra": RowCoordinates(torch.tensor([4], dtype=torch.int32), torch.tensor([8 + 3, 9 * 8, 100], dtype=torch.int32), 8),
+        "coordinates": torch.tensor([0, 9, 40, 41, 399], dtype=torch.int32),
+    }[selection]
+    expected = direction.clone() * 3e-3
+    if selected is not None:
+        fill_(expected, selected, 0.0)
+    expected = weight - expected
+    _step_rows_(weight, live, direction[live].clone(), selected, -3e-3)
+    assert torch.equal(weight, expected)
+
+
+def test_the_embedding_steps_only_its_batch_rows_and_trains_as_the_dense_step(monkeypatch):
+    # Tokens 0-127 of a 1,024-token vocabulary: the embedding's other rows get a zero gradient,
+    # so the factored rule steps its live rows only. The weights must come out as the dense
+    # step's (up to the RMS clip's summation order), and the unused rows never move.
+    from blockllm.optim.rest_step import RestStepper
+
+    def run(by_rows):
+        if not by_rows:
+            monkeypatch.setattr(RestStepper, "_by_rows", lambda *args: False)
+        calls = []
+        original = FactoredRest.direction_rows
+        monkeypatch.setattr(
+            FactoredRest, "direction_rows", lambda *a: calls.append(1) or original(*a)
+        )
+        model = tiny_llama(vocab=1024)
+        start = model.model.embed_tokens.weight.detach().clone()
+        optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
+                             patience=4, fused=False)  # fmt: skip
+        for tokens in patterned_batches(12):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step(loss=1.0)
+            optimizer.zero_grad(set_to_none=True)
+        monkeypatch.undo()
+        assert bool(calls) == by_rows
+        assert torch.equal(model.model.embed_tokens.weight[128:], start[128:])
+        assert not torch.equal(model.model.embed_tokens.weight[:128], start[:128])
+        return model
+
+    by_rows, dense = run(True), run(False)
+    for (name, p), q in zip(by_rows.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -31,7 +31,7 @@ import torch
 
 from blockllm.distributed.base import Communicator
 from blockllm.optim.rounding import RoundingGenerators, stochastic_round_to_bf16
-from blockllm.selection.coordinates import Selected, as_flat, fill_, gather
+from blockllm.selection.coordinates import RowCoordinates, Selected, as_flat, fill_, gather
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import RestRule, SignRest
 
@@ -65,6 +65,31 @@ def _sign_step_(weight: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, 
         grad.view(-1).split(_SIGN_SLICE_ELEMENTS), weight.view(-1).split(_SIGN_SLICE_ELEMENTS)
     ):
         weights.add_(grads.sign_(), alpha=alpha)
+
+
+def _step_rows_(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    selected: Selected | None,
+    alpha: float,
+) -> None:
+    """``weight[rows] += alpha * values``, leaving out the ``selected`` coordinates (Adam's);
+    the same arithmetic per entry as the dense step, on the given rows only."""
+    width = weight.shape[1]
+    if selected is not None:
+        if isinstance(selected, RowCoordinates):
+            keep = ~torch.isin(rows, selected.rows.long())
+            rows, values, loose = rows[keep], values[keep], selected.extra.long()
+        else:
+            loose = selected.long()
+        if loose.numel() and rows.numel():  # single selected coordinates inside stepped rows
+            row_of, column = loose // width, loose % width
+            at = torch.searchsorted(rows, row_of).clamp_(max=rows.numel() - 1)
+            hit = rows[at] == row_of
+            values[at[hit], column[hit]] = 0.0
+    values.mul_(alpha)
+    weight.index_add_(0, rows, values)
 
 
 class RestStepper:
@@ -235,9 +260,19 @@ class RestStepper:
             _sign_step_(weight, grad, finite, -(lr * self.lr_scale))
             param.grad = None
             return None
+        if not defer and not decay and self._by_rows(index, grad, weight):
+            rows, update = self._direction(index, grad, finite, by_rows=True)
+            if rows is not None:
+                if bool(finite):
+                    _step_rows_(weight, rows, update, selected, -(lr * self.lr_scale))
+                if selected is None:
+                    param.grad = None
+                return None
+        else:
+            update = self._direction(index, grad, finite)
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
-        update = self._direction(index, grad, finite).to(work)
+        update = update.to(work)
         if update.data_ptr() == grad.data_ptr() or update.data_ptr() == weight.data_ptr():
             update = update.clone()  # a user rule may hand back its input: never scale that
         # In place from here on: each full-size temporary costs time and, on a vocabulary
@@ -272,7 +307,24 @@ class RestStepper:
             and isinstance(lr, float)
         )
 
-    def _direction(self, index: int, grad: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    def _by_rows(self, index: int, grad: torch.Tensor, weight: torch.Tensor) -> bool:
+        """The rule can step only a matrix's nonzero gradient rows, and it pays here: a CPU (on
+        an accelerator finding the rows would wait for the device), a contiguous full-precision
+        matrix of the gradient's dtype (a bf16 weight keeps its rounding stream)."""
+        return (
+            hasattr(self.overrides.get(index, self.rule), "direction_rows")
+            and weight.device.type == "cpu"
+            and weight.dim() == 2
+            and grad.dtype == weight.dtype
+            and weight.dtype in (torch.float32, torch.float64)
+            and weight.is_contiguous()
+            and grad.is_contiguous()
+        )
+
+    def _direction(
+        self, index: int, grad: torch.Tensor, finite: torch.Tensor, by_rows: bool = False
+    ) -> Any:
+        """The rule's direction; with ``by_rows`` its ``direction_rows`` result."""
         rule = self.overrides.get(index, self.rule)
         init = getattr(rule, "init_state", None)
         if init is None:
@@ -283,7 +335,7 @@ class RestStepper:
         # A non-finite gradient must not reach the statistics (they would poison every later
         # step): keep the old values then, without a host sync (the state is O(rows + columns)).
         before = {key: value.clone() for key, value in state.items()}
-        direction = rule.direction(grad, state)
+        direction = rule.direction_rows(grad, state) if by_rows else rule.direction(grad, state)
         for key, value in state.items():
             value.copy_(torch.where(finite, value, before[key]))
         return direction

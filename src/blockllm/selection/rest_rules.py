@@ -81,12 +81,13 @@ def _scale_rows_and_columns(
     return out, total
 
 
-def _clip_rms(update: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+def _clip_rms(update: torch.Tensor, squares: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     """``update`` divided by its root mean square when that exceeds 1 (Adafactor's clip), in
-    place; ``squares`` is its sum of squares. A CPU skips the pass when the RMS is at most 1
-    (usual in steady training; dividing by 1 would change nothing); elsewhere it stays
-    unconditional, as a host check would wait for the device."""
-    rms = (squares / update.numel()).sqrt_()
+    place; ``squares`` is its sum of squares over ``numel`` entries (``update``'s own count by
+    default; a row-sparse update's is its whole matrix's, the other rows being zeros). A CPU
+    skips the pass when the RMS is at most 1 (usual in steady training; dividing by 1 would
+    change nothing); elsewhere it stays unconditional, as a host check would wait for the device."""
+    rms = (squares / (update.numel() if numel is None else numel)).sqrt_()
     if update.device.type == "cpu" and not bool(rms > 1.0):
         return update
     return update.div_(rms.clamp(min=1.0))
@@ -104,6 +105,11 @@ class RestRule(Protocol):
     A rule with state defines ``init_state(grad) -> dict[str, Tensor]`` too; ``direction`` is
     then called as ``direction(grad, state)`` with that tensor's state, which the optimizer keeps
     for every candidate, checkpoints and counts as optimizer state.
+
+    A stateful rule whose direction is zero wherever a matrix's gradient row is all zero may
+    also define ``direction_rows(grad, state) -> (rows, values)`` (:meth:`FactoredRest.direction_rows`),
+    which the optimizer uses on a CPU for undecayed full-precision matrices, so that an
+    embedding steps only the rows of the batch's tokens.
     """
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor: ...
@@ -155,26 +161,63 @@ class FactoredRest:
 
     def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         g = grad.float()
-        state["step"] += 1
-        correction = 1 - self.beta2 ** float(state["step"])
+        correction = self._count_step(state)
         if "full" in state:
             state["full"].lerp_(g.square().add_(self.eps), 1 - self.beta2)
             update = g / (state["full"] / correction).sqrt()
-        else:
-            # The update is the only full-size tensor this builds (over a 32k x 1024 vocabulary
-            # matrix each full-size temporary is 131 MB at the backward's peak), and it is
-            # written in one pass: g / sqrt(row_i col_j / mean(row)) as g * a_i * b_j with
-            # a = (row / mean(row))**-1/2, b = col**-1/2, no outer product of the factors.
-            matrix = g.reshape(state["row"].numel(), -1)
-            rows, cols = matrix.shape
-            row_sums, col_sums = _sums_of_squares(matrix)
-            state["row"].lerp_(row_sums.div_(cols).add_(self.eps), 1 - self.beta2)
-            state["col"].lerp_(col_sums.div_(rows).add_(self.eps), 1 - self.beta2)
-            row, col = state["row"] / correction, state["col"] / correction
-            row_scale = row.div_(row.mean()).rsqrt_()
-            update, squares = _scale_rows_and_columns(matrix, row_scale, col.rsqrt_())
-            return _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
-        return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
+            return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
+        # The update is the only full-size tensor this builds (over a 32k x 1024 vocabulary
+        # matrix each full-size temporary is 131 MB at the backward's peak), and it is written
+        # in one pass: g / sqrt(row_i col_j / mean(row)) as g * a_i * b_j with
+        # a = (row / mean(row))**-1/2, b = col**-1/2, no outer product of the factors.
+        matrix = g.reshape(state["row"].numel(), -1)
+        row_scale, col_scale, _ = self._factors(matrix, state, correction)
+        update, squares = _scale_rows_and_columns(matrix, row_scale, col_scale)
+        return _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
+
+    def direction_rows(
+        self, grad: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """:meth:`direction` of a matrix as ``(rows, values)``: the row ids (sorted) where the
+        gradient is not all zero and the direction on those rows only; elsewhere it is zero.
+
+        An embedding's gradient is zero outside the batch's tokens (on a 32,000-token
+        vocabulary at most 2,048 rows for a batch of 2,048 tokens), so writing, scaling and
+        applying only those rows skips most of the step's passes over the matrix. The
+        statistics are updated exactly as :meth:`direction` updates them. When most rows are
+        live the gather costs more than it saves: ``(None, direction)`` then, the dense result.
+        A row counts as zero when its squares sum to zero (entries below about 1e-23 underflow).
+        """
+        g = grad.float()
+        correction = self._count_step(state)
+        matrix = g.reshape(state["row"].numel(), -1)
+        row_scale, col_scale, live = self._factors(matrix, state, correction)
+        rows = live.nonzero().squeeze(1)
+        if 2 * rows.numel() > matrix.shape[0]:
+            update, squares = _scale_rows_and_columns(matrix, row_scale, col_scale)
+            return None, _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
+        values, squares = _scale_rows_and_columns(
+            matrix.index_select(0, rows), row_scale.index_select(0, rows), col_scale
+        )
+        return rows, _clip_rms(values, squares, matrix.numel()).to(grad.dtype)
+
+    def _count_step(self, state: dict[str, torch.Tensor]) -> float:
+        """Advances the step count; returns the bias correction of this step."""
+        state["step"] += 1
+        return 1 - self.beta2 ** float(state["step"])
+
+    def _factors(
+        self, matrix: torch.Tensor, state: dict[str, torch.Tensor], correction: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Updates the row and column statistics with ``matrix``'s squares; returns the row and
+        column scales of the direction and which rows of ``matrix`` have a nonzero square."""
+        rows, cols = matrix.shape
+        row_sums, col_sums = _sums_of_squares(matrix)
+        live = row_sums != 0
+        state["row"].lerp_(row_sums.div_(cols).add_(self.eps), 1 - self.beta2)
+        state["col"].lerp_(col_sums.div_(rows).add_(self.eps), 1 - self.beta2)
+        row, col = state["row"] / correction, state["col"] / correction
+        return row.div_(row.mean()).rsqrt_(), col.rsqrt_(), live
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
