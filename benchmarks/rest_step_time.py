@@ -5,10 +5,11 @@ factored rule on the embedding and head, the largest tensors of a language model
 whole rest step (the clipping norm, the direction, the update of the weight, the gradient freed)
 per rule on a single tensor of each shape, and ``torch.optim.AdamW(fused=True)``'s step with
 ``clip_grad_norm_`` before it on the same tensor, for scale. Median of repeats; a fresh gradient
-is copied in, untimed, before each step. Run it against another checkout's library to compare
-two versions:
+is copied in, untimed, before each step. ``--live-rows N`` zeroes all but N random rows of the
+gradient, as an embedding's gradient is zero outside the batch's tokens. Run it against another
+checkout's library to compare two versions:
 
-    .venv/bin/python benchmarks/rest_step_time.py [--threads 2] [--repeats 10]
+    .venv/bin/python benchmarks/rest_step_time.py [--threads 2] [--repeats 10] [--live-rows 2048]
     PYTHONPATH=/path/to/other/checkout/src .venv/bin/python benchmarks/rest_step_time.py
 """
 
@@ -80,6 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--live-rows", type=int, default=None,
+        help="nonzero gradient rows (an embedding's: the batch's distinct tokens); default all",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,10 +96,13 @@ def main() -> None:
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
     print(f"blockllm from {source} ({commit or 'no git'}), torch {torch.__version__}, "
-          f"{args.threads} thread(s), median of {args.repeats}")  # fmt: skip
+          f"{args.threads} thread(s), median of {args.repeats}, "
+          f"live rows: {args.live_rows or 'all'}")  # fmt: skip
     print(f"{'shape':>14}  {'AdamW+clip':>11}  " + "  ".join(f"{rule:>9}" for rule in RULES))
     for shape in SHAPES:
         gradient = torch.randn(shape)
+        if args.live_rows is not None and args.live_rows < shape[0]:
+            gradient[torch.randperm(shape[0])[args.live_rows :]] = 0.0
         adamw = adamw_step_ms(gradient, args.repeats)
         rest = [rest_step_ms(rule, gradient, args.repeats) for rule in RULES]
         label = f"{shape[0]} x {shape[1]}"
