@@ -35,6 +35,19 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch(tmp_p
     assert rank0["bytes"] > 0
 
 
+@pytest.mark.parametrize("rest", ["colnorm", "sign"])
+def test_two_ranks_clip_against_the_whole_batchs_gradient_norm_at_every_step(tmp_path, rest):
+    # The norm is assembled from the rest's norms taken in the hooks (after averaging) and the
+    # held block's; at every step, selection steps included, it must be the whole batch's.
+    from tests.distributed.workers import clip_norm_worker
+
+    run_workers(functools.partial(clip_norm_worker, rest=rest), tmp_path)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["reselections"] >= 4
+        assert saved["ratios"] == pytest.approx([1.0] * 10, abs=1e-5)
+
+
 def test_a_ddp_wrapped_model_without_process_group_is_refused(tmp_path):
     from tests.distributed.workers import ddp_detection_worker
 

@@ -57,6 +57,41 @@ def data_parallel_worker(
         dist.destroy_process_group()
 
 
+def clip_norm_worker(rank: int, world_size: int, store: str, out_dir: str, rest: str) -> None:
+    """Each step, the norm BlockLLM clips against on two ranks (half the batch each) beside the
+    norm of the whole batch's gradient, computed on this rank by a twin with the same weights.
+    The twin is reloaded every step, so no drift between two trajectories enters: what is left
+    is the accounting of the rest's consumed norms, the held gradients and the averaging."""
+    from tests.optim.test_llama import patterned_batches, tiny_llama
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    try:
+        model, twin = tiny_llama(), tiny_llama()
+        opt = BlockLLM(
+            model.named_parameters(), lr=3e-3, sparsity=0.9, rest=rest, trigger="interval",
+            patience=2, process_group=dist.group.WORLD,
+        )  # fmt: skip
+        ratios = []
+        for tokens in patterned_batches(10):
+            twin.load_state_dict(model.state_dict())
+            twin.zero_grad(set_to_none=True)
+            twin(input_ids=tokens, labels=tokens).loss.backward()
+            whole = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()])
+            half = tokens.chunk(world_size)[rank]
+            loss = model(input_ids=half, labels=half).loss
+            loss.backward()
+            ratios.append(float(opt.clip_grad_norm_(1.0)) / float(whole))
+            opt.step(loss=loss)
+            opt.zero_grad(set_to_none=True)
+        torch.save({"ratios": ratios, "reselections": opt.num_reselections}, Path(out_dir) / f"rank{rank}.pt")
+        leave_together()
+    finally:
+        dist.destroy_process_group()
+
+
 def single_process_reference(options: dict | None = None) -> dict:
     """The same training on one process with the whole (concatenated) batch."""
     torch.manual_seed(100)  # rank 0's initial weights, which the broadcast hands everyone
