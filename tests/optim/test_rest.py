@@ -528,88 +528,118 @@ def test_the_sliced_sign_step_equals_the_whole_tensor_step(finite):
     assert torch.equal(weight, expected)
 
 
-@pytest.mark.parametrize("live", [0.1, 0.9])
-def test_factored_rows_direction_is_the_dense_direction_on_its_rows(live):
-    # An embedding's gradient is zero outside the batch's tokens: direction_rows gives the
-    # direction on the other rows only, with the statistics updated exactly as direction()
-    # updates them; when most rows are live it hands back the dense direction itself.
+def _sparse_rows_gradients(live, count=4, shape=(2000, 300)):
+    """Gradients whose rows are all zero but a ``live`` share (an embedding's, batch tokens)."""
     torch.manual_seed(0)
     grads = []
-    for _ in range(4):
-        grad = torch.randn(2000, 300) * torch.logspace(-4, 1, 2000)[:, None]
-        grad[torch.rand(2000) > live] = 0.0
+    for _ in range(count):
+        grad = torch.randn(shape) * torch.logspace(-4, 1, shape[0])[:, None]
+        grad[torch.rand(shape[0]) > live] = 0.0
         grads.append(grad)
+    return grads
+
+
+@pytest.mark.parametrize("live", [0.1, 0.9])
+def test_the_factored_step_on_live_rows_is_the_dense_direction_on_them(live):
+    # Writing the direction out on the live rows only: the statistics are updated as for the
+    # dense direction, the rows are those with a nonzero gradient, the values the dense ones
+    # (up to the clip's summation order), and the dense direction is zero elsewhere.
+    grads = _sparse_rows_gradients(live)
     dense_rule, rows_rule = FactoredRest(), FactoredRest()
     dense_state, rows_state = dense_rule.init_state(grads[0]), rows_rule.init_state(grads[0])
     for grad in grads:
         expected = dense_rule.direction(grad, dense_state)
-        rows, values = rows_rule.direction_rows(grad, rows_state)
+        prepared = rows_rule.prepare(grad, rows_state)
         for key in dense_state:
             assert torch.equal(dense_state[key], rows_state[key]), key
+        torch.testing.assert_close(prepared.dense(), expected, rtol=0, atol=0)
         if live > 0.5:
-            assert rows is None and torch.equal(values, expected)
+            assert prepared.live_rows() is None  # most rows live: the dense path is cheaper
             continue
+        rows, values = prepared.live_rows()
         assert torch.equal(rows, grad.abs().sum(dim=1).nonzero().squeeze(1))
-        assert values.shape == (rows.numel(), 300)
-        untouched = torch.ones(2000, dtype=torch.bool)
+        untouched = torch.ones(grad.shape[0], dtype=torch.bool)
         untouched[rows] = False
-        assert not expected[untouched].any()  # the dense direction is zero on the other rows
-        # Equal up to the clip's RMS, whose sum runs over other slices.
+        assert not expected[untouched].any()
         torch.testing.assert_close(values, expected[rows], rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: the direction's RMS exceeds 1, clipped
+def test_the_in_place_factored_step_is_the_dense_step(scale, decay):
+    # No full-size direction: the weight is stepped slice by slice, the same arithmetic per
+    # entry as subtracting the written-out direction, and the clip's sum over the same slices.
+    grads = _sparse_rows_gradients(1.0, count=3)
+    rule = FactoredRest()
+    state = rule.init_state(grads[0])
+    weight = torch.randn(grads[0].shape)
+    for step, grad in enumerate(grads):
+        twin_state = {key: value.clone() for key, value in state.items()}
+        expected_direction = rule.prepare(grad * (scale if step else 1.0), twin_state).dense()
+        # The general path's arithmetic (RestStepper._step): scale, add the decay, subtract.
+        expected = weight - expected_direction.mul_(3e-3).add_(weight, alpha=decay * 3e-3)
+        rule.prepare(grad * (scale if step else 1.0), state).apply_(weight, 3e-3, decay * 3e-3)
+        assert torch.equal(weight, expected)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1e-2])
+@pytest.mark.parametrize("live", [0.2, 1.0])
 @pytest.mark.parametrize("selection", ["none", "rows", "rows+extra", "coordinates"])
-def test_the_row_step_leaves_out_the_selected_coordinates_as_the_dense_step(selection):
-    from blockllm.optim.rest_step import _step_rows_
+def test_the_factored_step_leaves_the_selected_coordinates_alone(selection, live, decay):
+    # Adam owns the selected coordinates: the in-place and the live-rows steps must move
+    # every other entry as the dense step does and these not at all.
+    from blockllm.optim.rest_step import _step_factored_
     from blockllm.selection.coordinates import RowCoordinates, fill_
 
-    torch.manual_seed(0)
-    weight, direction = torch.randn(50, 8), torch.randn(50, 8)
-    live = torch.tensor([1, 4, 5, 9, 20, 33, 49])
-    direction[~torch.isin(torch.arange(50), live)] = 0.0
+    grad = _sparse_rows_gradients(live, count=1, shape=(50, 8))[0]
+    live_rows = grad.abs().sum(dim=1).nonzero().squeeze(1)
     selected = {
         "none": None,
-        "rows": RowCoordinates(torch.tensor([4, 7, 33], dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 8),
-        "rows+extra": RowCoordinates(torch.tensor([4], dtype=torch.int32), torch.tensor([8 + 3, 9 * 8, 100], dtype=torch.int32), 8),
-        "coordinates": torch.tensor([0, 9, 40, 41, 399], dtype=torch.int32),
-    }[selection]
-    expected = direction.clone() * 3e-3
+        "rows": RowCoordinates(torch.stack([live_rows[0], live_rows[-1], torch.tensor(7)]).sort().values.int(),
+                               torch.zeros(0, dtype=torch.int32), 8),
+        "rows+extra": RowCoordinates(live_rows[:1].int(), torch.tensor([int(live_rows[1]) * 8 + 3, 100], dtype=torch.int32), 8),
+        "coordinates": torch.tensor([0, int(live_rows[2]) * 8 + 1, 399], dtype=torch.int32),
+    }[selection]  # fmt: skip
+    rule = FactoredRest()
+    weight = torch.randn(50, 8)
+    state = rule.init_state(grad)
+    update = rule.prepare(grad, {k: v.clone() for k, v in state.items()}).dense().mul_(3e-3)
+    update.add_(weight, alpha=decay * 3e-3)
     if selected is not None:
-        fill_(expected, selected, 0.0)
-    expected = weight - expected
-    _step_rows_(weight, live, direction[live].clone(), selected, -3e-3)
-    assert torch.equal(weight, expected)
+        fill_(update, selected, 0.0)
+    expected = weight - update
+    _step_factored_(weight, rule.prepare(grad, state), selected, 3e-3, decay * 3e-3)
+    torch.testing.assert_close(weight, expected, rtol=1e-6, atol=0.0)
+    if selected is not None:
+        flat = selected.long()
+        assert torch.equal(weight.view(-1)[flat], expected.view(-1)[flat])
 
 
-def test_the_embedding_steps_only_its_batch_rows_and_trains_as_the_dense_step(monkeypatch):
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_the_factored_rule_in_place_trains_as_the_general_path(monkeypatch, decay):
     # Tokens 0-127 of a 1,024-token vocabulary: the embedding's other rows get a zero gradient,
-    # so the factored rule steps its live rows only. The weights must come out as the dense
-    # step's (up to the RMS clip's summation order), and the unused rows never move.
+    # so without decay it is stepped on its live rows only, and the head in place. The weights
+    # must come out as the general path's (up to the clip's summation order); unused rows of
+    # the embedding never move unless they decay.
     from blockllm.optim.rest_step import RestStepper
 
-    def run(by_rows):
-        if not by_rows:
-            monkeypatch.setattr(RestStepper, "_by_rows", lambda *args: False)
-        calls = []
-        original = FactoredRest.direction_rows
-        monkeypatch.setattr(
-            FactoredRest, "direction_rows", lambda *a: calls.append(1) or original(*a)
-        )
+    def run(in_place):
+        if not in_place:
+            monkeypatch.setattr(RestStepper, "_in_place", lambda *args: False)
         model = tiny_llama(vocab=1024)
         start = model.model.embed_tokens.weight.detach().clone()
         optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
-                             patience=4, fused=False)  # fmt: skip
+                             patience=4, fused=False, weight_decay=decay)  # fmt: skip
         for tokens in patterned_batches(12):
             model(input_ids=tokens, labels=tokens).loss.backward()
             optimizer.clip_grad_norm_(1.0)
             optimizer.step(loss=1.0)
             optimizer.zero_grad(set_to_none=True)
         monkeypatch.undo()
-        assert bool(calls) == by_rows
-        assert torch.equal(model.model.embed_tokens.weight[128:], start[128:])
-        assert not torch.equal(model.model.embed_tokens.weight[:128], start[:128])
+        unused = model.model.embed_tokens.weight[128:]
+        assert torch.equal(unused, start[128:]) == (decay == 0.0)
         return model
 
-    by_rows, dense = run(True), run(False)
-    for (name, p), q in zip(by_rows.named_parameters(), dense.parameters()):
+    in_place, general = run(True), run(False)
+    for (name, p), q in zip(in_place.named_parameters(), general.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

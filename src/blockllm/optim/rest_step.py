@@ -31,9 +31,16 @@ import torch
 
 from blockllm.distributed.base import Communicator
 from blockllm.optim.rounding import RoundingGenerators, stochastic_round_to_bf16
-from blockllm.selection.coordinates import RowCoordinates, Selected, as_flat, fill_, gather
+from blockllm.selection.coordinates import (
+    RowCoordinates,
+    Selected,
+    as_flat,
+    fill_,
+    gather,
+    scatter_,
+)
 from blockllm.selection.packing import Coordinates
-from blockllm.selection.rest_rules import RestRule, SignRest
+from blockllm.selection.rest_rules import FactoredStep, RestRule, SignRest
 
 
 def _zero_unless_finite(update: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -67,17 +74,26 @@ def _sign_step_(weight: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, 
         weights.add_(grads.sign_(), alpha=alpha)
 
 
-def _step_rows_(
+def _step_factored_(
     weight: torch.Tensor,
-    rows: torch.Tensor,
-    values: torch.Tensor,
+    prepared: FactoredStep,
     selected: Selected | None,
-    alpha: float,
+    lr: float | torch.Tensor,
+    decay: float,
 ) -> None:
-    """``weight[rows] += alpha * values``, leaving out the ``selected`` coordinates (Adam's);
-    the same arithmetic per entry as the dense step, on the given rows only."""
-    width = weight.shape[1]
+    """``weight -= lr * direction + decay * weight`` outside the ``selected`` coordinates (Adam's):
+    on the live rows only when that pays and nothing decays (decay moves every row), else in
+    place over the whole matrix with the selected entries put back as they were."""
+    live = None if decay else prepared.live_rows()
+    if live is None:
+        kept = None if selected is None else gather(weight, selected)
+        prepared.apply_(weight, lr, decay)
+        if kept is not None:
+            scatter_(weight, selected, kept)
+        return
+    rows, values = live
     if selected is not None:
+        width = weight.shape[1]
         if isinstance(selected, RowCoordinates):
             keep = ~torch.isin(rows, selected.rows.long())
             rows, values, loose = rows[keep], values[keep], selected.extra.long()
@@ -88,8 +104,7 @@ def _step_rows_(
             at = torch.searchsorted(rows, row_of).clamp_(max=rows.numel() - 1)
             hit = rows[at] == row_of
             values[at[hit], column[hit]] = 0.0
-    values.mul_(alpha)
-    weight.index_add_(0, rows, values)
+    weight.index_add_(0, rows, values.mul_(lr).neg_())
 
 
 class RestStepper:
@@ -260,16 +275,16 @@ class RestStepper:
             _sign_step_(weight, grad, finite, -(lr * self.lr_scale))
             param.grad = None
             return None
-        if not defer and not decay and self._by_rows(index, grad, weight):
-            rows, update = self._direction(index, grad, finite, by_rows=True)
-            if rows is not None:
-                if bool(finite):
-                    _step_rows_(weight, rows, update, selected, -(lr * self.lr_scale))
-                if selected is None:
-                    param.grad = None
-                return None
-        else:
-            update = self._direction(index, grad, finite)
+        if not defer and self._in_place(index, grad, weight):
+            # The factored rule on a CPU: no full-size direction, and an embedding stepped on
+            # the batch's rows only (:class:`FactoredStep`); the same arithmetic per entry.
+            prepared = self._direction(index, grad, finite, prepare=True)
+            if bool(finite):
+                _step_factored_(weight, prepared, selected, lr * self.lr_scale, float(decay) * float(lr))
+            if selected is None:
+                param.grad = None
+            return None
+        update = self._direction(index, grad, finite)
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
         update = update.to(work)
@@ -307,12 +322,12 @@ class RestStepper:
             and isinstance(lr, float)
         )
 
-    def _by_rows(self, index: int, grad: torch.Tensor, weight: torch.Tensor) -> bool:
-        """The rule can step only a matrix's nonzero gradient rows, and it pays here: a CPU (on
-        an accelerator finding the rows would wait for the device), a contiguous full-precision
-        matrix of the gradient's dtype (a bf16 weight keeps its rounding stream)."""
+    def _in_place(self, index: int, grad: torch.Tensor, weight: torch.Tensor) -> bool:
+        """The rule can step a matrix in place (``prepare``), and it pays here: a CPU (a GPU
+        would pay a kernel launch per slice and a host sync to find live rows), a contiguous
+        full-precision matrix of the gradient's dtype (a bf16 weight keeps its rounding)."""
         return (
-            hasattr(self.overrides.get(index, self.rule), "direction_rows")
+            hasattr(self.overrides.get(index, self.rule), "prepare")
             and weight.device.type == "cpu"
             and weight.dim() == 2
             and grad.dtype == weight.dtype
@@ -322,9 +337,9 @@ class RestStepper:
         )
 
     def _direction(
-        self, index: int, grad: torch.Tensor, finite: torch.Tensor, by_rows: bool = False
+        self, index: int, grad: torch.Tensor, finite: torch.Tensor, prepare: bool = False
     ) -> Any:
-        """The rule's direction; with ``by_rows`` its ``direction_rows`` result."""
+        """The rule's direction; with ``prepare`` its ``prepare`` result."""
         rule = self.overrides.get(index, self.rule)
         init = getattr(rule, "init_state", None)
         if init is None:
@@ -335,7 +350,7 @@ class RestStepper:
         # A non-finite gradient must not reach the statistics (they would poison every later
         # step): keep the old values then, without a host sync (the state is O(rows + columns)).
         before = {key: value.clone() for key, value in state.items()}
-        direction = rule.direction_rows(grad, state) if by_rows else rule.direction(grad, state)
+        direction = rule.prepare(grad, state) if prepare else rule.direction(grad, state)
         for key, value in state.items():
             value.copy_(torch.where(finite, value, before[key]))
         return direction

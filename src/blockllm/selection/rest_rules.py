@@ -36,6 +36,12 @@ def _row_slices(matrix: torch.Tensor, columns: int | None = None) -> tuple[torch
     return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, width)))
 
 
+def _slice_scratch(matrix: torch.Tensor) -> torch.Tensor:
+    """One buffer for a row slice of ``matrix``, reused slice after slice: a fresh slice-sized
+    tensor per slice would be a malloc and, above glibc's mmap threshold, fresh pages each time."""
+    return torch.empty_like(_row_slices(matrix)[0]) if matrix.numel() else matrix
+
+
 def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(matrix**2).sum(dim=1)`` and ``(matrix**2).sum(dim=0)`` with no full-size temporary.
 
@@ -54,8 +60,9 @@ def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row_sums = torch.empty(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     col_sums = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
     start = 0
+    scratch = _slice_scratch(matrix)
     for rows in _row_slices(matrix):
-        squares = rows.square()
+        squares = torch.square(rows, out=scratch[: rows.shape[0]])
         torch.sum(squares, dim=1, out=row_sums[start : start + rows.shape[0]])
         col_sums.add_(squares.sum(dim=0))
         start += rows.shape[0]
@@ -106,10 +113,9 @@ class RestRule(Protocol):
     then called as ``direction(grad, state)`` with that tensor's state, which the optimizer keeps
     for every candidate, checkpoints and counts as optimizer state.
 
-    A stateful rule whose direction is zero wherever a matrix's gradient row is all zero may
-    also define ``direction_rows(grad, state) -> (rows, values)`` (:meth:`FactoredRest.direction_rows`),
-    which the optimizer uses on a CPU for undecayed full-precision matrices, so that an
-    embedding steps only the rows of the batch's tokens.
+    A stateful rule may also define ``prepare(grad, state) -> FactoredStep`` for matrices (as
+    :class:`FactoredRest` does); on a CPU the optimizer then steps a full-precision matrix with
+    it in place (no full-size direction) or, for an embedding, on the batch's rows only.
     """
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor: ...
@@ -160,64 +166,99 @@ class FactoredRest:
         return {"full": torch.zeros(grad.shape, device=device), "step": torch.zeros((), device=device)}
 
     def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        g = grad.float()
-        correction = self._count_step(state)
         if "full" in state:
+            g = grad.float()
+            correction = self._count_step(state)
             state["full"].lerp_(g.square().add_(self.eps), 1 - self.beta2)
             update = g / (state["full"] / correction).sqrt()
             return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
-        # The update is the only full-size tensor this builds (over a 32k x 1024 vocabulary
-        # matrix each full-size temporary is 131 MB at the backward's peak), and it is written
-        # in one pass: g / sqrt(row_i col_j / mean(row)) as g * a_i * b_j with
-        # a = (row / mean(row))**-1/2, b = col**-1/2, no outer product of the factors.
-        matrix = g.reshape(state["row"].numel(), -1)
-        row_scale, col_scale, _ = self._factors(matrix, state, correction)
-        update, squares = _scale_rows_and_columns(matrix, row_scale, col_scale)
-        return _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
+        return self.prepare(grad, state).dense().reshape(grad.shape).to(grad.dtype)
 
-    def direction_rows(
-        self, grad: torch.Tensor, state: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """:meth:`direction` of a matrix as ``(rows, values)``: the row ids (sorted) where the
-        gradient is not all zero and the direction on those rows only; elsewhere it is zero.
-
-        An embedding's gradient is zero outside the batch's tokens (on a 32,000-token
-        vocabulary at most 2,048 rows for a batch of 2,048 tokens), so writing, scaling and
-        applying only those rows skips most of the step's passes over the matrix. The
-        statistics are updated exactly as :meth:`direction` updates them. When most rows are
-        live the gather costs more than it saves: ``(None, direction)`` then, the dense result.
-        A row counts as zero when its squares sum to zero (entries below about 1e-23 underflow).
-        """
-        g = grad.float()
+    def prepare(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> FactoredStep:
+        """This step of a matrix, its statistics updated, before any full-size tensor is built:
+        :class:`FactoredStep` writes it out whole (what :meth:`direction` returns), on its live
+        rows only, or straight into the weight."""
         correction = self._count_step(state)
-        matrix = g.reshape(state["row"].numel(), -1)
-        row_scale, col_scale, live = self._factors(matrix, state, correction)
-        rows = live.nonzero().squeeze(1)
-        if 2 * rows.numel() > matrix.shape[0]:
-            update, squares = _scale_rows_and_columns(matrix, row_scale, col_scale)
-            return None, _clip_rms(update.reshape(g.shape), squares).to(grad.dtype)
-        values, squares = _scale_rows_and_columns(
-            matrix.index_select(0, rows), row_scale.index_select(0, rows), col_scale
-        )
-        return rows, _clip_rms(values, squares, matrix.numel()).to(grad.dtype)
-
-    def _count_step(self, state: dict[str, torch.Tensor]) -> float:
-        """Advances the step count; returns the bias correction of this step."""
-        state["step"] += 1
-        return 1 - self.beta2 ** float(state["step"])
-
-    def _factors(
-        self, matrix: torch.Tensor, state: dict[str, torch.Tensor], correction: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Updates the row and column statistics with ``matrix``'s squares; returns the row and
-        column scales of the direction and which rows of ``matrix`` have a nonzero square."""
+        matrix = grad.float().reshape(state["row"].numel(), -1)
         rows, cols = matrix.shape
         row_sums, col_sums = _sums_of_squares(matrix)
         live = row_sums != 0
         state["row"].lerp_(row_sums.div_(cols).add_(self.eps), 1 - self.beta2)
         state["col"].lerp_(col_sums.div_(rows).add_(self.eps), 1 - self.beta2)
         row, col = state["row"] / correction, state["col"] / correction
-        return row.div_(row.mean()).rsqrt_(), col.rsqrt_(), live
+        return FactoredStep(matrix, row.div_(row.mean()).rsqrt_(), col.rsqrt_(), live)
+
+    def _count_step(self, state: dict[str, torch.Tensor]) -> float:
+        """Advances the step count; returns the bias correction of this step."""
+        state["step"] += 1
+        return 1 - self.beta2 ** float(state["step"])
+
+
+class FactoredStep:
+    """The factored direction of one matrix at one step, ``g / sqrt(v)`` written as
+    ``g * a_i * b_j`` (``a = (row / mean(row))**-1/2``, ``b = col**-1/2``: no outer product of the
+    factors), then divided by its RMS where that exceeds 1 (Adafactor's clip).
+
+    Three ways to use it, the same arithmetic per entry (the clip's sum of squares aside, whose
+    summation order differs): :meth:`dense` builds it (over a 32k x 1024 vocabulary matrix a
+    full-size tensor is 131 MB at the backward's peak); :meth:`live_rows` builds it on the rows
+    whose gradient is not all zero (an embedding's: the batch's tokens); :meth:`apply_` steps a
+    weight with it slice by slice on a CPU, with no full-size tensor at all.
+    """
+
+    def __init__(
+        self, matrix: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, live: torch.Tensor
+    ) -> None:
+        self.matrix, self.row_scale, self.col_scale, self.live = matrix, row_scale, col_scale, live
+
+    def dense(self) -> torch.Tensor:
+        """The direction, a new tensor of the matrix's shape."""
+        update, squares = _scale_rows_and_columns(self.matrix, self.row_scale, self.col_scale)
+        return _clip_rms(update, squares)
+
+    def live_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, values)``: the row ids (sorted) whose gradient is not all zero, and the
+        direction on them (it is zero on every other row); None when most rows are live, where
+        the gather would cost more than it saves. A row counts as zero when its squares sum to
+        zero (entries below about 1e-23 underflow)."""
+        rows = self.live.nonzero().squeeze(1)
+        if 2 * rows.numel() > self.matrix.shape[0]:
+            return None
+        values, squares = _scale_rows_and_columns(
+            self.matrix.index_select(0, rows), self.row_scale.index_select(0, rows), self.col_scale
+        )
+        return rows, _clip_rms(values, squares, self.matrix.numel())
+
+    def apply_(self, weight: torch.Tensor, lr: float | torch.Tensor, decay: float = 0.0) -> None:
+        """``weight -= lr * direction + decay * weight`` in place, on a CPU, slice by slice:
+        ``weight`` is a contiguous matrix of the gradient's shape and full-precision dtype.
+
+        Two passes over the gradient instead of the dense path's five and a full-size
+        allocation: one for the clip's sum of squares, one for the step, each slice's direction
+        built while in cache. The sum runs over the same slices in the same order as
+        :meth:`dense`'s, so the two steps are equal bit for bit.
+        """
+        squares = torch.zeros((), dtype=self.matrix.dtype)
+        scratch = _slice_scratch(self.matrix)
+        for rows, scale in zip(
+            _row_slices(self.matrix), _row_slices(self.row_scale[:, None], self.matrix.shape[1])
+        ):
+            step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
+            squares.add_(torch.linalg.vector_norm(step).square_())
+        rms = (squares / self.matrix.numel()).sqrt_()
+        clip = bool(rms > 1.0)
+        for rows, scale, weights in zip(
+            _row_slices(self.matrix),
+            _row_slices(self.row_scale[:, None], self.matrix.shape[1]),
+            _row_slices(weight),
+        ):
+            step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
+            if clip:
+                step.div_(rms)
+            step.mul_(lr)
+            if decay:
+                step.add_(weights, alpha=decay)
+            weights.sub_(step)
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
@@ -241,6 +282,7 @@ __all__ = [
     "REST_RULES",
     "ColumnNormRest",
     "FactoredRest",
+    "FactoredStep",
     "RestRule",
     "SignRest",
     "make_rest_rule",
