@@ -643,3 +643,38 @@ def test_the_factored_rule_in_place_trains_as_the_general_path(monkeypatch, deca
     in_place, general = run(True), run(False)
     for (name, p), q in zip(in_place.named_parameters(), general.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("live", [0.2, 1.0])
+def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch, live, decay):
+    # On a selection step a shortlisted tensor steps all but its kept coordinates at once and
+    # hands back their step for later: in place (no full-size direction) exactly as the
+    # general path, which writes the direction out and gathers it.
+    from blockllm.distributed.base import SingleProcess
+    from blockllm.optim.rest_step import RestStepper
+    from blockllm.selection.coordinates import RowCoordinates
+
+    grad = _sparse_rows_gradients(live, count=1, shape=(300, 40))[0]
+    kept = RowCoordinates(torch.tensor([3, 50, 299], dtype=torch.int32), torch.tensor([41, 4000], dtype=torch.int32), 40)
+
+    def release(in_place):
+        if not in_place:
+            monkeypatch.setattr(RestStepper, "_in_place", lambda *args: False)
+        torch.manual_seed(1)
+        weight = torch.nn.Parameter(torch.randn(300, 40))
+        stepper = RestStepper(
+            FactoredRest(), lr_scale=1.0, weight_decay=decay, params=[weight],
+            groups=[{"lr": 3e-3, "weight_decay": decay}], comm=SingleProcess(), in_backward=True,
+            held=lambda: False,
+        )  # fmt: skip
+        weight.grad = grad.clone()
+        deferred = stepper.release_outside(0, kept)
+        monkeypatch.undo()
+        assert weight.grad is None
+        return weight.detach(), deferred
+
+    (weight, deferred), (expected_weight, expected_deferred) = release(True), release(False)
+    assert torch.equal(deferred, expected_deferred)
+    torch.testing.assert_close(weight, expected_weight, rtol=1e-6, atol=0.0)
+    assert torch.equal(weight.view(-1)[kept.long()], expected_weight.view(-1)[kept.long()])

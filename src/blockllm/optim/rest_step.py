@@ -275,15 +275,24 @@ class RestStepper:
             _sign_step_(weight, grad, finite, -(lr * self.lr_scale))
             param.grad = None
             return None
-        if not defer and self._in_place(index, grad, weight):
+        if self._in_place(index, grad, weight):
             # The factored rule on a CPU: no full-size direction, and an embedding stepped on
             # the batch's rows only (:class:`FactoredStep`); the same arithmetic per entry.
             prepared = self._direction(index, grad, finite, prepare=True)
+            deferred = None
+            if defer:  # the kept coordinates' step, as the general path's gather would give it
+                deferred = torch.zeros(selected.numel(), dtype=weight.dtype)
             if bool(finite):
-                _step_factored_(weight, prepared, selected, lr * self.lr_scale, float(decay) * float(lr))
-            if selected is None:
+                lr_scaled, decay_scaled = lr * self.lr_scale, float(decay) * float(lr)
+                if defer:
+                    at = selected.long()
+                    deferred = prepared.at(at).mul_(lr_scaled)
+                    if decay:
+                        deferred.add_(weight.view(-1)[at], alpha=decay_scaled)
+                _step_factored_(weight, prepared, selected, lr_scaled, decay_scaled)
+            if selected is None or defer:
                 param.grad = None
-            return None
+            return deferred
         update = self._direction(index, grad, finite)
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)

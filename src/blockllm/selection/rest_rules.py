@@ -234,31 +234,47 @@ class FactoredStep:
         ``weight`` is a contiguous matrix of the gradient's shape and full-precision dtype.
 
         Two passes over the gradient instead of the dense path's five and a full-size
-        allocation: one for the clip's sum of squares, one for the step, each slice's direction
-        built while in cache. The sum runs over the same slices in the same order as
-        :meth:`dense`'s, so the two steps are equal bit for bit.
+        allocation: one for the clip's sum of squares (:meth:`clip_rms`), one for the step, each
+        slice's direction built while in cache.
         """
-        squares = torch.zeros((), dtype=self.matrix.dtype)
+        rms = self.clip_rms()
         scratch = _slice_scratch(self.matrix)
-        for rows, scale in zip(
-            _row_slices(self.matrix), _row_slices(self.row_scale[:, None], self.matrix.shape[1])
-        ):
-            step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
-            squares.add_(torch.linalg.vector_norm(step).square_())
-        rms = (squares / self.matrix.numel()).sqrt_()
-        clip = bool(rms > 1.0)
         for rows, scale, weights in zip(
             _row_slices(self.matrix),
             _row_slices(self.row_scale[:, None], self.matrix.shape[1]),
             _row_slices(weight),
         ):
             step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
-            if clip:
+            if rms is not None:
                 step.div_(rms)
             step.mul_(lr)
             if decay:
                 step.add_(weights, alpha=decay)
             weights.sub_(step)
+
+    def at(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """The direction at flat ``coordinates`` (int64), in their order, clip included."""
+        cols = self.matrix.shape[1]
+        values = self.matrix.reshape(-1)[coordinates] * self.row_scale[coordinates // cols]
+        values.mul_(self.col_scale[coordinates % cols])
+        rms = self.clip_rms()
+        return values if rms is None else values.div_(rms)
+
+    def clip_rms(self) -> torch.Tensor | None:
+        """The direction's RMS when it exceeds 1 (the clip divides by it), else None. Its sum of
+        squares runs over the same slices in the same order as :meth:`dense`'s, so the in-place
+        step equals the dense one bit for bit. Computed once."""
+        if not hasattr(self, "_rms"):
+            squares = torch.zeros((), dtype=self.matrix.dtype)
+            scratch = _slice_scratch(self.matrix)
+            for rows, scale in zip(
+                _row_slices(self.matrix), _row_slices(self.row_scale[:, None], self.matrix.shape[1])
+            ):
+                step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
+                squares.add_(torch.linalg.vector_norm(step).square_())
+            rms = (squares / self.matrix.numel()).sqrt_()
+            self._rms = rms if bool(rms > 1.0) else None
+        return self._rms
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
