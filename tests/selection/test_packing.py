@@ -1,5 +1,6 @@
 """Budget packers and the fast top-coordinates routine."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,3 +195,29 @@ def test_mask_equals_uncapped_coordinates_when_the_top_tensor_covers_the_budget(
     mask, uncapped = picks(sizes, {1: 3.0, 2: 2.0, 0: 1.0, 3: 0.5}, budget)
     assert mask != uncapped
     assert uncapped[1] is None and uncapped[2] is None and len(uncapped[0]) == budget - 600
+
+
+@pytest.mark.parametrize("need_ties", [5, (1 << 20) + 7])
+def test_ties_are_taken_by_lowest_index_across_chunks(need_ties):
+    # Mostly zeros (the rows of tokens a batch lacks): the ties at the threshold are found chunk
+    # by chunk, stopping once enough are found; the result must be what listing every tie gives.
+    from blockllm.selection.packing import _top_outside_rows, top_coordinates
+
+    torch.manual_seed(0)
+    magnitude = torch.zeros(3 * (1 << 20) + 11)
+    nonzero = torch.randperm(magnitude.numel())[:1000]
+    magnitude[nonzero] = torch.rand(1000) + 0.5
+    count = 1000 + need_ties
+    expected = torch.cat([nonzero.sort().values, (magnitude == 0).nonzero().squeeze(1)[:need_ties]])
+    assert torch.equal(top_coordinates(magnitude, count).sort().values, expected.sort().values)
+
+    # The same rule outside taken rows of a matrix (fewer than one row's worth, as there).
+    by_row = torch.zeros(40000, 64)
+    by_row[3, 5], by_row[39999, 63] = 2.0, -3.0
+    taken = torch.zeros(40000, dtype=torch.bool)
+    taken[:2] = True  # rows 0-1 are out: the lowest ties start at row 2
+    got = _top_outside_rows(by_row, taken, 10)
+    flat = torch.tensor([3 * 64 + 5, 39999 * 64 + 63])
+    ties = torch.arange(2 * 64, 2 * 64 + 9)
+    ties = ties[ties != 3 * 64 + 5][:8]
+    assert torch.equal(got, torch.cat([flat, ties]).sort().values)

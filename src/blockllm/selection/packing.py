@@ -119,8 +119,23 @@ def _threshold_mask(magnitude: torch.Tensor, threshold: torch.Tensor, count: int
     mask = magnitude > threshold
     need = count - int(mask.sum())
     if need > 0:
-        mask[(magnitude == threshold).nonzero().squeeze(1)[:need]] = True
+        mask[_first_ties(magnitude, threshold, need)] = True
     return mask
+
+
+def _first_ties(magnitude: torch.Tensor, threshold: torch.Tensor, need: int, offset: int = 0) -> torch.Tensor:
+    """Indices (plus ``offset``) of the first ``need`` entries equal to ``threshold``, chunk by
+    chunk: where most entries tie (zeros: the rows of tokens a batch lacks), listing every tie
+    would be an int64 index as large as the tensor, twice its fp32 size, at the selection's peak."""
+    found: list[torch.Tensor] = []
+    for start in range(0, magnitude.numel(), _CHUNK_ENTRIES):
+        chunk = magnitude[start : start + _CHUNK_ENTRIES]
+        ties = (chunk == threshold).nonzero().squeeze(1)[:need]
+        found.append(ties + (start + offset))
+        need -= ties.numel()
+        if need <= 0:
+            break
+    return torch.cat(found) if found else magnitude.new_zeros(0, dtype=torch.long)
 
 
 def _top_coordinates(grad: torch.Tensor, count: int) -> torch.Tensor:
@@ -268,14 +283,15 @@ def _top_outside_rows(by_row: torch.Tensor, taken: torch.Tensor, count: int) -> 
         [torch.topk(block, min(count, block.numel()), sorted=False).values for _, block in blocks()]
     )
     threshold = best.min() if best.numel() <= count else _kth_largest(best, count)
-    above: list[torch.Tensor] = []
+    chosen = torch.cat([(block > threshold).nonzero().squeeze(1) + offset for offset, block in blocks()])
+    need = count - chosen.numel()
     ties: list[torch.Tensor] = []
-    for offset, block in blocks():
-        above.append((block > threshold).nonzero().squeeze(1) + offset)
-        ties.append((block == threshold).nonzero().squeeze(1) + offset)
-    chosen = torch.cat(above)
-    chosen = torch.cat([chosen, torch.cat(ties)[: count - chosen.numel()]])
-    return chosen.sort().values
+    for offset, block in blocks() if need > 0 else ():
+        ties.append(_first_ties(block, threshold, need, offset))
+        need -= ties[-1].numel()
+        if need <= 0:
+            break
+    return torch.cat([chosen, *ties]).sort().values
 
 
 class PaperMaskPacker:
