@@ -18,6 +18,9 @@ users can plug in their own (``rest=MyRule()``).
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -79,13 +82,33 @@ def _scale_rows_and_columns(
         out = torch.mul(matrix, row_scale[:, None]).mul_(col_scale)
         return out, torch.linalg.vector_norm(out).square_()
     out = torch.empty_like(matrix)
-    total = torch.zeros((), dtype=out.dtype)
-    for rows, scale, into in zip(
-        _row_slices(matrix), _row_slices(row_scale[:, None], matrix.shape[1]), _row_slices(out)
+    slices = _scaled_slices(matrix, row_scale, col_scale, _row_slices(out))
+    return out, _sum_of_squares(slices, out.dtype)
+
+
+def _scaled_slices(
+    matrix: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    into: Iterable[torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """``matrix * row_scale[:, None] * col_scale[None, :]`` row slice by row slice (CPU), each
+    written into the matching slice of ``into`` (an output's slices) or, by default, into one
+    reused scratch buffer (valid until the next slice). Every user of the factored direction
+    goes through here, so their entries and the clip's sums agree bit for bit."""
+    targets = into if into is not None else itertools.repeat(_slice_scratch(matrix))
+    for rows, scale, target in zip(
+        _row_slices(matrix), _row_slices(row_scale[:, None], matrix.shape[1]), targets
     ):
-        torch.mul(rows, scale, out=into).mul_(col_scale)
-        total.add_(torch.linalg.vector_norm(into).square_())
-    return out, total
+        yield torch.mul(rows, scale, out=target[: rows.shape[0]]).mul_(col_scale)
+
+
+def _sum_of_squares(slices: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of squares of every entry of ``slices``, one slice's norm at a time."""
+    total = torch.zeros((), dtype=dtype)
+    for piece in slices:
+        total.add_(torch.linalg.vector_norm(piece).square_())
+    return total
 
 
 def _clip_rms(update: torch.Tensor, squares: torch.Tensor, numel: int | None = None) -> torch.Tensor:
@@ -237,14 +260,10 @@ class FactoredStep:
         allocation: one for the clip's sum of squares (:meth:`clip_rms`), one for the step, each
         slice's direction built while in cache.
         """
-        rms = self.clip_rms()
-        scratch = _slice_scratch(self.matrix)
-        for rows, scale, weights in zip(
-            _row_slices(self.matrix),
-            _row_slices(self.row_scale[:, None], self.matrix.shape[1]),
-            _row_slices(weight),
+        rms = self.clip_rms
+        for step, weights in zip(
+            _scaled_slices(self.matrix, self.row_scale, self.col_scale), _row_slices(weight)
         ):
-            step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
             if rms is not None:
                 step.div_(rms)
             step.mul_(lr)
@@ -257,24 +276,18 @@ class FactoredStep:
         cols = self.matrix.shape[1]
         values = self.matrix.reshape(-1)[coordinates] * self.row_scale[coordinates // cols]
         values.mul_(self.col_scale[coordinates % cols])
-        rms = self.clip_rms()
+        rms = self.clip_rms
         return values if rms is None else values.div_(rms)
 
+    @functools.cached_property
     def clip_rms(self) -> torch.Tensor | None:
-        """The direction's RMS when it exceeds 1 (the clip divides by it), else None. Its sum of
-        squares runs over the same slices in the same order as :meth:`dense`'s, so the in-place
-        step equals the dense one bit for bit. Computed once."""
-        if not hasattr(self, "_rms"):
-            squares = torch.zeros((), dtype=self.matrix.dtype)
-            scratch = _slice_scratch(self.matrix)
-            for rows, scale in zip(
-                _row_slices(self.matrix), _row_slices(self.row_scale[:, None], self.matrix.shape[1])
-            ):
-                step = torch.mul(rows, scale, out=scratch[: rows.shape[0]]).mul_(self.col_scale)
-                squares.add_(torch.linalg.vector_norm(step).square_())
-            rms = (squares / self.matrix.numel()).sqrt_()
-            self._rms = rms if bool(rms > 1.0) else None
-        return self._rms
+        """The direction's RMS when it exceeds 1 (the clip divides by it), else None: a pass of
+        its own (CPU), over the same slices as :meth:`dense`'s sum, so the in-place step equals
+        the dense one bit for bit."""
+        slices = _scaled_slices(self.matrix, self.row_scale, self.col_scale)
+        squares = _sum_of_squares(slices, self.matrix.dtype)
+        rms = (squares / self.matrix.numel()).sqrt_()
+        return rms if bool(rms > 1.0) else None
 
 
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
