@@ -86,6 +86,19 @@ def test_select_entries_by_label_optimizer_or_registered_name():
         select_entries(suite, [], registered)
 
 
+def test_seeds_run_seed_by_seed_with_the_entries_order_reversed_every_other_seed():
+    entries = [MethodEntry("adamw", "adamw"), MethodEntry("blockllm", "blockllm")]
+    runs = [(entry.label, seed) for entry, seed in bench._with_seeds(entries, [0, 1, 2])]
+    assert runs == [
+        ("adamw-s0", 0), ("blockllm-s0", 0),
+        ("blockllm-s1", 1), ("adamw-s1", 1),
+        ("adamw-s2", 2), ("blockllm-s2", 2),
+    ]  # fmt: skip
+    assert [(entry.label, seed) for entry, seed in bench._with_seeds(entries, None)] == [
+        ("adamw", bench.SEED), ("blockllm", bench.SEED),
+    ]  # fmt: skip
+
+
 def test_value_at_time_interpolates_between_evaluations():
     curve = [(0.0, 10.0), (10.0, 6.0), (30.0, 4.0)]
     assert value_at_time(curve, 0.0) == 10.0

@@ -153,13 +153,19 @@ def run_bench(
 def _with_seeds(
     entries: list[MethodEntry], seeds: Sequence[int] | None
 ) -> list[tuple[MethodEntry, int]]:
-    """Every (entry, seed) to run: labels get ``-sSEED`` when several seeds were asked for."""
+    """Every (entry, seed) to run: labels get ``-sSEED`` when several seeds were asked for.
+
+    Seed by seed, the entries' order reversed every other seed (A B, B A, A B ...): on a
+    machine whose speed drifts (a shared or virtual one drifts by 10 % within minutes) the
+    entries of one seed then run next to each other, and a method that always ran first would
+    otherwise collect the drift as a speed difference. Losses do not depend on the order.
+    """
     if not seeds:
         return [(entry, SEED) for entry in entries]
     return [
         (replace(entry, label=f"{entry.label}-s{seed}"), seed)
-        for entry in entries
-        for seed in seeds
+        for turn, seed in enumerate(seeds)
+        for entry in (entries if turn % 2 == 0 else entries[::-1])
     ]
 
 
