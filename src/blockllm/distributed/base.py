@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from blockllm.selection.packing import BudgetPacker, Coordinates
+from blockllm.selection.scorers import grad_norm
 
 
 @runtime_checkable
@@ -87,9 +88,8 @@ class Communicator(Protocol):
 
 
 def local_grad_norm(grad: torch.Tensor) -> float:
-    """``||grad||_2``: low-precision gradients reduced in fp32, fp32/fp64 in their own dtype."""
-    low = grad.dtype in (torch.bfloat16, torch.float16)
-    return float(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
+    """``||grad||_2`` (:func:`~blockllm.selection.scorers.grad_norm`) as a float."""
+    return float(grad_norm(grad))
 
 
 class SingleProcess:

@@ -41,6 +41,7 @@ from blockllm.selection.coordinates import (
 )
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import FactoredStep, RestRule, SignRest
+from blockllm.selection.scorers import grad_norm
 
 
 def _zero_unless_finite(update: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -285,11 +286,7 @@ class RestStepper:
         self.comm.average_grads_([(index, param.grad)])
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
-        # One reduction pass, no squared copy of the gradient (this runs for every tensor).
-        # Low precision reduces in fp32; fp64 (which vector_norm will not narrow) in its own dtype.
-        low = grad.dtype in (torch.bfloat16, torch.float16)
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None)
-        squares = norm.float().square()
+        squares = grad_norm(grad).float().square()  # no squared copy: this runs for every tensor
         if selected is not None and not defer:
             squares = squares - gather(grad, selected).float().square().sum()
         finite = torch.isfinite(squares)

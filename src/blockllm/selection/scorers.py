@@ -62,6 +62,13 @@ class RandomScorer:
 SCORERS = {"grad_norm": GradNormScorer, "random": RandomScorer, "cyclic": CyclicScorer}
 
 
+def grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """``||grad||_2`` in one reduction pass, with no squared copy of the gradient: low precision
+    reduced in fp32, fp32 and fp64 in their own dtype (``vector_norm`` will not narrow fp64)."""
+    low = grad.dtype in (torch.bfloat16, torch.float16)
+    return torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None)
+
+
 def make_scorer(spec: str | Scorer) -> Scorer:
     """The built-in scorer ``spec`` names, or ``spec`` itself when an object.
 
@@ -75,4 +82,12 @@ def make_scorer(spec: str | Scorer) -> Scorer:
     return SCORERS[spec]()
 
 
-__all__ = ["SCORERS", "CyclicScorer", "GradNormScorer", "RandomScorer", "Scorer", "make_scorer"]
+__all__ = [
+    "SCORERS",
+    "CyclicScorer",
+    "GradNormScorer",
+    "RandomScorer",
+    "Scorer",
+    "grad_norm",
+    "make_scorer",
+]

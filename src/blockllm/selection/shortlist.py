@@ -23,6 +23,7 @@ import torch
 
 from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index, gather
 from blockllm.selection.packing import _top_outside_rows, top_coordinates
+from blockllm.selection.scorers import grad_norm
 
 
 @dataclass
@@ -46,14 +47,9 @@ class Shortlist:
         ``BlockLLM.hold_gradients()`` avoids it by shortlisting only the whole step's gradient).
         """
         self.values.add_(gather(grad, self.kept).to(self.values.dtype))
-        self.squares = self.squares + _squared_norm(grad.detach())
-
-
-def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
-    """The gradient's squared 2-norm in fp32 (at least), with no squared copy: a vocabulary
-    matrix's would be one more full-size tensor at the selecting step's peak."""
-    low = grad.dtype in (torch.bfloat16, torch.float16)
-    return torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None).float().square()
+        # No squared copy: a vocabulary matrix's would be one more full-size tensor at the
+        # selecting step's peak.
+        self.squares = self.squares + grad_norm(grad.detach()).float().square()
 
 
 def make_shortlist(grad: torch.Tensor, most: int, row_size: int) -> Shortlist:
@@ -77,7 +73,7 @@ def make_shortlist(grad: torch.Tensor, most: int, row_size: int) -> Shortlist:
         )
     else:
         kept = compact_index(top_coordinates(flat.abs(), min(most, flat.numel())), flat.numel())
-    return Shortlist(kept, gather(flat, kept).clone(), _squared_norm(flat))
+    return Shortlist(kept, gather(flat, kept).clone(), grad_norm(flat).float().square())
 
 
 def pick(shortlist: Shortlist, count: int) -> tuple[Selected, torch.Tensor]:
