@@ -202,7 +202,7 @@ class OrthogonalRest:
             gram = x @ x.T
             x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         if tall:
-            x = x.T
+            x = x.T.contiguous()  # the step's scatter and gather view it flat
         rms = torch.linalg.vector_norm(x).div_(x.numel() ** 0.5).clamp_(min=_RMS_FLOOR)
         return x.div_(rms).reshape(grad.shape).to(grad.dtype)
 
