@@ -92,9 +92,7 @@ class BlockLLMConfig:
         "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
     rest: str | RestRule = _knob(
         "sign", "the state-free step of the candidate coordinates Adam does not update: 'sign' "
-        "(signSGD), 'colnorm' (each row scaled to unit RMS, as SCALE), 'orthogonal' (the "
-        "gradient orthogonalised by Newton-Schulz, as Muon without momentum, at unit RMS; not "
-        "under FSDP2), 'factored' (Adafactor "
+        "(signSGD), 'colnorm' (each row scaled to unit RMS, as SCALE), 'factored' (Adafactor "
         "without momentum, O(rows + columns) state) or 'none' (frozen until selected: the "
         "paper's method)")
     vocab_rest: str | RestRule | None = _knob(

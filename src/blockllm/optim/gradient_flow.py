@@ -68,12 +68,6 @@ class GradientFlow:
                 f"Invalid rest: {config.rest!r} keeps statistics over whole columns, which FSDP2 "
                 "splits over ranks; use rest='sign' or 'colnorm' (row-local) under FSDP2"
             )
-        whole = [r for r in (rule, *overrides.values()) if getattr(r, "needs_whole_matrix", False)]
-        if whole and comm.shards_parameters:
-            raise ValueError(
-                f"Invalid rest: {config.rest!r} needs each matrix's whole gradient, which FSDP2 "
-                "splits over ranks; use rest='sign' or 'colnorm' (row-local) under FSDP2"
-            )
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
             comm, config.rest_in_backward, self.holding, config.stochastic_rounding, config.seed,

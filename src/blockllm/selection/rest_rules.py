@@ -10,10 +10,6 @@ every other candidate coordinate moves every step too, by ``lr * rest_lr_scale *
   column-normalised SGD; for ``nn.Linear`` weights, shaped ``(out, in)``, a row is one output
   unit's incoming weights). A vector (a bias, a norm's gain) is read as ``(out, 1)``, one weight
   per output, so its direction is its sign; this keeps every row whole on one FSDP2 shard.
-* ``"orthogonal"``: a matrix's gradient with its singular values pushed to about 1 by five
-  Newton-Schulz iterations (Muon's orthogonalisation, without its momentum; SCALE's ablation
-  ranks this state-free rule above column normalisation and sign), scaled to unit root mean
-  square like the two above. It needs the whole matrix, so not under FSDP2; vectors take sign.
 
 Both directions are invariant to the gradient's scale, so clipping by a global norm (or a loss
 scaler) does not change the rest step; it only changes Adam's part. A rule is a small object and
@@ -165,48 +161,6 @@ class ColumnNormRest:
         return (rows / rms).reshape(grad.shape).to(grad.dtype)
 
 
-# Muon's quintic Newton-Schulz coefficients: they drive every singular value of a matrix whose
-# spectral norm is at most 1 into about [0.7, 1.2] in five iterations (fast, not exact: the
-# step's direction matters, not exact orthogonality).
-_NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
-_NEWTON_SCHULZ_STEPS = 5
-
-
-class OrthogonalRest:
-    """``rest="orthogonal"``: the gradient's polar factor (``U V^T`` of its SVD), approximately.
-
-    Five Newton-Schulz iterations on the gradient divided by its Frobenius norm (so the largest
-    singular value is at most 1), run on the wide orientation (``rows <= columns``) so that the
-    Gram matrix is the small side's; the result is scaled to unit RMS, the size of a sign step.
-    A tensor of more than two dimensions is read as ``(-1, last)``; a vector takes its sign.
-    Costs about ``6 * steps * rows * columns * min(rows, columns)`` flops per matrix per step.
-    """
-
-    # Its direction mixes every row of a matrix, so FSDP2's row shards cannot compute it.
-    needs_whole_matrix = True
-
-    def __init__(self, steps: int = _NEWTON_SCHULZ_STEPS) -> None:
-        self.steps = steps
-
-    def direction(self, grad: torch.Tensor) -> torch.Tensor:
-        if grad.dim() < 2:
-            return torch.sign(grad)
-        work = grad.float() if grad.dtype in (torch.bfloat16, torch.float16) else grad
-        x = work.reshape(-1, work.shape[-1])
-        tall = x.shape[0] > x.shape[1]
-        if tall:
-            x = x.T
-        x = x / torch.linalg.vector_norm(x).clamp(min=_RMS_FLOOR)
-        a, b, c = _NEWTON_SCHULZ
-        for _ in range(self.steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        if tall:
-            x = x.T.contiguous()  # the step's scatter and gather view it flat
-        rms = torch.linalg.vector_norm(x).div_(x.numel() ** 0.5).clamp_(min=_RMS_FLOOR)
-        return x.div_(rms).reshape(grad.shape).to(grad.dtype)
-
-
 class FactoredRest:
     """``rest="factored"``: Adafactor without momentum, a second moment of O(rows + columns).
 
@@ -336,13 +290,7 @@ class FactoredStep:
         return rms if bool(rms > 1.0) else None
 
 
-REST_RULES = {
-    "none": None,
-    "sign": SignRest,
-    "colnorm": ColumnNormRest,
-    "orthogonal": OrthogonalRest,
-    "factored": FactoredRest,
-}
+REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
 
 
 def make_rest_rule(spec: str | RestRule) -> RestRule | None:

@@ -301,11 +301,6 @@ SUITES: dict[str, Suite] = {
             # The best point with SCALE's column-normalised step instead of sign for the matrices
             # Adam does not hold (the vocabulary keeps the factored rule).
             _tuned_blockllm("colnorm", "--rest", "colnorm"),
-            # Orthogonalised gradients (Muon's Newton-Schulz without momentum; SCALE's ablation
-            # ranks it above colnorm and sign) at unit RMS, at the sign step's lr and multiples.
-            _tuned_blockllm("orthogonal", "--rest", "orthogonal"),
-            *(_tuned_blockllm(f"orthogonal-{scale}", "--rest", "orthogonal", "--rest-lr-scale", scale)
-              for scale in ("0.5", "2", "4")),
             # The Adam block's size at the tuned point: s = 0.95 and 0.8 beside its 0.9 (0.8 with
             # fp32 moments is over the 0.35x budget), then the block that bf16 moments pay for.
             *(_tuned_blockllm(f"s{sparsity}", "--sparsity", sparsity) for sparsity in ("0.8", "0.95")),
