@@ -160,6 +160,14 @@ _BLOCKLLM_TUNED_SHARE = _tuned_blockllm("share-0.5", "--max-tensor-share", "0.5"
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
+
+
+def _with_beta2(entries: tuple[MethodEntry, ...], beta2: str) -> tuple[MethodEntry, ...]:
+    """Each entry with Adam's ``--beta2`` set, labelled ``LABEL-beta2-BETA2``."""
+    return tuple(MethodEntry(f"{entry.label}-beta2-{beta2}", entry.optimizer,
+                             (*entry.flags, "--beta2", beta2)) for entry in entries)
+
+
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
     MethodEntry("blockllm", "blockllm", _BLOCKLLM_PRETRAIN),
@@ -329,6 +337,10 @@ SUITES: dict[str, Suite] = {
             # GaLore's lr 8e-3 beat 1e-2 on every seed: one step lower again (x0.8), to bracket it.
             _GALORE_BEST,
             *_lr_pairs("galore", (), (("6.4e-3", "4.6875"),)),
+            # Adam's beta2 at 0.95 (the Llama recipes') instead of torch's 0.999, for the three
+            # tuned points alike; and BlockLLM's first block kept for the whole run.
+            *_with_beta2((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "0.95"),
+            _tuned_blockllm("one-block", "--patience", "1000"),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
