@@ -341,6 +341,11 @@ SUITES: dict[str, Suite] = {
             # tuned points alike; and BlockLLM's first block kept for the whole run.
             *_with_beta2((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "0.95"),
             _tuned_blockllm("one-block", "--patience", "1000"),
+            # How much a better vocabulary rule could give at the tuned point: Adam on the whole
+            # embedding, head and norms (outside the budget, over it in bytes), and on the
+            # head alone (the embedding keeping the factored rule).
+            _tuned_blockllm("vocab-adam", "--always-adam", "auto"),
+            _tuned_blockllm("head-adam", "--always-adam", r"lm_head\.weight"),
         ),
         flags=_TINY_PRETRAIN_FLAGS,
         corpus=(3_000_000, 8192),
