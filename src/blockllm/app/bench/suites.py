@@ -162,10 +162,15 @@ _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
 
 
+def _with_flags(entries: tuple[MethodEntry, ...], suffix: str, *flags: str) -> tuple[MethodEntry, ...]:
+    """Each entry with ``flags`` added, labelled ``LABEL-SUFFIX``."""
+    return tuple(MethodEntry(f"{entry.label}-{suffix}", entry.optimizer, (*entry.flags, *flags))
+                 for entry in entries)
+
+
 def _with_beta2(entries: tuple[MethodEntry, ...], beta2: str) -> tuple[MethodEntry, ...]:
     """Each entry with Adam's ``--beta2`` set, labelled ``LABEL-beta2-BETA2``."""
-    return tuple(MethodEntry(f"{entry.label}-beta2-{beta2}", entry.optimizer,
-                             (*entry.flags, "--beta2", beta2)) for entry in entries)
+    return _with_flags(entries, f"beta2-{beta2}", "--beta2", beta2)
 
 
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
@@ -340,6 +345,11 @@ SUITES: dict[str, Suite] = {
             # Adam's beta2 at 0.95 (the Llama recipes') instead of torch's 0.999, for the three
             # tuned points alike; and BlockLLM's first block kept for the whole run.
             *_with_beta2((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "0.95"),
+            # The cosine schedule down to 0 instead of 0.1 x lr, for the three alike: the sign
+            # step moves every weight a full lr at every step, so its noise may want the lr lower
+            # at the end than Adam's does.
+            *_with_flags((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "min-lr-0",
+                         "--min-lr-ratio", "0"),
             _tuned_blockllm("one-block", "--patience", "1000"),
             # How much a better vocabulary rule could give at the tuned point: Adam on the whole
             # embedding, head and norms (outside the budget, over it in bytes), and on the
