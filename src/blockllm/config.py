@@ -99,6 +99,9 @@ class BlockLLMConfig:
         "auto", "the rest rule of the embedding and output head (recognised by the names "
         "language models give them): a rule name; 'auto' = 'factored' (rest's rule under FSDP2, "
         "which splits the columns 'factored' averages over); None = rest's")
+    factored_beta2: float = _knob(
+        0.999, "the decay of the 'factored' rule's second moment (its row and column EMAs of "
+        "g**2, bias-corrected), in [0, 1)")
     rest_lr_scale: float = _knob(
         1.0, "the rest step is lr * rest_lr_scale * direction")
     rest_weight_decay: float | None = _knob(
@@ -149,6 +152,8 @@ class BlockLLMConfig:
         if self.vocab_rest is not None:
             moving = (*(name for name in REST_RULES if name != "none"), "auto")
             _policy("vocab_rest", self.vocab_rest, moving, RestRule)
+        if not 0.0 <= check_real("factored_beta2", self.factored_beta2) < 1.0:
+            raise ValueError(f"Invalid factored_beta2: {self.factored_beta2} (must be in [0, 1))")
         if check_real("rest_lr_scale", self.rest_lr_scale) <= 0.0:
             raise ValueError(f"Invalid rest_lr_scale: {self.rest_lr_scale} (must be > 0)")
         if self.rest_weight_decay is not None:

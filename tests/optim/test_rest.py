@@ -434,6 +434,21 @@ def test_always_adam_auto_pins_vectors_and_the_vocabulary_matrices():
     BlockLLM(nn.Sequential(nn.Linear(4, 4, bias=False)).named_parameters(), always_adam="auto")
 
 
+def test_factored_beta2_sets_the_decay_of_every_factored_rule():
+    """The name with ``factored_beta2`` trains as the rule object built with that decay does,
+    on the vocabulary (``vocab_rest``) and on the other matrices (``rest``) alike."""
+    for rest in ("sign", "factored"):
+        by_name, _, _ = train(steps=6, rest=rest, factored_beta2=0.9)
+        objects = dict(vocab_rest=FactoredRest(beta2=0.9))
+        if rest == "factored":
+            objects["rest"] = FactoredRest(beta2=0.9)
+        by_object, _, _ = train(steps=6, **{"rest": rest, **objects})
+        default, _, _ = train(steps=6, rest=rest)
+        for a, b in zip(by_name.parameters(), by_object.parameters()):
+            assert torch.equal(a, b)
+        assert max_difference(by_name, default) > 0
+
+
 def reference_factored_directions(grads, beta2=0.999, eps=1e-30):
     """Adafactor without momentum written out plainly: factored EMA of g**2 + eps, RMS clip 1."""
     row = torch.zeros(grads[0].shape[0], dtype=torch.float64)
@@ -450,14 +465,15 @@ def reference_factored_directions(grads, beta2=0.999, eps=1e-30):
 
 
 # (2000, 300): tall enough that the column sums run over several row slices on a CPU.
+@pytest.mark.parametrize("beta2", [0.999, 0.9])
 @pytest.mark.parametrize("rows, cols", [(50, 8), (2000, 300)])
-def test_factored_rest_direction_matches_the_written_out_formula(rows, cols):
+def test_factored_rest_direction_matches_the_written_out_formula(rows, cols, beta2):
     torch.manual_seed(0)
     # Rows of very different size, as a vocabulary matrix's rare and common tokens have.
     grads = [torch.randn(rows, cols) * torch.logspace(-4, 1, rows)[:, None] for _ in range(5)]
-    rule = FactoredRest()
+    rule = FactoredRest(beta2=beta2)
     state = rule.init_state(grads[0])
-    for grad, expected in zip(grads, reference_factored_directions(grads)):
+    for grad, expected in zip(grads, reference_factored_directions(grads, beta2)):
         got = rule.direction(grad, state)
         assert got.dtype == grad.dtype and got.shape == grad.shape
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)

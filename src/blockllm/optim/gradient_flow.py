@@ -56,11 +56,11 @@ class GradientFlow:
         self.groups = groups
         self.compact = CompactGradients(config.compact_grads, comm)
         self._holding = 0
-        rule = make_rest_rule(config.rest)
+        rule = make_rest_rule(config.rest, config.factored_beta2)
         overrides = {}
         vocab_rest = _resolve_vocab_rest(config.vocab_rest, comm.shards_parameters)
         if rule is not None and vocab_rest is not None:
-            vocab_rule = make_rest_rule(vocab_rest)
+            vocab_rule = make_rest_rule(vocab_rest, config.factored_beta2)
             overrides = {index: vocab_rule for index in candidates.vocabulary}
         stateful = [r for r in (rule, *overrides.values()) if hasattr(r, "init_state")]
         if stateful and comm.shards_parameters:

@@ -293,8 +293,9 @@ class FactoredStep:
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
 
 
-def make_rest_rule(spec: str | RestRule) -> RestRule | None:
-    """The rule ``spec`` names (None for ``"none"``), or ``spec`` itself when an object.
+def make_rest_rule(spec: str | RestRule, factored_beta2: float = 0.999) -> RestRule | None:
+    """The rule ``spec`` names (None for ``"none"``), or ``spec`` itself when an object;
+    ``"factored"`` with its second moment's decay ``factored_beta2``.
 
     Raises:
         ValueError: an unknown name.
@@ -303,6 +304,8 @@ def make_rest_rule(spec: str | RestRule) -> RestRule | None:
         return spec
     if spec not in REST_RULES:
         raise ValueError(f"Invalid rest: {spec!r} (choose from {', '.join(map(repr, REST_RULES))})")
+    if spec == "factored":
+        return FactoredRest(beta2=factored_beta2)
     rule = REST_RULES[spec]
     return None if rule is None else rule()
 

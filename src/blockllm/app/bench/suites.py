@@ -157,6 +157,10 @@ _BLOCKLLM_TUNED_BF16_LRS = _lr_pairs(
 # matrices", which the larger block and the vocabulary-out-of-the-block patch change together.
 # Seed 0: worse on both models (+0.039 each; benchmarks/README.md).
 _BLOCKLLM_TUNED_SHARE = _tuned_blockllm("share-0.5", "--max-tensor-share", "0.5")
+# The decay of the factored rule's second moment (the embedding's and head's rest step): torch's
+# Adam beta2 of 0.999 averages over about as many steps as tiny's whole run; shorter memories.
+_BLOCKLLM_TUNED_FB2 = tuple(_tuned_blockllm(f"fb2-{beta2}", "--factored-beta2", beta2)
+                            for beta2 in ("0.95", "0.98", "0.99"))
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
@@ -209,6 +213,8 @@ _FINETUNE_METHODS: tuple[MethodEntry, ...] = (
                    "--rest-lr-scale", scale)) for scale in ("1.0", "0.1")),
     MethodEntry("blockllm-paper", PAPER_METHOD),
     *plain("blockllm-random", "lisa", "badam", "galore", "lora"),
+    # The factored rule (the embedding's rest step) with a shorter memory, as tuned in pretraining.
+    MethodEntry("blockllm-fb2-0.99", "blockllm", ("--sparsity", "0.95", "--factored-beta2", "0.99")),
 )
 
 def _gpu_suite(model: str, steps: int) -> Suite:
@@ -345,6 +351,7 @@ SUITES: dict[str, Suite] = {
             # Adam's beta2 at 0.95 (the Llama recipes') instead of torch's 0.999, for the three
             # tuned points alike.
             *_with_beta2((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "0.95"),
+            *_BLOCKLLM_TUNED_FB2,
             # The cosine schedule down to 0 instead of 0.1 x lr, for the three alike: the sign
             # step moves every weight a full lr at every step, so its noise may want the lr lower
             # at the end than Adam's does.
@@ -354,6 +361,7 @@ SUITES: dict[str, Suite] = {
             # at the tuned point and with their lr doubled (the vocabulary's held at 1e-2): it
             # was level with sign at the untuned point (4.14 against 4.13).
             _tuned_blockllm("factored", "--rest", "factored"),
+            _tuned_blockllm("factored-fb2-0.99", "--rest", "factored", "--factored-beta2", "0.99"),
             *_lr_pairs("blockllm", (*_BLOCKLLM_PRETRAIN, "--rest", "factored"), (("1e-3", "10"),),
                        suffix="-factored"),
             # How much a better vocabulary rule could give at the tuned point: Adam on the whole
@@ -461,7 +469,7 @@ SUITES: dict[str, Suite] = {
                  # selection, the share of tiny's best block (s = 0.82 there), where s = 0.9
                  # covers 27 % here and s = 0.82 (worse here) 48 %. Seeds 0-1: level to worse
                  # than s = 0.9 (+0.002, +0.017), so the share does not carry over.
-                 _tuned_blockllm("s0.92", "--sparsity", "0.92")),
+                 _tuned_blockllm("s0.92", "--sparsity", "0.92"), *_BLOCKLLM_TUNED_FB2),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),

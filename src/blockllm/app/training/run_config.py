@@ -43,12 +43,13 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 #: gives each its default, its check and its help; ``RunConfig`` adds nothing to them.
 BLOCKLLM_KNOBS = (
     "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial", "entry_warmup",
-    "exclude", "rest", "vocab_rest", "rest_lr_scale", "always_adam", "moment_dtype",
+    "exclude", "rest", "vocab_rest", "factored_beta2", "rest_lr_scale", "always_adam",
+    "moment_dtype",
 )  # fmt: skip
 #: What a ``config.json`` written before a knob existed meant by leaving it out.
 _ABSENT_MEANS = {
     "rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None,
-    "moment_dtype": "float32",
+    "moment_dtype": "float32", "factored_beta2": 0.999,
     "gradient_checkpointing": False,
 }  # fmt: skip
 
@@ -140,6 +141,7 @@ class RunConfig:
     exclude: str | None = _knob("exclude")
     rest: str = _knob("rest")
     vocab_rest: str | None = _knob("vocab_rest")
+    factored_beta2: float = _knob("factored_beta2")
     rest_lr_scale: float = _knob("rest_lr_scale")
     always_adam: str | None = _knob("always_adam")
     moment_dtype: str = _knob("moment_dtype")
