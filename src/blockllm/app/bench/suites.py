@@ -159,8 +159,12 @@ _BLOCKLLM_TUNED_BF16_LRS = _lr_pairs(
 _BLOCKLLM_TUNED_SHARE = _tuned_blockllm("share-0.5", "--max-tensor-share", "0.5")
 # The decay of the factored rule's second moment (the embedding's and head's rest step): torch's
 # Adam beta2 of 0.999 averages over about as many steps as tiny's whole run; shorter memories.
-_BLOCKLLM_TUNED_FB2 = tuple(_tuned_blockllm(f"fb2-{beta2}", "--factored-beta2", beta2)
-                            for beta2 in ("0.95", "0.98", "0.99"))
+_BLOCKLLM_TUNED_FB2 = (
+    *(_tuned_blockllm(f"fb2-{beta2}", "--factored-beta2", beta2) for beta2 in ("0.95", "0.98", "0.99")),
+    # With the larger block in the same bytes (s = 0.82, bf16 moments).
+    _tuned_blockllm("s0.82-bf16-fb2-0.99", "--sparsity", "0.82", "--moment-dtype", "bfloat16",
+                    "--factored-beta2", "0.99"),
+)
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
