@@ -165,6 +165,12 @@ _BLOCKLLM_TUNED_FB2 = (
     _tuned_blockllm("s0.82-bf16-fb2-0.99", "--sparsity", "0.82", "--moment-dtype", "bfloat16",
                     "--factored-beta2", "0.99"),
 )
+# The factored rule on the hidden matrices too (Adafactor without momentum in place of sign),
+# with the shorter memories.
+_BLOCKLLM_FACTORED = tuple(
+    _tuned_blockllm(f"factored-fb2-{beta2}", "--rest", "factored", "--factored-beta2", beta2)
+    for beta2 in ("0.98", "0.99")
+)
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
                            ("--lr", "8e-3", "--vocab-lr-scale", "3.75"))
@@ -364,7 +370,10 @@ SUITES: dict[str, Suite] = {
             # at the tuned point and with their lr doubled (the vocabulary's held at 1e-2): it
             # was level with sign at the untuned point (4.14 against 4.13).
             _tuned_blockllm("factored", "--rest", "factored"),
-            _tuned_blockllm("factored-fb2-0.99", "--rest", "factored", "--factored-beta2", "0.99"),
+            *_BLOCKLLM_FACTORED,
+            # The factored rule's lr around the sign step's (the vocabulary's held at 1e-2).
+            *_lr_pairs("blockllm", (*_BLOCKLLM_PRETRAIN, "--rest", "factored", "--factored-beta2", "0.99"),
+                       (("1e-3", "10"), ("2.5e-4", "40")), suffix="-factored-fb2-0.99"),
             *_lr_pairs("blockllm", (*_BLOCKLLM_PRETRAIN, "--rest", "factored"), (("1e-3", "10"),),
                        suffix="-factored"),
             # How much a better vocabulary rule could give at the tuned point: Adam on the whole
@@ -472,7 +481,8 @@ SUITES: dict[str, Suite] = {
                  # selection, the share of tiny's best block (s = 0.82 there), where s = 0.9
                  # covers 27 % here and s = 0.82 (worse here) 48 %. Seeds 0-1: level to worse
                  # than s = 0.9 (+0.002, +0.017), so the share does not carry over.
-                 _tuned_blockllm("s0.92", "--sparsity", "0.92"), *_BLOCKLLM_TUNED_FB2),
+                 _tuned_blockllm("s0.92", "--sparsity", "0.92"), *_BLOCKLLM_TUNED_FB2,
+                 *_BLOCKLLM_FACTORED),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
