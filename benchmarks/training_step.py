@@ -4,7 +4,8 @@ Times whole training steps (forward, backward, clip, optimizer step, zero_grad) 
 the methods taking turns in rounds so that a machine that gets busier or quieter affects them
 alike. BlockLLM runs the CLI's pretraining recipe (sparsity 0.9, a reselection every 20 steps,
 compacted gradients): with its default rest rule (every weight steps, so the whole backward
-runs), the same with a larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the
+runs; the factored rule since 0.6), with 0.5's sign rule (``blockllm-sign``), the same with a
+larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the
 block the same bytes hold with ``moment_dtype="bfloat16"``), and with the frozen rule
 (``rest="none"``) once with ``RowGradients(model, optimizer)`` and once without, so the ratio
 between those two is what the row gradients buy. Step time does not depend on the text, so the
@@ -32,7 +33,8 @@ import torch
 from blockllm import BlockLLM, RowGradients
 from blockllm.app.models.presets import build_llama
 
-KINDS = ("adamw", "blockllm", "blockllm-bf16-moments", "blockllm-frozen", "blockllm-frozen-rows")
+KINDS = ("adamw", "blockllm", "blockllm-sign", "blockllm-bf16-moments", "blockllm-frozen",
+         "blockllm-frozen-rows")
 
 
 def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
@@ -41,6 +43,8 @@ def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
     knobs = {"sparsity": args.sparsity}
     if kind == "blockllm-bf16-moments":
         knobs = {"sparsity": args.bf16_sparsity, "moment_dtype": "bfloat16"}
+    elif kind == "blockllm-sign":  # 0.5's default rule
+        knobs["rest"], knobs["factored_beta2"] = "sign", 0.999
     elif kind != "blockllm":
         knobs["rest"] = "none"
     optimizer = BlockLLM(

@@ -91,16 +91,17 @@ class BlockLLMConfig:
         True, "gather a partly selected tensor's gradient to its selected coordinates as it "
         "lands and free the dense one (clip with BlockLLM.clip_grad_norm_)")
     rest: str | RestRule = _knob(
-        "sign", "the state-free step of the candidate coordinates Adam does not update: 'sign' "
-        "(signSGD), 'colnorm' (each row scaled to unit RMS, as SCALE), 'factored' (Adafactor "
-        "without momentum, O(rows + columns) state) or 'none' (frozen until selected: the "
-        "paper's method)")
+        "auto", "the state-free step of the candidate coordinates Adam does not update: "
+        "'factored' (Adafactor without momentum, O(rows + columns) state), 'sign' (signSGD), "
+        "'colnorm' (each row scaled to unit RMS, as SCALE), 'none' (frozen until selected: the "
+        "paper's method), or 'auto' = 'factored' ('sign' under FSDP2, which splits the columns "
+        "'factored' averages over)")
     vocab_rest: str | RestRule | None = _knob(
         "auto", "the rest rule of the embedding and output head (recognised by the names "
         "language models give them): a rule name; 'auto' = 'factored' (rest's rule under FSDP2, "
         "which splits the columns 'factored' averages over); None = rest's")
     factored_beta2: float = _knob(
-        0.999, "the decay of the 'factored' rule's second moment (its row and column EMAs of "
+        0.99, "the decay of the 'factored' rule's second moment (its row and column EMAs of "
         "g**2, bias-corrected), in [0, 1)")
     rest_lr_scale: float = _knob(
         1.0, "the rest step is lr * rest_lr_scale * direction")
@@ -148,7 +149,7 @@ class BlockLLMConfig:
             raise TypeError(f"Invalid seed: expected an int, got {self.seed!r}")
         _flag("skip_nonfinite", self.skip_nonfinite)
         _flag("compact_grads", self.compact_grads)
-        _policy("rest", self.rest, REST_RULES, RestRule)
+        _policy("rest", self.rest, (*REST_RULES, "auto"), RestRule)
         if self.vocab_rest is not None:
             moving = (*(name for name in REST_RULES if name != "none"), "auto")
             _policy("vocab_rest", self.vocab_rest, moving, RestRule)

@@ -50,9 +50,10 @@ class BlockLLM(SelectionViews, Optimizer):
         update   = AdamW on the selected coordinates (torch's own kernels)
         rest     = "none": every other candidate is frozen (requires_grad off: no gradient, and
                    backward stops below the lowest selected tensor), the paper's method;
-                   "sign"/"colnorm": every other coordinate takes a state-free step
-                   lr * rest_lr_scale * direction(g) in its gradient hook, which frees the
-                   gradient at once (see :mod:`blockllm.optim.rest_step`)
+                   "factored" (the default, through "auto"), "sign", "colnorm": every other
+                   coordinate takes a step lr * rest_lr_scale * direction(g) that keeps no
+                   per-coordinate state, in its gradient hook, which frees the gradient at
+                   once (see :mod:`blockllm.optim.rest_step`)
         reselect = after >= patience losses, when loss_t >= mean(last patience losses), or
                    every patience steps (trigger="interval")
 

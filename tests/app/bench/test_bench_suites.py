@@ -62,8 +62,13 @@ def test_pretrain_suite_follows_the_issue():
     tuned = {e.label: e.flags for e in suite.methods
              if "--vocab-lr-scale" in e.flags and "--precision" not in e.flags}
     assert {label: flags[flags.index("--vocab-lr-scale") + 1] for label, flags in tuned.items()} == {
-        "adamw-vocab-30": "30", "blockllm-lr5e-4-vocab-20": "20", "galore-vocab-3": "3"}  # fmt: skip
+        "adamw-vocab-30": "30", "blockllm-lr5e-4-vocab-20": "20", "galore-vocab-3": "3",
+        "blockllm-lr5e-4-vocab-20-factored-fb2-0.99": "20"}  # fmt: skip
     assert set(tuned) <= {e.label for e in SUITES["pretrain-cpu-20m"].methods}
+    # The tuned point of 0.5's rule keeps it spelled out; 0.6's default rule is spelled out too.
+    sign, factored = tuned["blockllm-lr5e-4-vocab-20"], tuned["blockllm-lr5e-4-vocab-20-factored-fb2-0.99"]
+    assert (sign[sign.index("--rest") + 1], sign[sign.index("--factored-beta2") + 1]) == ("sign", "0.999")
+    assert factored[-4:] == ("--rest", "factored", "--factored-beta2", "0.99")
     flags = suite.shared_flags()
     assert flags[flags.index("--patience") + 1] == "50" and suite.steps == 400
     assert suite.model == "tiny" and SUITES["pretrain-cpu-20m"].model == "llama-20m"

@@ -124,8 +124,14 @@ _HEAD_AND_NORMS = r"lm_head\.weight|.*norm\.weight"
 _TINY_PRETRAIN_FLAGS = ("--batch-size", "16", "--seq-len", "128", "--eval-batches", "8",
                         "--lr", "1e-3", "--patience", "50", "--warmup-steps", "40",
                         "--min-lr-ratio", "0.1")
-# BlockLLM's pretraining entries: sparsity 0.9 and the recipe above, then the entry's own flags.
-_BLOCKLLM_PRETRAIN = ("--sparsity", "0.9", *_PRETRAIN_RECIPE)
+# The rest rule of 0.5, which every entry measured before 0.6 ran: sign on the hidden matrices,
+# the factored rule on the embedding and head at beta2 0.999. Spelled out so that those entries
+# keep their meaning under 0.6's default (the factored rule on every matrix, beta2 0.99).
+_SIGN_REST = ("--rest", "sign", "--factored-beta2", "0.999")
+# BlockLLM's pretraining entries: sparsity 0.9 and the recipe above, then the entry's own flags;
+# those of the tuning series (pretrain-lr, pretrain-cpu-20m) with 0.5's rule.
+_BLOCKLLM_DEFAULT_PRETRAIN = ("--sparsity", "0.9", *_PRETRAIN_RECIPE)
+_BLOCKLLM_PRETRAIN = (*_BLOCKLLM_DEFAULT_PRETRAIN, *_SIGN_REST)
 # Each method at its best point of pretrain-lr (three seeds each; benchmarks/README.md): the
 # embedding and head at their own lr (--vocab-lr-scale), BlockLLM at half AdamW's lr.
 _ADAMW_TUNED = MethodEntry("adamw-vocab-30", "adamw", ("--vocab-lr-scale", "30"))
@@ -166,10 +172,12 @@ _BLOCKLLM_TUNED_FB2 = (
                     "--factored-beta2", "0.99"),
 )
 # The factored rule on the hidden matrices too (Adafactor without momentum in place of sign),
-# with the shorter memories.
-_BLOCKLLM_FACTORED = tuple(
-    _tuned_blockllm(f"factored-fb2-{beta2}", "--rest", "factored", "--factored-beta2", beta2)
-    for beta2 in ("0.98", "0.99")
+# with the shorter memories; at 0.99, 0.6's default rule at the tuned point.
+_BLOCKLLM_FACTORED_TUNED = _tuned_blockllm("factored-fb2-0.99", "--rest", "factored",
+                                           "--factored-beta2", "0.99")
+_BLOCKLLM_FACTORED = (
+    _tuned_blockllm("factored-fb2-0.98", "--rest", "factored", "--factored-beta2", "0.98"),
+    _BLOCKLLM_FACTORED_TUNED,
 )
 # GaLore's best point of pretrain-lr's finer grid (lr 8e-3, its vocabulary at 3e-2).
 _GALORE_BEST = MethodEntry("galore-lr8e-3-vocab-3.75", "galore",
@@ -189,7 +197,7 @@ def _with_beta2(entries: tuple[MethodEntry, ...], beta2: str) -> tuple[MethodEnt
 
 _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     *grid("adamw", ("1e-3", "3e-3")),
-    MethodEntry("blockllm", "blockllm", _BLOCKLLM_PRETRAIN),
+    MethodEntry("blockllm", "blockllm", _BLOCKLLM_DEFAULT_PRETRAIN),
     # The 0.3 recipe: the rest frozen until selected.
     MethodEntry("blockllm-frozen", "blockllm", ("--sparsity", "0.9", *_BLOCKLLM_RECIPE,
                                                 "--rest", "none")),
@@ -203,7 +211,7 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     # GaLore at the suite's lr and at its paper's (1e-2, with its scale 0.25 as always).
     *grid("galore", ("1e-3", "1e-2")),
     *plain("lora", "adamw-8bit"),
-    *_TUNED_PRETRAIN_METHODS,
+    *_TUNED_PRETRAIN_METHODS, _BLOCKLLM_FACTORED_TUNED,
     # Issue 14: bf16 weights with fp32 masters for the selection only, against bf16 autocast over
     # fp32 weights, at BlockLLM's tuned point (slow on a CPU without a bf16 fast path).
     *(_tuned_blockllm(precision, "--precision", precision)
@@ -219,7 +227,7 @@ _FINETUNE_METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("blockllm-frozen", "blockllm", ("--sparsity", "0.95", "--rest", "none")),
     # FRUGAL finetunes with its state-free part at a tenth of the lr.
     *(MethodEntry(f"blockllm-rest-{scale}", "blockllm",
-                  ("--sparsity", "0.95", "--rest", "sign", "--vocab-rest", "factored",
+                  ("--sparsity", "0.95", *_SIGN_REST, "--vocab-rest", "factored",
                    "--rest-lr-scale", scale)) for scale in ("1.0", "0.1")),
     MethodEntry("blockllm-paper", PAPER_METHOD),
     *plain("blockllm-random", "lisa", "badam", "galore", "lora"),
@@ -243,7 +251,7 @@ def _gpu_suite(model: str, steps: int) -> Suite:
                  # The CPU suites' tuned points (pretrain-lr), GaLore at its paper's lr, and the
                  # larger block in bf16 moments: their lrs are the CPU's, to be gridded here.
                  *_TUNED_PRETRAIN_METHODS, *grid("galore", ("1e-2",)), _GALORE_BEST,
-                 _BLOCKLLM_TUNED_BF16),
+                 _BLOCKLLM_TUNED_BF16, _BLOCKLLM_FACTORED_TUNED),
         flags=("--batch-size", "32", "--seq-len", "256", "--eval-batches", "10", "--lr", "1e-3",
                "--patience", "50", "--device", "cuda", "--precision", "bf16"),
         corpus=(3_000_000, 32000),
@@ -415,15 +423,17 @@ SUITES: dict[str, Suite] = {
             MethodEntry("sign-vocab-interval-200", "blockllm",
                         ("--trigger", "interval", "--patience", "200", "--rest", "sign",
                          "--always-adam", "auto")),
-            # The default (sign, factored vocabulary) under other reselection rules.
+            # 0.5's default (sign, factored vocabulary) under other reselection rules.
             MethodEntry("default-interval-200", "blockllm",
-                        ("--trigger", "interval", "--patience", "200")),
-            MethodEntry("default-loss-50", "blockllm", ("--trigger", "loss", "--patience", "50")),
+                        ("--trigger", "interval", "--patience", "200", *_SIGN_REST)),
+            MethodEntry("default-loss-50", "blockllm",
+                        ("--trigger", "loss", "--patience", "50", *_SIGN_REST)),
             MethodEntry("sign-vocab-0.95", "blockllm",
                         (*_BLOCKLLM_RECIPE, "--sparsity", "0.95", "--rest", "sign",
                          "--always-adam", "auto")),
         ),
-        flags=_TINY_PRETRAIN_FLAGS,
+        # The factored rule as measured then (0.5: beta2 0.999).
+        flags=(*_TINY_PRETRAIN_FLAGS, "--factored-beta2", "0.999"),
         corpus=(3_000_000, 8192),
     ),
     # Issue 13, item 4: how the block is reselected when every other weight takes a state-free

@@ -59,7 +59,8 @@ _CHOICES = {
     "precision": PRECISIONS,
     "task_kind": TASK_KINDS,
     # The library's registries of built-in policies: the same names BlockLLM(...) accepts.
-    **{name: builtin_names(name) for name in ("trigger", "selection", "partial", "rest", "moment_dtype")},
+    **{name: builtin_names(name) for name in ("trigger", "selection", "partial", "moment_dtype")},
+    "rest": (*builtin_names("rest"), "auto"),
     "vocab_rest": (*(name for name in builtin_names("rest") if name != "none"), "auto"),
 }
 _FIELD_TYPES = {item.name: item.type for item in dataclasses.fields(RunConfig)}
