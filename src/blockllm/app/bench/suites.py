@@ -370,6 +370,8 @@ SUITES: dict[str, Suite] = {
             # Adam's beta2 at 0.95 (the Llama recipes') instead of torch's 0.999, for the three
             # tuned points alike.
             *_with_beta2((_ADAMW_TUNED, _BLOCKLLM_TUNED, _GALORE_BEST), "0.95"),
+            # The peers at 0.99, the memory that serves BlockLLM's factored rule.
+            *_with_beta2((_ADAMW_TUNED, _GALORE_BEST), "0.99"),
             *_BLOCKLLM_TUNED_FB2,
             # The cosine schedule down to 0 instead of 0.1 x lr: the sign step moves every weight
             # a full lr at every step, so its noise may want the lr lower at the end than Adam's
