@@ -46,6 +46,8 @@ CASES = [
      "Invalid moment_dtype: 'float16' (choose from 'float32', 'bfloat16')"),
     (dict(moment_dtype=torch.bfloat16), ValueError,
      "Invalid moment_dtype: torch.bfloat16 (choose from 'float32', 'bfloat16')"),
+    (dict(rest="adam"), ValueError,
+     "Invalid rest: 'adam' (choose from 'none', 'sign', 'colnorm', 'factored', 'auto')"),
     (dict(factored_beta2=1.0), ValueError, "Invalid factored_beta2: 1.0 (must be in [0, 1))"),
     (dict(factored_beta2=-0.5), ValueError, "Invalid factored_beta2: -0.5 (must be in [0, 1))"),
     (dict(factored_beta2="0.99"), TypeError,

@@ -434,6 +434,16 @@ def test_always_adam_auto_pins_vectors_and_the_vocabulary_matrices():
     BlockLLM(nn.Sequential(nn.Linear(4, 4, bias=False)).named_parameters(), always_adam="auto")
 
 
+def test_the_default_rest_is_the_factored_rule_at_beta2_0_99():
+    """0.6's default, ``rest="auto"`` on one process: the factored rule on every matrix."""
+    default, _, _ = train(steps=6)
+    explicit, _, _ = train(steps=6, rest="factored", factored_beta2=0.99)
+    sign, _, _ = train(steps=6, rest="sign")
+    for a, b in zip(default.parameters(), explicit.parameters()):
+        assert torch.equal(a, b)
+    assert max_difference(default, sign) > 0
+
+
 def test_factored_beta2_sets_the_decay_of_every_factored_rule():
     """The name with ``factored_beta2`` trains as the rule object built with that decay does,
     on the vocabulary (``vocab_rest``) and on the other matrices (``rest``) alike."""
