@@ -8,7 +8,7 @@ every other candidate coordinate moves every step too, by ``lr * rest_lr_scale *
 * ``"factored"`` (the default since 0.6, through ``rest="auto"``): Adafactor without momentum,
   ``g / sqrt(v)`` with ``v`` a rank-1 EMA of ``g**2`` kept as one vector per row and one per
   column (O(rows + columns) state), RMS clipped to 1; with a short memory (``factored_beta2``
-  0.99) it beat sign by 2-3 % of the eval loss in pretraining (benchmarks/README.md);
+  0.99) it beat sign by 1.7-2.3 % of the eval loss in pretraining (benchmarks/README.md);
 * ``"sign"``: ``sign(g)`` (signSGD; FRUGAL's rule for the non-Adam part; 0.5's default);
 * ``"colnorm"``: each output row of a matrix divided by its root mean square (SCALE's
   column-normalised SGD; for ``nn.Linear`` weights, shaped ``(out, in)``, a row is one output
