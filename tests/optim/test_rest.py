@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from blockllm import BlockLLM, NoMatchingParamsError
+from blockllm.config import BlockLLMConfig
 from blockllm.selection.rest_rules import (
     ColumnNormRest,
     FactoredRest,
@@ -441,6 +442,8 @@ def test_the_default_rest_is_the_factored_rule_at_beta2_0_99():
     sign, _, _ = train(steps=6, rest="sign")
     for a, b in zip(default.parameters(), explicit.parameters()):
         assert torch.equal(a, b)
+    # The rule object's own default is the library's (two literals: config.py is read unimported).
+    assert FactoredRest().beta2 == BlockLLMConfig().factored_beta2
     assert max_difference(default, sign) > 0
 
 

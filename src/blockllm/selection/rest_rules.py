@@ -178,7 +178,7 @@ class FactoredRest:
     clip coefficient changes them slightly: the rule is nearly, not exactly, scale-invariant.
     """
 
-    def __init__(self, beta2: float = 0.999, eps: float = 1e-30) -> None:
+    def __init__(self, beta2: float = 0.99, eps: float = 1e-30) -> None:
         self.beta2 = beta2
         self.eps = eps
 
@@ -298,7 +298,7 @@ class FactoredStep:
 REST_RULES = {"none": None, "sign": SignRest, "colnorm": ColumnNormRest, "factored": FactoredRest}
 
 
-def make_rest_rule(spec: str | RestRule, factored_beta2: float = 0.999) -> RestRule | None:
+def make_rest_rule(spec: str | RestRule, factored_beta2: float) -> RestRule | None:
     """The rule ``spec`` names (None for ``"none"``), or ``spec`` itself when an object;
     ``"factored"`` with its second moment's decay ``factored_beta2``.
 

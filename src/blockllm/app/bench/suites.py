@@ -165,12 +165,8 @@ _BLOCKLLM_TUNED_BF16_LRS = _lr_pairs(
 _BLOCKLLM_TUNED_SHARE = _tuned_blockllm("share-0.5", "--max-tensor-share", "0.5")
 # The decay of the factored rule's second moment (the embedding's and head's rest step): torch's
 # Adam beta2 of 0.999 averages over about as many steps as tiny's whole run; shorter memories.
-_BLOCKLLM_TUNED_FB2 = (
-    *(_tuned_blockllm(f"fb2-{beta2}", "--factored-beta2", beta2) for beta2 in ("0.95", "0.98", "0.99")),
-    # With the larger block in the same bytes (s = 0.82, bf16 moments).
-    _tuned_blockllm("s0.82-bf16-fb2-0.99", "--sparsity", "0.82", "--moment-dtype", "bfloat16",
-                    "--factored-beta2", "0.99"),
-)
+_BLOCKLLM_TUNED_FB2 = tuple(_tuned_blockllm(f"fb2-{beta2}", "--factored-beta2", beta2)
+                            for beta2 in ("0.95", "0.98", "0.99"))
 # The factored rule on the hidden matrices too (Adafactor without momentum in place of sign),
 # with the shorter memories; at 0.99, 0.6's default rule at the tuned point.
 _BLOCKLLM_FACTORED_TUNED = _tuned_blockllm("factored-fb2-0.99", "--rest", "factored",
@@ -377,9 +373,6 @@ SUITES: dict[str, Suite] = {
             # a full lr at every step, so its noise may want the lr lower at the end than Adam's
             # does. Seed 0: worse for both (+0.061, GaLore +0.059), so AdamW's was not run.
             *_with_flags((_BLOCKLLM_TUNED, _GALORE_BEST), "min-lr-0", "--min-lr-ratio", "0"),
-            # Adafactor without momentum (O(rows + columns) state) for the hidden matrices too, at
-            # the tuned point: it was level with sign at the untuned point (4.14 against 4.13).
-            _tuned_blockllm("factored", "--rest", "factored"),
             *_BLOCKLLM_FACTORED,
             # The factored rule's lr around the sign step's (the vocabulary's held at 1e-2).
             *_lr_pairs("blockllm", (*_BLOCKLLM_PRETRAIN, "--rest", "factored", "--factored-beta2",
@@ -528,9 +521,7 @@ SUITES: dict[str, Suite] = {
                  *grid("blockllm", ("2e-5", "5e-4")),
                  MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
                  MethodEntry("blockllm-paper", PAPER_METHOD),
-                 *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3")),
-                 MethodEntry("blockllm-factored-fb2-0.99", "blockllm",
-                             ("--rest", "factored", "--factored-beta2", "0.99"))),
+                 *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3"))),
         # 300 held-out tweets: one point of accuracy is three tweets, not one.
         flags=("--task", "tweet-sentiment", "--batch-size", "4", "--seq-len", "64",
                "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "300"),
