@@ -212,6 +212,9 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     # fp32 weights, at BlockLLM's tuned point (slow on a CPU without a bf16 fast path).
     *(_tuned_blockllm(precision, "--precision", precision)
       for precision in ("bf16", "bf16-pure")),
+    # The same two modes with 0.6's rule (the factored rule on every matrix at 0.99).
+    *(entry for precision in ("bf16", "bf16-pure")
+      for entry in _with_flags((_BLOCKLLM_FACTORED_TUNED,), precision, "--precision", precision)),
 )
 
 # Finetuning: full finetuning (AdamW, on a grid), BlockLLM at the paper's finetuning sparsity
