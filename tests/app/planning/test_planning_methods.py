@@ -27,6 +27,12 @@ def shape():
     return shape_of_config(config, name="micro")
 
 
+def factored_bytes(tensors) -> int:
+    """fp32 per row and per column of each matrix, per entry of each vector."""
+    return sum(4 * (t.numel // t.shape[-1] + t.shape[-1]) if len(t.shape) >= 2 else 4 * t.numel
+               for t in tensors)
+
+
 def rows(shape, methods, **settings):
     plan = estimate_memory(shape, EstimateSettings(batch_size=2, seq_len=16, **settings), methods)
     return plan, {row.method: row for row in plan.rows}
@@ -64,8 +70,10 @@ def test_blockllm_follows_its_budget(shape):
     row = by["blockllm"]
     assert row.weights == 2 * n
     assert (row.gradients, row.gradient_transient) == (2 * (k + largest), 2 * largest)
-    assert (row.optimizer_state, row.master_weights) == (8 * k, 4 * k)
-    assert by["blockllm-0.95"].optimizer_state == 8 * math.floor(0.05 * n + 1e-9)
+    # Adam's moments for the block, and the default rest rule's (factored) statistics.
+    rule = factored_bytes(shape.tensors)
+    assert (row.optimizer_state, row.master_weights) == (8 * k + rule, 4 * k)
+    assert by["blockllm-0.95"].optimizer_state == 8 * math.floor(0.05 * n + 1e-9) + rule
 
 
 def test_blockllm_bf16_moments_take_half_the_state(shape):
@@ -73,8 +81,9 @@ def test_blockllm_bf16_moments_take_half_the_state(shape):
     for precision in ("fp32", "bf16-pure"):
         _, by = rows(shape, ["blockllm", "blockllm-mask"], precision=precision, sparsity=0.8,
                      moment_dtype="bfloat16")  # fmt: skip
-        assert by["blockllm"].optimizer_state == 4 * k
-        assert by["blockllm-mask"].optimizer_state == 4 * k + 4 * k  # plus the int32 ids
+        rule = factored_bytes(shape.tensors)
+        assert by["blockllm"].optimizer_state == 4 * k + rule
+        assert by["blockllm-mask"].optimizer_state == 4 * k + 4 * k + rule  # plus the int32 ids
     with pytest.raises(ValueError, match=r"Invalid moment_dtype: 'float16' \(choose from"):
         rows(shape, ["blockllm"], moment_dtype="float16")
 
@@ -87,7 +96,9 @@ def test_blockllm_exclude_and_always_adam(shape):
     norms = sum(t.numel for t in shape.tensors if t.name.endswith("norm.weight"))
     k = math.floor(0.1 * (n - embed - norms) + 1e-9)
     row = by["blockllm"]
-    assert row.optimizer_state == 8 * (k + norms)
+    stepped = [t for t in shape.tensors
+               if not t.name.endswith(("embed_tokens.weight", "norm.weight"))]  # fmt: skip
+    assert row.optimizer_state == 8 * (k + norms) + factored_bytes(stepped)
     assert row.gradient_transient == 4 * 1000 * 64  # the head, now the largest candidate
     assert any("always_adam" in note for note in row.notes)
 
@@ -96,6 +107,17 @@ def test_rest_rules(shape):
     plan, by = rows(shape, ["blockllm"])
     in_backward = blockllm_memory(shape, plan.settings, plan.activations, knobs={"rest": "sign"})
     assert in_backward.gradients == by["blockllm"].gradients  # freed in the hooks
+    # The default (auto = factored) keeps row and column statistics for every candidate; sign
+    # keeps them for the embedding and head only (vocab_rest auto), 'none' for nothing.
+    vocabulary = [t for t in shape.tensors if t.name.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(vocabulary) == 2
+    frozen = blockllm_memory(shape, plan.settings, plan.activations, knobs={"rest": "none"})
+    assert by["blockllm"].optimizer_state - frozen.optimizer_state == factored_bytes(shape.tensors)
+    assert in_backward.optimizer_state - frozen.optimizer_state == factored_bytes(vocabulary)
+    sign_only = blockllm_memory(
+        shape, plan.settings, plan.activations, knobs={"rest": "sign", "vocab_rest": None}
+    )
+    assert sign_only.optimizer_state == frozen.optimizer_state
     in_step = blockllm_memory(
         shape, plan.settings, plan.activations, knobs={"rest": "sign", "rest_in_backward": False}
     )

@@ -32,6 +32,7 @@ import torch
 from blockllm.app.planning.activation_memory import PRECISIONS, ActivationMemory, activation_memory
 from blockllm.app.planning.model_shapes import ModelShape, TensorInfo
 from blockllm.config import BlockLLMConfig
+from blockllm.selection.candidates import VOCABULARY_NAMES
 from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
 
@@ -205,6 +206,9 @@ def blockllm_memory(
         )
     elif config.rest != "none":
         notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
+    rule_state = _factored_state(config, [t for t in candidates if not pinned_names.matches([t.name])])
+    if rule_state:
+        notes.append(f"the factored rest rule's row and column statistics: {rule_state:,} bytes")
     return MethodMemory(
         method=method,
         weights=shape.num_parameters * size,
@@ -214,12 +218,37 @@ def blockllm_memory(
             # Two moments in moment_dtype ("float32" is the update's dtype: fp32 in every precision).
             2 * getattr(torch, config.moment_dtype).itemsize * (budget + pinned)
             + (_INDEX32 * budget if single else 0)
+            + rule_state
         ),
         master_weights=settings.master_bytes * (budget + pinned),
         activations=activations.total,
         activations_checkpointed=activations.checkpointed,
         notes=tuple(notes),
     )
+
+
+def _factored_state(config: BlockLLMConfig, stepped: list[TensorInfo]) -> int:
+    """Bytes of the factored rest rule's statistics over the tensors the rest step moves (one
+    process: ``rest="auto"`` is ``"factored"``, and ``vocab_rest="auto"`` gives the embedding
+    and head the factored rule under any other rest rule): fp32, one value per row and per
+    column of a matrix (rows being every dimension but the last), one per entry of a vector.
+    Its step counters are 0-d, left out like Adam's."""
+    if config.rest == "none":
+        return 0
+    hidden_factored = config.rest in ("auto", "factored")
+    vocab_factored = config.vocab_rest in ("auto", "factored") or (
+        config.vocab_rest is None and hidden_factored
+    )
+    total = 0
+    for tensor in stepped:
+        vocabulary = VOCABULARY_NAMES.fullmatch(tensor.name) is not None
+        if not (vocab_factored if vocabulary else hidden_factored):
+            continue
+        if len(tensor.shape) >= 2:
+            total += _FP32 * (tensor.numel // tensor.shape[-1] + tensor.shape[-1])
+        else:
+            total += _FP32 * tensor.numel
+    return total
 
 
 def adamw8bit_memory(
