@@ -12,9 +12,9 @@ from tests.distributed.group import leave_together
 
 STEPS = 10
 VOCAB = 61  # odd: the embedding and the head split 31/30 rows over two ranks
-# vocab_rest=None: what "auto" resolves to under FSDP2, so the one-process reference steps alike.
-OPTIMIZER_KWARGS = dict(lr=1e-2, weight_decay=0.01, sparsity=0.9, trigger="loss", patience=2,
-                        vocab_rest=None)  # fmt: skip
+# The defaults otherwise: rest="auto" (the factored rule, its column statistics summed over
+# the ranks), so the one-process reference steps alike.
+OPTIMIZER_KWARGS = dict(lr=1e-2, weight_decay=0.01, sparsity=0.9, trigger="loss", patience=2)
 
 
 def make_model():
@@ -65,18 +65,21 @@ def train(model, opt, start, stop, rank, world_size, on_step=None, vocabulary=VO
 
 
 def single_process_reference(options: dict | None = None, vocabulary: int = VOCAB) -> dict:
-    """The same training on one process with the whole batch.
-
-    With ``rest="sign"`` unless ``options`` says otherwise: what the default ``"auto"`` resolves
-    to under FSDP2 (the ranks keep the default, so the comparison checks that resolution too)."""
+    """The same training on one process with the whole batch."""
     model = make_model()
-    opt = BlockLLM(model.named_parameters(), **{"rest": "sign", **OPTIMIZER_KWARGS, **(options or {})})
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
 
     def on_step(step, entry):
         entry["partial"] = partial_record(opt, lambda name: 0)
 
     history = train(model, opt, 0, STEPS, 0, 1, on_step, vocabulary)
+    rule = opt.state_dict()["blockllm"]["rest"].get("rule", {})
     return {
+        # The rest rule's state that every rank holds whole: column statistics, step counters.
+        "rule_replicated_bytes": sum(
+            value.numel() * value.element_size()
+            for state in rule.values() for key, value in state.items() if key not in ("row", "full")
+        ),  # fmt: skip
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "history": history,
         "memory": opt.memory_report(),

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from blockllm.selection.packing import BudgetPacker, Coordinates
+from blockllm.selection.rest_rules import Shards
 from blockllm.selection.scorers import grad_norm
 
 
@@ -44,6 +45,11 @@ class Communicator(Protocol):
 
     def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """The part of ``tensor`` this rank holds (a view), or the tensor itself."""
+        ...
+
+    def shards(self, param: torch.Tensor) -> Shards | None:
+        """How ``param``'s gradient is split over the ranks (FSDP2), for a rest rule whose
+        statistics span the whole tensor; None when every rank holds it whole."""
         ...
 
     def grad_norm(self, grad: torch.Tensor) -> float:
@@ -102,6 +108,9 @@ class SingleProcess:
 
     def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return tensor
+
+    def shards(self, param: torch.Tensor) -> Shards | None:
+        return None
 
     def grad_norm(self, grad: torch.Tensor) -> float:
         return local_grad_norm(grad)

@@ -13,7 +13,10 @@ decisions. :class:`FSDP2Sync` holds the few collectives that buy that agreement:
   flat indices *local to that shard*, so the update gathers and scatters on local tensors only;
 * whether a partly selected tensor keeps its moments across a reselection (its coordinates did
   not change) is decided on all ranks together;
-* the loss that drives the trigger and the "all gradients finite" flag are reduced.
+* the loss that drives the trigger and the "all gradients finite" flag are reduced;
+* the factored rest rule's column statistics, the mean of its row statistics and its clip's sum
+  of squares are summed over the ranks (one all-reduce per tensor, :class:`Shards`); its row
+  statistics stay with the rows, on their rank.
 
 The update itself runs on ``to_local()`` views: moments, masters and coordinate lists are plain
 local tensors, so optimizer memory is divided by the number of ranks like FSDP's own.
@@ -35,6 +38,7 @@ from blockllm.distributed.base import local_grad_norm
 from blockllm.distributed.fsdp2_top import ShardedPacker
 from blockllm.selection.coordinates import same as same_coordinates
 from blockllm.selection.packing import BudgetPacker, Coordinates
+from blockllm.selection.rest_rules import Shards
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,14 @@ class FSDP2Sync:
 
     def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return local_view(tensor)
+
+    def shards(self, param: torch.Tensor) -> Shards:
+        """Whole rows on each rank; sums over the mesh (the factored rest rule's column sums)."""
+        rows = param.numel() // param.shape[-1] if param.dim() >= 2 else param.numel()
+        return Shards(rows=rows, numel=param.numel(), sum_=self._sum_)
+
+    def _sum_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.group)
 
     def touched(self, index: int) -> None:
         pass

@@ -7,10 +7,11 @@ them (it keeps one copy), and anything per rank must be a DTensor so it can be r
 * the moments (and masters) of whole selected tensors become DTensors placed like their
   parameter, which DCP stores sharded and reshards on load like the model;
 * everything else goes into one ``bytes`` entry that is identical on every rank: the
-  ``"blockllm"`` section with *global* coordinates, torch's param groups, the step counters, and
-  the compact moments of partly selected tensors gathered in global coordinate order. That is
+  ``"blockllm"`` section with *global* coordinates, torch's param groups, the step counters, the
+  compact moments of partly selected tensors gathered in global coordinate order, and the
+  factored rest rule's statistics with their per-row parts gathered in shard order. That is
   exactly what one process would save, and it is small: partly selected tensors hold at most
-  the budget's remainder.
+  the budget's remainder, the rule O(rows + columns) per tensor.
 
 Loading is the reverse: each rank keeps the part of the global coordinates (and of the compact
 moments) that falls into its own shard, so a checkpoint also loads on a different number of ranks.
@@ -48,6 +49,7 @@ def sharded_state_dict(optimizer: BlockLLM) -> dict[str, Any]:
     candidates = _candidates_by_name(optimizer)
     pid_of = _param_ids(optimizer)
     partial_names = sorted(section["coordinates"])  # the same on every rank, so gathers match
+    section["rest"] = _rest_state_whole(section.get("rest", {}), sync)
 
     coordinates: dict[str, torch.Tensor] = {}
     partial: dict[str, dict[str, torch.Tensor]] = {}
@@ -163,12 +165,60 @@ def load_sharded_state_dict(
         restored["step"] = entry["step"].clone()
         local_state[pid_of[id(candidates[name])]] = restored
     section["coordinates"] = local_coordinates
+    section["rest"] = _rest_state_of_shard(section.get("rest", {}), candidates, sync)
     optimizer.load_state_dict(
         {"state": local_state, "param_groups": meta["param_groups"], "blockllm": section}
     )
     # num_selected counts every rank's coordinates; the local lists alone cannot tell.
     for name, count in counts.items():
         sync.remember_count(optimizer.coordinates(name), count)
+
+
+# The keys of a rest rule's state that hold one value per row of the tensor (a matrix's row
+# statistics; a vector's per-entry ones): each rank holds its rows' part. Every other key
+# (column statistics, step counters) is the same on every rank.
+_PER_ROW_KEYS = ("row", "full")
+
+
+def _rest_state_whole(rest: dict[str, Any], sync: FSDP2Sync) -> dict[str, Any]:
+    """The rest section with the rule's per-row statistics gathered from every rank, in shard
+    order: what one process would hold. Collective (the tensors' names are the same on every
+    rank: each rank steps the same tensors)."""
+    rule = rest.get("rule")
+    if not rule:
+        return rest
+    whole = {
+        name: {
+            key: _gather_in_shard_order(value, sync) if key in _PER_ROW_KEYS else value
+            for key, value in sorted(rule[name].items())
+        }
+        for name in sorted(rule)
+    }
+    return {**rest, "rule": whole}
+
+
+def _rest_state_of_shard(
+    rest: dict[str, Any], candidates: dict[str, torch.Tensor], sync: FSDP2Sync
+) -> dict[str, Any]:
+    """The rest section with the rule's per-row statistics cut to this rank's rows."""
+    rule = rest.get("rule")
+    if not rule:
+        return rest
+    mine = {}
+    for name, state in rule.items():
+        if name not in candidates:
+            raise StateDictMismatchError(
+                f"Invalid checkpoint: it holds rest-rule state for {name!r}, which is no "
+                "candidate here"
+            )
+        param = candidates[name]
+        start, stop = sync.shard_range(param)
+        width = param.shape[-1] if param.dim() >= 2 else 1
+        mine[name] = {
+            key: value[start // width : stop // width].clone() if key in _PER_ROW_KEYS else value
+            for key, value in state.items()
+        }
+    return {**rest, "rule": mine}
 
 
 def _sync_of(optimizer: BlockLLM) -> FSDP2Sync:

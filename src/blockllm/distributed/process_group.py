@@ -24,6 +24,7 @@ import torch.distributed as dist
 from blockllm.distributed.base import local_grad_norm
 from blockllm.distributed.buckets import all_reduce_mean_, broadcast_
 from blockllm.selection.packing import BudgetPacker, Coordinates
+from blockllm.selection.rest_rules import Shards
 
 
 class ProcessGroupSync:
@@ -54,6 +55,9 @@ class ProcessGroupSync:
 
     def local(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return tensor
+
+    def shards(self, param: torch.Tensor) -> Shards | None:
+        return None  # every replica holds the whole averaged gradient
 
     def grad_norm(self, grad: torch.Tensor) -> float:
         return local_grad_norm(grad)  # averaged before it is scored, so the same on every rank

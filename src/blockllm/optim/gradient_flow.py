@@ -12,7 +12,6 @@ once over data-parallel ranks, and clips them.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,8 +27,6 @@ from blockllm.selection.candidates import CandidateSet
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import make_rest_rule
 from blockllm.selection.selector import BlockSelector
-
-logger = logging.getLogger(__name__)
 
 
 class GradientFlow:
@@ -56,17 +53,22 @@ class GradientFlow:
         self.groups = groups
         self.compact = CompactGradients(config.compact_grads, comm)
         self._holding = 0
-        rule = make_rest_rule(_resolve_rest(config.rest, comm.shards_parameters), config.factored_beta2)
+        rule = make_rest_rule(_resolve_rest(config.rest), config.factored_beta2)
         overrides = {}
-        vocab_rest = _resolve_vocab_rest(config.vocab_rest, comm.shards_parameters)
+        vocab_rest = _resolve_vocab_rest(config.vocab_rest)
         if rule is not None and vocab_rest is not None:
             vocab_rule = make_rest_rule(vocab_rest, config.factored_beta2)
             overrides = {index: vocab_rule for index in candidates.vocabulary}
-        stateful = [r for r in (rule, *overrides.values()) if hasattr(r, "init_state")]
-        if stateful and comm.shards_parameters:
+        unsharded = [
+            r for r in (rule, *overrides.values())
+            if hasattr(r, "init_state") and not getattr(r, "supports_shards", False)
+        ]  # fmt: skip
+        if unsharded and comm.shards_parameters:
             raise ValueError(
-                f"Invalid rest: {config.rest!r} keeps statistics over whole columns, which FSDP2 "
-                "splits over ranks; use rest='sign' or 'colnorm' (row-local) under FSDP2"
+                f"Invalid rest: {unsharded[0]!r} keeps state but does not declare "
+                "supports_shards = True, so it cannot see statistics that FSDP2 splits over "
+                "ranks; use a built-in rule or give it a 'shards' argument "
+                "(blockllm.selection.rest_rules.RestRule)"
             )
         self.rest = None if rule is None else RestStepper(
             rule, config.rest_lr_scale, config.rest_weight_decay, candidates.params, groups(),
@@ -188,39 +190,21 @@ class GradientFlow:
         self.end_step()
 
 
-def _resolve_rest(rest: Any, sharded: bool) -> Any:
-    """``rest`` with ``"auto"`` replaced by the rule it stands for here.
-
-    ``"auto"`` is ``"factored"``: with its second moment's short memory (``factored_beta2`` 0.99)
-    it beat ``"sign"`` on every matrix by 1.7-2.3 % of the eval loss in pretraining
-    (benchmarks/README.md). FSDP2 splits each matrix by rows over ranks while ``"factored"``
-    averages every column over all rows, so there ``"auto"`` is ``"sign"`` (an explicit
-    ``"factored"`` is refused instead).
+def _resolve_rest(rest: Any) -> Any:
+    """``rest`` with ``"auto"`` replaced by the rule it stands for: ``"factored"``, which with
+    its second moment's short memory (``factored_beta2`` 0.99) beat ``"sign"`` on every matrix
+    by 1.7-2.3 % of the eval loss in pretraining (benchmarks/README.md). Under FSDP2 too: the
+    rule sums its column statistics over the ranks (:class:`~blockllm.selection.rest_rules.Shards`).
     """
-    if rest != "auto":
-        return rest
-    if sharded:
-        logger.info("rest='auto' under FSDP2: 'sign' (row-local), not 'factored'")
-        return "sign"
-    return "factored"
+    return "factored" if rest == "auto" else rest
 
 
-def _resolve_vocab_rest(vocab_rest: Any, sharded: bool) -> Any:
-    """``vocab_rest`` with ``"auto"`` replaced by the rule it stands for here.
-
-    ``"auto"`` is ``"factored"``: on the embedding and head, whose rare-token rows see a gradient
-    now and then, a per-row and per-column second moment keeps their step in proportion (on
-    pretrain-cpu it took sign's eval loss from +14 % to +1 % of AdamW's; benchmarks/README.md).
-    FSDP2 splits those matrices by rows over ranks while ``"factored"`` averages every column
-    over all rows, so there ``"auto"`` falls back to ``rest``'s own rule (an explicit
-    ``"factored"`` is refused instead).
-    """
-    if vocab_rest != "auto":
-        return vocab_rest
-    if sharded:
-        logger.info("vocab_rest='auto' under FSDP2: the embedding and head take rest's rule")
-        return None
-    return "factored"
+def _resolve_vocab_rest(vocab_rest: Any) -> Any:
+    """``vocab_rest`` with ``"auto"`` replaced by the rule it stands for: ``"factored"``. On the
+    embedding and head, whose rare-token rows see a gradient now and then, a per-row and
+    per-column second moment keeps their step in proportion (on pretrain-cpu it took sign's eval
+    loss from +14 % to +1 % of AdamW's; benchmarks/README.md)."""
+    return "factored" if vocab_rest == "auto" else vocab_rest
 
 
 __all__ = ["GradientFlow"]

@@ -385,10 +385,14 @@ class RestStepper:
         state = self.rule_states.get(index)
         if state is None:
             state = self.rule_states[index] = init(grad)
+        # Under FSDP2 the rule sums what spans the ranks itself, inside this call (every rank
+        # makes it for the same tensors in the same order: no rank may skip it).
+        shards = self.comm.shards(self.params[index])
+        extra = {} if shards is None else {"shards": shards}
         # A non-finite gradient must not reach the statistics (they would poison every later
         # step): keep the old values then, without a host sync (the state is O(rows + columns)).
         before = {key: value.clone() for key, value in state.items()}
-        direction = rule.prepare(grad, state) if prepare else rule.direction(grad, state)
+        direction = rule.prepare(grad, state, **extra) if prepare else rule.direction(grad, state, **extra)
         for key, value in state.items():
             value.copy_(torch.where(finite, value, before[key]))
         return direction

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -128,6 +129,39 @@ def _clip_rms(update: torch.Tensor, squares: torch.Tensor, numel: int | None = N
     return update.div_(rms.clamp(min=1.0))
 
 
+@dataclass(frozen=True)
+class Shards:
+    """How a gradient is split over FSDP2 ranks, for a rule whose statistics span the whole
+    tensor: each rank holds whole rows (a dim-0 chunk) and ``sum_`` adds a tensor over the
+    ranks in place (an all-reduce; every rank calls it in the same order).
+
+    Attributes:
+        rows: Rows of the whole tensor (a matrix's every dimension but the last multiplied; a
+            vector's entries).
+        numel: Entries of the whole tensor.
+        sum_: Sums a tensor over the ranks, in place.
+    """
+
+    rows: int
+    numel: int
+    sum_: Callable[[torch.Tensor], object]
+
+
+def _weighted_column_sums(matrix: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """``(matrix**2 * row_weights[:, None]).sum(dim=0)``; on a CPU slice by slice (no full-size
+    temporary, each slice squared while in cache)."""
+    if matrix.device.type != "cpu":
+        return row_weights @ matrix.square()
+    sums = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    scratch = _slice_scratch(matrix)
+    for rows, weights in zip(
+        _row_slices(matrix), _row_slices(row_weights[:, None], matrix.shape[1])
+    ):
+        squares = torch.square(rows, out=scratch[: rows.shape[0]])
+        sums.add_(squares.mul_(weights).sum(dim=0))
+    return sums
+
+
 @runtime_checkable
 class RestRule(Protocol):
     """The direction of the state-free step of a candidate's unselected coordinates.
@@ -144,6 +178,11 @@ class RestRule(Protocol):
     A stateful rule may also define ``prepare(grad, state) -> FactoredStep`` for matrices (as
     :class:`FactoredRest` does); on a CPU the optimizer then steps a full-precision matrix with
     it in place (no full-size direction) or, for an embedding, on the batch's rows only.
+
+    A stateful rule runs under FSDP2 only if it sets ``supports_shards = True``: it is then
+    called with ``shards=`` (:class:`Shards`) and must do all its communication inside that
+    call, on every rank, whatever the gradient holds (a rank that skips a collective hangs
+    the others).
     """
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor: ...
@@ -176,7 +215,16 @@ class FactoredRest:
     of a vocabulary matrix need. Its state (two vectors per matrix) counts as optimizer state.
     The factors are running statistics, not a plain function of this step's gradient, so a
     clip coefficient changes them slightly: the rule is nearly, not exactly, scale-invariant.
+
+    Under FSDP2 (``shards=``) each rank holds whole rows: the row statistics stay local, and one
+    all-reduce per tensor adds up what spans the ranks (the column sums, the row statistics'
+    sum for their mean, and the clip's sum of squares, read from a weighted column sum so that
+    it needs no second collective). The direction then equals one process's to rounding. A
+    non-finite gradient on any rank leaves the statistics alone and gives a zero direction on
+    every rank, so the replicated column statistics stay identical.
     """
+
+    supports_shards = True
 
     def __init__(self, beta2: float = 0.99, eps: float = 1e-30) -> None:
         self.beta2 = beta2
@@ -193,21 +241,36 @@ class FactoredRest:
             }
         return {"full": torch.zeros(grad.shape, device=device), "step": torch.zeros((), device=device)}
 
-    def direction(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def direction(
+        self, grad: torch.Tensor, state: dict[str, torch.Tensor], shards: Shards | None = None
+    ) -> torch.Tensor:
         if "full" in state:
+            before = None if shards is None else {k: v.clone() for k, v in state.items()}
             g = grad.float()
             correction = self._count_step(state)
             state["full"].lerp_(g.square().add_(self.eps), 1 - self.beta2)
             update = g / (state["full"] / correction).sqrt()
-            return _clip_rms(update, torch.linalg.vector_norm(update).square_()).to(grad.dtype)
-        return self.prepare(grad, state).dense().reshape(grad.shape).to(grad.dtype)
+            squares = torch.linalg.vector_norm(update).square_()
+            if shards is None:
+                return _clip_rms(update, squares).to(grad.dtype)
+            squares = squares.reshape(1)
+            shards.sum_(squares)
+            finite = torch.isfinite(squares[0])
+            _keep_unless(finite, state, before)
+            clipped = _clip_rms(update, squares[0], shards.numel)
+            return torch.where(finite, clipped, 0.0).to(grad.dtype)
+        return self.prepare(grad, state, shards).dense().reshape(grad.shape).to(grad.dtype)
 
-    def prepare(self, grad: torch.Tensor, state: dict[str, torch.Tensor]) -> FactoredStep:
+    def prepare(
+        self, grad: torch.Tensor, state: dict[str, torch.Tensor], shards: Shards | None = None
+    ) -> FactoredStep:
         """This step of a matrix, its statistics updated, before any full-size tensor is built:
         :class:`FactoredStep` writes it out whole (what :meth:`direction` returns), on its live
         rows only, or straight into the weight."""
+        if shards is not None:
+            return self._prepare_shard(grad, state, shards)
         correction = self._count_step(state)
-        matrix = grad.float().reshape(state["row"].numel(), -1)
+        matrix = grad.float().reshape(state["row"].numel(), state["col"].numel())
         rows, cols = matrix.shape
         row_sums, col_sums = _sums_of_squares(matrix)
         live = row_sums != 0
@@ -216,10 +279,49 @@ class FactoredRest:
         row, col = state["row"] / correction, state["col"] / correction
         return FactoredStep(matrix, row.div_(row.mean()).rsqrt_(), col.rsqrt_(), live)
 
+    def _prepare_shard(
+        self, grad: torch.Tensor, state: dict[str, torch.Tensor], shards: Shards
+    ) -> FactoredStep:
+        """:meth:`prepare` on this rank's rows, with one all-reduce.
+
+        The clip needs the direction's sum of squares, ``sum_ij g_ij**2 a_i**2 b_j**2``, where
+        ``a_i**2 = mean(row) / row_i`` and ``b_j**2 = 1 / col_j`` are known only after the sums
+        over the ranks. Written as ``mean(row) * sum_j (sum_i g_ij**2 / row_i) / col_j``, its
+        inner sums need only this rank's rows, so they travel in the same all-reduce.
+        """
+        before = {key: value.clone() for key, value in state.items()}
+        correction = self._count_step(state)
+        matrix = grad.float().reshape(state["row"].numel(), state["col"].numel())
+        cols = matrix.shape[1]
+        row_sums, col_sums = _sums_of_squares(matrix)
+        live = row_sums != 0
+        state["row"].lerp_(row_sums.div_(cols).add_(self.eps), 1 - self.beta2)
+        row = state["row"] / correction
+        # One buffer, one collective: the column sums, the weighted column sums, sum(row).
+        totals = torch.cat([col_sums, _weighted_column_sums(matrix, row.reciprocal()), row.sum()[None]])
+        shards.sum_(totals)
+        finite = torch.isfinite(totals).all()
+        col_sums, weighted, row_total = totals[:cols], totals[cols:-1], totals[-1]
+        state["col"].lerp_(col_sums.div_(shards.rows).add_(self.eps), 1 - self.beta2)
+        _keep_unless(finite, state, before)
+        mean = row_total / shards.rows
+        col = state["col"] / correction
+        squares = torch.where(finite, mean * (weighted / col).sum(), 0.0)
+        row_scale = torch.where(finite, row.div_(mean).rsqrt_(), 0.0)
+        return FactoredStep(matrix, row_scale, col.rsqrt_(), live, squares, shards.numel)
+
     def _count_step(self, state: dict[str, torch.Tensor]) -> float:
         """Advances the step count; returns the bias correction of this step."""
         state["step"] += 1
         return 1 - self.beta2 ** float(state["step"])
+
+
+def _keep_unless(finite: torch.Tensor, state: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
+    """``state`` back to ``before`` (step counter included) unless ``finite``, without a host
+    sync: on a shard, a non-finite gradient on any rank changes no rank's statistics, so the
+    replicated ones (columns, step counters) stay the same on every rank."""
+    for key, value in before.items():
+        state[key].copy_(torch.where(finite, state[key], value))
 
 
 class FactoredStep:
@@ -232,16 +334,29 @@ class FactoredStep:
     full-size tensor is 131 MB at the backward's peak); :meth:`live_rows` builds it on the rows
     whose gradient is not all zero (an embedding's: the batch's tokens); :meth:`apply_` steps a
     weight with it slice by slice on a CPU, with no full-size tensor at all.
+
+    ``squares`` and ``numel``: the whole tensor's sum of squares of the direction and entry
+    count, when ``matrix`` is one FSDP2 shard of it (the clip is the whole tensor's); None: the
+    matrix is whole and its own sums are used.
     """
 
     def __init__(
-        self, matrix: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, live: torch.Tensor
+        self,
+        matrix: torch.Tensor,
+        row_scale: torch.Tensor,
+        col_scale: torch.Tensor,
+        live: torch.Tensor,
+        squares: torch.Tensor | None = None,
+        numel: int | None = None,
     ) -> None:
         self.matrix, self.row_scale, self.col_scale, self.live = matrix, row_scale, col_scale, live
+        self.squares, self.numel = squares, numel
 
     def dense(self) -> torch.Tensor:
         """The direction, a new tensor of the matrix's shape."""
         update, squares = _scale_rows_and_columns(self.matrix, self.row_scale, self.col_scale)
+        if self.squares is not None:
+            return _clip_rms(update, self.squares, self.numel)
         return _clip_rms(update, squares)
 
     def live_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -255,6 +370,8 @@ class FactoredStep:
         values, squares = _scale_rows_and_columns(
             self.matrix.index_select(0, rows), self.row_scale.index_select(0, rows), self.col_scale
         )
+        if self.squares is not None:
+            return rows, _clip_rms(values, self.squares, self.numel)
         return rows, _clip_rms(values, squares, self.matrix.numel())
 
     def apply_(self, weight: torch.Tensor, lr: float | torch.Tensor, decay: float = 0.0) -> None:
@@ -288,7 +405,10 @@ class FactoredStep:
     def clip_rms(self) -> torch.Tensor | None:
         """The direction's RMS when it exceeds 1 (the clip divides by it), else None: a pass of
         its own (CPU), over the same slices as :meth:`dense`'s sum, so the in-place step equals
-        the dense one bit for bit."""
+        the dense one bit for bit; none on a shard, whose whole tensor's sum came with it."""
+        if self.squares is not None:
+            rms = (self.squares / self.numel).sqrt()
+            return rms if bool(rms > 1.0) else None
         slices = _scaled_slices(self.matrix, self.row_scale, self.col_scale)
         squares = _sum_of_squares(slices, self.matrix.dtype)
         rms = (squares / self.matrix.numel()).sqrt_()
@@ -321,6 +441,7 @@ __all__ = [
     "FactoredRest",
     "FactoredStep",
     "RestRule",
+    "Shards",
     "SignRest",
     "make_rest_rule",
 ]

@@ -522,6 +522,9 @@ SUITES: dict[str, Suite] = {
         # finetuning's best lr (2e-5) is not obviously the best for 5 % of the weights.
         methods=(*grid("adamw", ("2e-5", "1e-4")), MethodEntry("blockllm", "blockllm"),
                  *grid("blockllm", ("2e-5", "5e-4")),
+                 # 0.5's rule (sign on the hidden matrices), against 0.6's default above.
+                 MethodEntry("blockllm-sign", "blockllm", _SIGN_REST),
+                 MethodEntry("blockllm-sign-lr2e-5", "blockllm", (*_SIGN_REST, "--lr", "2e-5")),
                  MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
                  MethodEntry("blockllm-paper", PAPER_METHOD),
                  *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3"))),
