@@ -94,12 +94,10 @@ class BlockLLMConfig:
         "auto", "the state-free step of the candidate coordinates Adam does not update: "
         "'factored' (Adafactor without momentum, O(rows + columns) state), 'sign' (signSGD), "
         "'colnorm' (each row scaled to unit RMS, as SCALE), 'none' (frozen until selected: the "
-        "paper's method), or 'auto' = 'factored' ('sign' under FSDP2, which splits the columns "
-        "'factored' averages over)")
+        "paper's method), or 'auto' = 'factored'")
     vocab_rest: str | RestRule | None = _knob(
         "auto", "the rest rule of the embedding and output head (recognised by the names "
-        "language models give them): a rule name; 'auto' = 'factored' (rest's rule under FSDP2, "
-        "which splits the columns 'factored' averages over); None = rest's")
+        "language models give them): a rule name; 'auto' = 'factored'; None = rest's")
     factored_beta2: float = _knob(
         0.99, "the decay of the 'factored' rule's second moment (its row and column EMAs of "
         "g**2, bias-corrected), in [0, 1)")
