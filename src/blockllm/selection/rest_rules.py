@@ -307,8 +307,11 @@ class FactoredRest:
         mean = row_total / shards.rows
         col = state["col"] / correction
         squares = torch.where(finite, mean * (weighted / col).sum(), 0.0)
+        # Both scales zero when anything was non-finite: the restored column statistics may
+        # be zeros (a first step), whose inverse root is inf, and 0 * inf would be NaN.
         row_scale = torch.where(finite, row.div_(mean).rsqrt_(), 0.0)
-        return FactoredStep(matrix, row_scale, col.rsqrt_(), live, squares, shards.numel)
+        col_scale = torch.where(finite, col.rsqrt_(), 0.0)
+        return FactoredStep(matrix, row_scale, col_scale, live, squares, shards.numel)
 
     def _count_step(self, state: dict[str, torch.Tensor]) -> float:
         """Advances the step count; returns the bias correction of this step."""
