@@ -231,8 +231,9 @@ _FINETUNE_METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("blockllm-paper", PAPER_METHOD),
     *plain("blockllm-random", "lisa", "badam", "galore", "lora"),
     # The factored rule with a shorter memory on every matrix, as tuned in pretraining.
-    MethodEntry("blockllm-factored-fb2-0.99", "blockllm",
-                ("--sparsity", "0.95", "--rest", "factored", "--factored-beta2", "0.99")),
+    *(MethodEntry(f"blockllm-factored-fb2-{beta2}", "blockllm",
+                  ("--sparsity", "0.95", "--rest", "factored", "--factored-beta2", beta2))
+      for beta2 in ("0.99", "0.98")),
 )
 
 def _gpu_suite(model: str, steps: int) -> Suite:
