@@ -25,7 +25,7 @@ from blockllm.optim.compact_grads import CompactGradients
 from blockllm.optim.rest_step import RestStepper
 from blockllm.selection.candidates import CandidateSet
 from blockllm.selection.packing import Coordinates
-from blockllm.selection.rest_rules import make_rest_rule
+from blockllm.selection.rest_rules import rest_rules_for
 from blockllm.selection.selector import BlockSelector
 
 
@@ -53,11 +53,9 @@ class GradientFlow:
         self.groups = groups
         self.compact = CompactGradients(config.compact_grads, comm)
         self._holding = 0
-        rule = make_rest_rule(_resolve_rest(config.rest), config.factored_beta2)
+        rule, vocab_rule = rest_rules_for(config.rest, config.vocab_rest, config.factored_beta2)
         overrides = {}
-        vocab_rest = _resolve_vocab_rest(config.vocab_rest)
-        if rule is not None and vocab_rest is not None:
-            vocab_rule = make_rest_rule(vocab_rest, config.factored_beta2)
+        if vocab_rule is not None:
             overrides = {index: vocab_rule for index in candidates.vocabulary}
         unsharded = [
             r for r in (rule, *overrides.values())
@@ -188,23 +186,6 @@ class GradientFlow:
         self.compact.clear()
         self.comm.forget_grads()
         self.end_step()
-
-
-def _resolve_rest(rest: Any) -> Any:
-    """``rest`` with ``"auto"`` replaced by the rule it stands for: ``"factored"``, which with
-    its second moment's short memory (``factored_beta2`` 0.99) beat ``"sign"`` on every matrix
-    by 1.7-2.3 % of the eval loss in pretraining (benchmarks/README.md). Under FSDP2 too: the
-    rule sums its column statistics over the ranks (:class:`~blockllm.selection.rest_rules.Shards`).
-    """
-    return "factored" if rest == "auto" else rest
-
-
-def _resolve_vocab_rest(vocab_rest: Any) -> Any:
-    """``vocab_rest`` with ``"auto"`` replaced by the rule it stands for: ``"factored"``. On the
-    embedding and head, whose rare-token rows see a gradient now and then, a per-row and
-    per-column second moment keeps their step in proportion (on pretrain-cpu it took sign's eval
-    loss from +14 % to +1 % of AdamW's; benchmarks/README.md)."""
-    return "factored" if vocab_rest == "auto" else vocab_rest
 
 
 __all__ = ["GradientFlow"]

@@ -35,6 +35,7 @@ from blockllm.config import BlockLLMConfig
 from blockllm.selection.candidates import VOCABULARY_NAMES
 from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
+from blockllm.selection.rest_rules import rest_rules_for
 
 MOMENTS = 8  # Adam's exp_avg and exp_avg_sq, fp32
 _FP32 = 4
@@ -206,9 +207,9 @@ def blockllm_memory(
         )
     elif config.rest != "none":
         notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
-    rule_state = _factored_state(config, [t for t in candidates if not pinned_names.matches([t.name])])
+    rule_state = _rest_rule_state(config, [t for t in candidates if not pinned_names.matches([t.name])])
     if rule_state:
-        notes.append(f"the factored rest rule's row and column statistics: {rule_state:,} bytes")
+        notes.append(f"the rest rule's own state (factored: row and column statistics): {rule_state:,} bytes")
     return MethodMemory(
         method=method,
         weights=shape.num_parameters * size,
@@ -227,27 +228,22 @@ def blockllm_memory(
     )
 
 
-def _factored_state(config: BlockLLMConfig, stepped: list[TensorInfo]) -> int:
-    """Bytes of the factored rest rule's statistics over the tensors the rest step moves (one
-    process: ``rest="auto"`` is ``"factored"``, and ``vocab_rest="auto"`` gives the embedding
-    and head the factored rule under any other rest rule): fp32, one value per row and per
-    column of a matrix (rows being every dimension but the last), one per entry of a vector.
-    Its step counters are 0-d, left out like Adam's."""
-    if config.rest == "none":
-        return 0
-    hidden_factored = config.rest in ("auto", "factored")
-    vocab_factored = config.vocab_rest in ("auto", "factored") or (
-        config.vocab_rest is None and hidden_factored
-    )
+def _rest_rule_state(config: BlockLLMConfig, stepped: list[TensorInfo]) -> int:
+    """Bytes of the rest rule's own state over the tensors the rest step moves (the factored
+    rule's row and column statistics), from the rules the optimizer builds
+    (:func:`~blockllm.selection.rest_rules.rest_rules_for`, one process) and their
+    ``init_state`` on meta tensors: what they allocate, without allocating it. Step counters
+    are 0-d, left out like Adam's."""
+    rule, vocab_rule = rest_rules_for(config.rest, config.vocab_rest, config.factored_beta2)
     total = 0
     for tensor in stepped:
         vocabulary = VOCABULARY_NAMES.fullmatch(tensor.name) is not None
-        if not (vocab_factored if vocabulary else hidden_factored):
+        applied = vocab_rule if vocabulary and vocab_rule is not None else rule
+        init = getattr(applied, "init_state", None)
+        if init is None:
             continue
-        if len(tensor.shape) >= 2:
-            total += _FP32 * (tensor.numel // tensor.shape[-1] + tensor.shape[-1])
-        else:
-            total += _FP32 * tensor.numel
+        state = init(torch.empty(tensor.shape, device="meta"))
+        total += sum(value.numel() * value.element_size() for key, value in state.items() if key != "step")
     return total
 
 
