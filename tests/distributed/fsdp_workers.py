@@ -17,7 +17,7 @@ VOCAB = 61  # odd: the embedding and the head split 31/30 rows over two ranks
 OPTIMIZER_KWARGS = dict(lr=1e-2, weight_decay=0.01, sparsity=0.9, trigger="loss", patience=2)
 
 
-def make_model():
+def make_model(dtype: torch.dtype = torch.float32):
     """A tiny Llama, the same on every process (FSDP2 shards it, it does not broadcast)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -27,7 +27,7 @@ def make_model():
         tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def batches(vocabulary: int = VOCAB) -> list[torch.Tensor]:
@@ -64,9 +64,11 @@ def train(model, opt, start, stop, rank, world_size, on_step=None, vocabulary=VO
     return history
 
 
-def single_process_reference(options: dict | None = None, vocabulary: int = VOCAB) -> dict:
+def single_process_reference(
+    options: dict | None = None, vocabulary: int = VOCAB, dtype: torch.dtype = torch.float32
+) -> dict:
     """The same training on one process with the whole batch."""
-    model = make_model()
+    model = make_model(dtype)
     opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
 
     def on_step(step, entry):
@@ -88,14 +90,20 @@ def single_process_reference(options: dict | None = None, vocabulary: int = VOCA
     }
 
 
-def _setup(rank: int, world_size: int, store: str, options: dict | None = None):
+def _setup(
+    rank: int,
+    world_size: int,
+    store: str,
+    options: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     mesh = init_device_mesh("cpu", (world_size,))
-    model = make_model()
+    model = make_model(dtype)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -164,9 +172,10 @@ def fsdp_options_worker(
     out_dir: str,
     options: dict | None = None,
     vocabulary: int = VOCAB,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Train STEPS steps under FSDP2 with extra optimizer options; save the full parameters."""
-    mesh, model, opt = _setup(rank, world_size, store, options)
+    mesh, model, opt = _setup(rank, world_size, store, options, dtype)
     try:
         shard_start = _shard_start(opt)
 

@@ -104,7 +104,11 @@ def sharded_top_rows(
     local_rows = flat.numel() // row_size
     rows_wanted = min(count // row_size, total_rows)
     by_row = flat.reshape(local_rows, row_size)
-    row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32)
+    # As one process: low-precision rows reduced in fp32, fp32/fp64 ones in their own dtype;
+    # the threshold search then needs the (small) norm vector in fp32.
+    low = by_row.dtype in (torch.bfloat16, torch.float16)
+    row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
+    row_norms = row_norms.float()
     row_mask = global_top_masks([row_norms], rows_wanted, group)[0]
     extra = count - rows_wanted * row_size
     extra_mask = torch.zeros_like(flat, dtype=torch.bool)
