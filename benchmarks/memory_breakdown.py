@@ -46,14 +46,14 @@ from blockllm import BlockLLM
 from blockllm.app.models.presets import build_llama
 from blockllm.app.training.memory import peak_rss_bytes, tensor_bytes
 
-METHODS = ("adamw", "blockllm", "blockllm-frozen")
+METHODS = ("adamw", "blockllm", "blockllm-frozen", "blockllm-bf16-pure")
 MB = 1e6
 
 
 def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace):
     if method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rest = {} if method == "blockllm" else {"rest": "none"}
+    rest = {"rest": "none"} if method == "blockllm-frozen" else {}
     # An interval as short as the profiled window, so that one of its steps scores a selection.
     return BlockLLM(
         model.named_parameters(), lr=1e-3, sparsity=args.sparsity, trigger="interval",
@@ -120,6 +120,8 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = build_llama(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+    if method.endswith("-bf16-pure"):  # as `--precision bf16-pure`: bf16 weights, fp32 masters
+        model = model.to(torch.bfloat16)
     optimizer = make_optimizer(method, model, args)
     generator = torch.Generator().manual_seed(0)
     batches = [
@@ -254,7 +256,7 @@ def main() -> None:
 
     results = [run_isolated(method, args) for method in methods]
     print(
-        f"{args.preset}, vocab {args.vocab_size}, {args.batch_size}x{args.seq_len}, fp32, "
+        f"{args.preset}, vocab {args.vocab_size}, {args.batch_size}x{args.seq_len}, fp32 (-bf16-pure: bf16 weights), "
         f"s={args.sparsity}, {args.steps} profiled steps; torch {torch.__version__}"
     )
     print_table(results)

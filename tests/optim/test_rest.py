@@ -543,6 +543,69 @@ def test_the_sign_fast_path_steps_exactly_as_the_general_path(poison, monkeypatc
         assert torch.equal(value, general[name]), name
 
 
+def test_a_bf16_weight_takes_the_factored_rules_fp32_direction():
+    # A bf16 weight's rest step is computed in fp32 and rounded once, at the write: the
+    # direction is the rule's fp32 one, not rounded to the gradient's bf16 first.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 200, bias=False))
+    model = model.to(torch.bfloat16)
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=0.1, weight_decay=0.5, sparsity=0.9, rest="factored",
+        vocab_rest=None, rest_lr_scale=0.3, rest_weight_decay=0.2, stochastic_rounding=False,
+        trigger="interval", patience=100,
+    )  # fmt: skip
+    inputs = [torch.randn(4, 3).bfloat16() for _ in range(2)]
+    model(inputs[0]).float().square().mean().backward()
+    optimizer.step(loss=1.0)  # selection step: the small matrix whole, rows of the large one
+    optimizer.zero_grad()
+    rows = optimizer.coordinates("1.weight").long().reshape(-1, 3)[:, 0] // 3
+    assert optimizer.selected == ["0.weight", "1.weight"] and 0 < len(rows) < 200
+    weight = model[1].weight
+    before = weight.detach().clone()
+    state = copy.deepcopy(optimizer.state_dict()["blockllm"]["rest"]["rule"]["1.weight"])
+    grads = []
+    weight.register_hook(lambda grad: grads.append(grad.detach().clone()))
+    model(inputs[1]).float().square().mean().backward()
+    optimizer.step(loss=1.0)
+    direction = FactoredRest(beta2=0.99).prepare(grads[0], state).dense()
+    assert grads[0].dtype == torch.bfloat16 and direction.dtype == torch.float32
+
+    def stepped(direction):
+        return before - (direction * (0.1 * 0.3)).add_(before, alpha=0.2 * 0.1).bfloat16()
+
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[rows] = False
+    assert torch.equal(weight.detach()[rest], stepped(direction)[rest])
+    # The old arithmetic (the direction rounded to bf16 first) lands elsewhere.
+    assert not torch.equal(weight.detach()[rest], stepped(direction.bfloat16().float())[rest])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_the_sliced_write_equals_the_whole_tensor_write(dtype, stochastic, contiguous):
+    # A dense rest step writes weight - update slice by slice (several slices here), so that
+    # bf16 rounding's fp32 temporaries stay slice-sized; bit for bit the whole-tensor write,
+    # random bits included (a CPU generator draws one stream however it is cut).
+    from blockllm.optim.rest_step import _WRITE_SLICE_ELEMENTS, _subtract_in_slices_
+    from blockllm.optim.rounding import stochastic_round_to_bf16
+
+    if stochastic and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is for bf16 weights")
+    torch.manual_seed(0)
+    weight = torch.randn(3 * _WRITE_SLICE_ELEMENTS // 64 + 5, 64).to(dtype)
+    update = torch.randn(weight.shape) * 1e-3
+    if not contiguous:
+        weight, update = weight.t(), update.t()
+    if stochastic:
+        expected = stochastic_round_to_bf16(weight.float() - update, torch.Generator().manual_seed(3))
+        generator = torch.Generator().manual_seed(3)
+    else:
+        expected, generator = weight - update.to(dtype), None
+    _subtract_in_slices_(weight, update, generator)
+    assert torch.equal(weight, expected)
+
+
 @pytest.mark.parametrize("finite", [True, False])
 def test_the_sliced_sign_step_equals_the_whole_tensor_step(finite):
     # On a CPU the sign step runs slice by slice (several slices here); it must give the

@@ -75,6 +75,34 @@ def _sign_step_(weight: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, 
         weights.add_(grads.sign_(), alpha=alpha)
 
 
+# Elements per slice of the final write of a dense rest step (:func:`_subtract_in_slices_`):
+# the bf16 rounding's fp32 temporaries (the widened weight, the difference, the random bits,
+# their sum) are about 16 bytes an element, so 16 MB a slice rather than 16 bytes for every
+# element of the largest matrix (an 8B Llama's 525M-entry embedding: 8 GB) at the backward's
+# peak; large enough that an accelerator pays a few kernel launches per matrix.
+_WRITE_SLICE_ELEMENTS = 1 << 20
+
+
+def _subtract_in_slices_(
+    weight: torch.Tensor, update: torch.Tensor, generator: torch.Generator | None
+) -> None:
+    """``weight -= update`` (``update`` in at least fp32), rounded stochastically to bf16 with
+    ``generator``, else to the weight's dtype: slice by slice over both as flat tensors, so the
+    rounding's temporaries stay slice-sized. The arithmetic per element is the whole tensor's,
+    and so are the random bits on a CPU (its generator draws one stream however it is cut)."""
+    if weight.is_contiguous() and update.is_contiguous():
+        pairs = zip(
+            weight.view(-1).split(_WRITE_SLICE_ELEMENTS), update.view(-1).split(_WRITE_SLICE_ELEMENTS)
+        )
+    else:
+        pairs = iter([(weight, update)])
+    for weights, step in pairs:
+        if generator is not None:
+            weights.copy_(stochastic_round_to_bf16(weights.float() - step, generator))
+        else:
+            weights.sub_(step.to(weights.dtype))
+
+
 def _apply_deferred_rows_(
     weight: torch.Tensor, kept: RowCoordinates, step: torch.Tensor, picked: Selected | None
 ) -> None:
@@ -322,31 +350,38 @@ class RestStepper:
             if selected is None or defer:
                 param.grad = None
             return deferred
-        update = self._direction(index, grad, finite)
         # At least fp32 arithmetic: a bf16 weight's step is rounded once, at the end.
         work = torch.promote_types(weight.dtype, torch.float32)
+        if grad.dim() >= 2 and self._prepares(index):
+            # The rule's direction as it computes it (fp32), not rounded to a bf16 gradient's
+            # dtype and widened again: two full-size copies fewer at the backward's peak.
+            update = self._direction(index, grad, finite, prepare=True).dense().view(grad.shape)
+        else:
+            update = self._direction(index, grad, finite)
         update = update.to(work)
         if update.data_ptr() == grad.data_ptr() or update.data_ptr() == weight.data_ptr():
             update = update.clone()  # a user rule may hand back its input: never scale that
         # In place from here on: each full-size temporary costs time and, on a vocabulary
         # matrix, a peak of its own.
         update.mul_(lr * self.lr_scale)
-        if decay:
-            update.add_(weight.to(work), alpha=float(decay) * float(lr))
+        if decay:  # a bf16 weight is widened inside the kernel: no fp32 copy of it
+            update.add_(weight, alpha=float(decay) * float(lr))
         _zero_unless_finite(update, finite)
         deferred = None
         if selected is not None:
             if defer:
                 deferred = gather(update, selected)
             fill_(update, selected, 0.0)
-        if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
-            generator = self.rounding.for_tensor(weight)
-            weight.copy_(stochastic_round_to_bf16(weight.float() - update, generator))
-        else:
-            weight.sub_(update.to(weight.dtype))
+        stochastic = weight.dtype == torch.bfloat16 and self.stochastic_rounding
+        generator = self.rounding.for_tensor(weight) if stochastic else None
+        _subtract_in_slices_(weight, update, generator)
         if selected is None or defer:
             param.grad = None
         return deferred
+
+    def _prepares(self, index: int) -> bool:
+        """The tensor's rule has ``prepare`` (the factored rule: a matrix's fp32 direction)."""
+        return hasattr(self.overrides.get(index, self.rule), "prepare")
 
     def _plain_sign(
         self, index: int, grad: torch.Tensor, weight: torch.Tensor, lr: float | torch.Tensor
