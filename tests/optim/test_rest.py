@@ -713,33 +713,66 @@ def test_the_factored_rule_in_place_trains_as_the_general_path(monkeypatch, deca
     # so without decay it is stepped on its live rows only, and the head in place. The weights
     # must come out as the general path's (up to the clip's summation order); unused rows of
     # the embedding never move unless they decay.
-    from blockllm.optim.rest_step import RestStepper
-
-    def run(in_place):
-        if not in_place:
-            monkeypatch.setattr(RestStepper, "_in_place", lambda *args: False)
-        model = tiny_llama(vocab=1024)
-        start = model.model.embed_tokens.weight.detach().clone()
-        optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
-                             patience=4, fused=False, weight_decay=decay)  # fmt: skip
-        for tokens in patterned_batches(12):
-            model(input_ids=tokens, labels=tokens).loss.backward()
-            optimizer.clip_grad_norm_(1.0)
-            optimizer.step(loss=1.0)
-            optimizer.zero_grad(set_to_none=True)
-        monkeypatch.undo()
-        unused = model.model.embed_tokens.weight[128:]
-        assert torch.equal(unused, start[128:]) == (decay == 0.0)
-        return model
-
-    in_place, general = run(True), run(False)
+    in_place, general = (
+        _train_factored(monkeypatch, in_place, decay, torch.float32) for in_place in (True, False)
+    )
     for (name, p), q in zip(in_place.named_parameters(), general.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_the_factored_rule_in_place_on_bf16_weights_is_the_general_path(monkeypatch, decay, stochastic):
+    # bf16 weights (`--precision bf16-pure`) on a CPU: the in-place step widens the gradient
+    # slice by slice and rounds each slice of the weight as the dense path rounds the whole
+    # (the same random bits: one CPU stream, drawn in the same order), so bit for bit.
+    in_place, general = (
+        _train_factored(monkeypatch, in_place, decay, torch.bfloat16, stochastic_rounding=stochastic)
+        for in_place in (True, False)
+    )
+    for (name, p), q in zip(in_place.named_parameters(), general.parameters()):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, q), name
+
+
+def _train_factored(monkeypatch, in_place, decay, dtype, **options):
+    """A tiny Llama trained 12 steps with the default (factored) rest, in place or not."""
+    from blockllm.optim import rest_step
+
+    stepped_in_place = []
+    if in_place:
+        real = rest_step._step_factored_
+
+        def spy(weight, *args):
+            stepped_in_place.append(weight.dtype)
+            return real(weight, *args)
+
+        monkeypatch.setattr(rest_step, "_step_factored_", spy)
+    else:
+        monkeypatch.setattr(rest_step.RestStepper, "_in_place", lambda *args: False)
+    model = tiny_llama(vocab=1024).to(dtype)
+    start = model.model.embed_tokens.weight.detach().clone()
+    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
+                         patience=4, fused=False, weight_decay=decay, **options)  # fmt: skip
+    for tokens in patterned_batches(12):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step(loss=1.0)
+        optimizer.zero_grad(set_to_none=True)
+    monkeypatch.undo()
+    assert bool(stepped_in_place) == in_place and set(stepped_in_place) <= {dtype}
+    unused = model.model.embed_tokens.weight[128:]
+    if dtype == torch.float32 or options.get("stochastic_rounding"):
+        assert torch.equal(unused, start[128:]) == (decay == 0.0)
+    else:  # round to nearest: a decay of lr * 0.1 per step is below half a bf16 unit
+        assert torch.equal(unused, start[128:])
+    return model
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
 @pytest.mark.parametrize("live", [0.2, 1.0])
-def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch, live, decay):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch, live, decay, dtype):
     # On a selection step a shortlisted tensor steps all but its kept coordinates at once and
     # hands back their step for later: in place (no full-size direction) exactly as the
     # general path, which writes the direction out and gathers it.
@@ -754,13 +787,13 @@ def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch
         if not in_place:
             monkeypatch.setattr(RestStepper, "_in_place", lambda *args: False)
         torch.manual_seed(1)
-        weight = torch.nn.Parameter(torch.randn(300, 40))
+        weight = torch.nn.Parameter(torch.randn(300, 40).to(dtype))
         stepper = RestStepper(
             FactoredRest(), lr_scale=1.0, weight_decay=decay, params=[weight],
             groups=[{"lr": 3e-3, "weight_decay": decay}], comm=SingleProcess(), in_backward=True,
             held=lambda: False,
         )  # fmt: skip
-        weight.grad = grad.clone()
+        weight.grad = grad.to(dtype)
         deferred = stepper.release_outside(0, kept)
         monkeypatch.undo()
         assert weight.grad is None
@@ -768,5 +801,7 @@ def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch
 
     (weight, deferred), (expected_weight, expected_deferred) = release(True), release(False)
     assert torch.equal(deferred, expected_deferred)
+    if dtype == torch.bfloat16:  # the same slices' sums and random bits: bit for bit
+        assert torch.equal(weight, expected_weight)
     torch.testing.assert_close(weight, expected_weight, rtol=1e-6, atol=0.0)
     assert torch.equal(weight.view(-1)[kept.long()], expected_weight.view(-1)[kept.long()])

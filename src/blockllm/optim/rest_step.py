@@ -24,6 +24,7 @@ Adam update; rest steps taken earlier in that backward stay taken.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,14 +138,21 @@ def _step_factored_(
     selected: Selected | None,
     lr: float | torch.Tensor,
     decay: float,
+    generator: torch.Generator | None = None,
 ) -> None:
     """``weight -= lr * direction + decay * weight`` outside the ``selected`` coordinates (Adam's):
     on the live rows only when that pays and nothing decays (decay moves every row), else in
-    place over the whole matrix with the selected entries put back as they were."""
-    live = None if decay else prepared.live_rows()
+    place over the whole matrix with the selected entries put back as they were. A bf16 weight
+    is rounded as the dense path rounds it (stochastically with ``generator``), slice by slice,
+    and always over the whole matrix: the live-rows path adds in the weight's dtype."""
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    live = None if decay or low else prepared.live_rows()
     if live is None:
         kept = None if selected is None else gather(weight, selected)
-        prepared.apply_(weight, lr, decay)
+        subtract = None
+        if low:
+            subtract = functools.partial(_subtract_in_slices_, generator=generator)
+        prepared.apply_(weight, lr, decay, subtract)
         if kept is not None:
             scatter_(weight, selected, kept)
         return
@@ -337,16 +345,17 @@ class RestStepper:
             # the batch's rows only (:class:`FactoredStep`); the same arithmetic per entry.
             prepared = self._direction(index, grad, finite, prepare=True)
             deferred = None
-            if defer:  # the kept coordinates' step, as the general path's gather would give it
-                deferred = torch.zeros(selected.numel(), dtype=weight.dtype)
+            if defer and not bool(finite):  # no step, for the kept coordinates either
+                deferred = torch.zeros(selected.numel(), dtype=prepared.work_dtype)
             if bool(finite):
                 lr_scaled, decay_scaled = lr * self.lr_scale, float(decay) * float(lr)
-                if defer:
-                    at = selected.long()
-                    deferred = prepared.at(at).mul_(lr_scaled)
+                if defer:  # the kept coordinates' step, as the general path's gather gives it
+                    deferred = prepared.at_selected(selected).mul_(lr_scaled)
                     if decay:
-                        deferred.add_(weight.view(-1)[at], alpha=decay_scaled)
-                _step_factored_(weight, prepared, selected, lr_scaled, decay_scaled)
+                        deferred.add_(gather(weight, selected), alpha=decay_scaled)
+                stochastic = weight.dtype == torch.bfloat16 and self.stochastic_rounding
+                generator = self.rounding.for_tensor(weight) if stochastic else None
+                _step_factored_(weight, prepared, selected, lr_scaled, decay_scaled, generator)
             if selected is None or defer:
                 param.grad = None
             return deferred
@@ -398,13 +407,14 @@ class RestStepper:
     def _in_place(self, index: int, grad: torch.Tensor, weight: torch.Tensor) -> bool:
         """The rule can step a matrix in place (``prepare``), and it pays here: a CPU (a GPU
         would pay a kernel launch per slice and a host sync to find live rows), a contiguous
-        full-precision matrix of the gradient's dtype (a bf16 weight keeps its rounding)."""
+        matrix of the gradient's dtype (a bf16 one rounded slice by slice as the dense path
+        rounds it whole)."""
         return (
             hasattr(self.overrides.get(index, self.rule), "prepare")
             and weight.device.type == "cpu"
             and weight.dim() == 2
             and grad.dtype == weight.dtype
-            and weight.dtype in (torch.float32, torch.float64)
+            and weight.dtype in (torch.float32, torch.float64, torch.bfloat16)
             and weight.is_contiguous()
             and grad.is_contiguous()
         )

@@ -31,6 +31,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from blockllm.selection.coordinates import RowCoordinates
+
 # Root mean squares below this are treated as zero gradient rows: no movement, no blow-up.
 _RMS_FLOOR = 1e-8
 # Elements per slice when summing squares down the columns on a CPU (see below): large enough
@@ -45,10 +47,27 @@ def _row_slices(matrix: torch.Tensor, columns: int | None = None) -> tuple[torch
     return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, width)))
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rule computes in: fp32 for a bf16/fp16 gradient (kept in its own dtype on
+    a CPU and widened slice by slice), else the gradient's."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _slice_scratch(matrix: torch.Tensor) -> torch.Tensor:
-    """One buffer for a row slice of ``matrix``, reused slice after slice: a fresh slice-sized
-    tensor per slice would be a malloc and, above glibc's mmap threshold, fresh pages each time."""
-    return torch.empty_like(_row_slices(matrix)[0]) if matrix.numel() else matrix
+    """One buffer for a row slice of ``matrix`` in the work dtype, reused slice after slice: a
+    fresh slice-sized tensor per slice would be a malloc and, above glibc's mmap threshold,
+    fresh pages each time."""
+    first = _row_slices(matrix)[0] if matrix.numel() else matrix
+    return torch.empty(first.shape, dtype=_work_dtype(matrix.dtype), device=matrix.device)
+
+
+def _squares_into(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``rows**2`` in ``scratch`` (the work dtype): a bf16 slice is widened first, because
+    ``torch.square(bf16, out=fp32)`` squares in bf16 and rounds."""
+    out = scratch[: rows.shape[0]]
+    if rows.dtype == out.dtype:
+        return torch.square(rows, out=out)
+    return out.copy_(rows).square_()
 
 
 def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +85,13 @@ def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.linalg.vector_norm(matrix, dim=1).square_(),
             torch.linalg.vector_norm(matrix, dim=0).square_(),
         )
-    row_sums = torch.empty(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    col_sums = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    work = _work_dtype(matrix.dtype)
+    row_sums = torch.empty(matrix.shape[0], dtype=work, device=matrix.device)
+    col_sums = torch.zeros(matrix.shape[1], dtype=work, device=matrix.device)
     start = 0
     scratch = _slice_scratch(matrix)
     for rows in _row_slices(matrix):
-        squares = torch.square(rows, out=scratch[: rows.shape[0]])
+        squares = _squares_into(rows, scratch)
         torch.sum(squares, dim=1, out=row_sums[start : start + rows.shape[0]])
         col_sums.add_(squares.sum(dim=0))
         start += rows.shape[0]
@@ -87,7 +107,7 @@ def _scale_rows_and_columns(
     if matrix.device.type != "cpu":
         out = torch.mul(matrix, row_scale[:, None]).mul_(col_scale)
         return out, torch.linalg.vector_norm(out).square_()
-    out = torch.empty_like(matrix)
+    out = torch.empty(matrix.shape, dtype=_work_dtype(matrix.dtype), device=matrix.device)
     slices = _scaled_slices(matrix, row_scale, col_scale, _row_slices(out))
     return out, _sum_of_squares(slices, out.dtype)
 
@@ -152,12 +172,12 @@ def _weighted_column_sums(matrix: torch.Tensor, row_weights: torch.Tensor) -> to
     temporary, each slice squared while in cache)."""
     if matrix.device.type != "cpu":
         return row_weights @ matrix.square()
-    sums = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    sums = torch.zeros(matrix.shape[1], dtype=_work_dtype(matrix.dtype), device=matrix.device)
     scratch = _slice_scratch(matrix)
     for rows, weights in zip(
         _row_slices(matrix), _row_slices(row_weights[:, None], matrix.shape[1])
     ):
-        squares = torch.square(rows, out=scratch[: rows.shape[0]])
+        squares = _squares_into(rows, scratch)
         sums.add_(squares.mul_(weights).sum(dim=0))
     return sums
 
@@ -270,7 +290,7 @@ class FactoredRest:
         if shards is not None:
             return self._prepare_shard(grad, state, shards)
         correction = self._count_step(state)
-        matrix = grad.float().reshape(state["row"].numel(), state["col"].numel())
+        matrix = _matrix_of(grad, state)
         rows, cols = matrix.shape
         row_sums, col_sums = _sums_of_squares(matrix)
         live = row_sums != 0
@@ -291,7 +311,7 @@ class FactoredRest:
         """
         before = {key: value.clone() for key, value in state.items()}
         correction = self._count_step(state)
-        matrix = grad.float().reshape(state["row"].numel(), state["col"].numel())
+        matrix = _matrix_of(grad, state)
         cols = matrix.shape[1]
         row_sums, col_sums = _sums_of_squares(matrix)
         live = row_sums != 0
@@ -317,6 +337,17 @@ class FactoredRest:
         """Advances the step count; returns the bias correction of this step."""
         state["step"] += 1
         return 1 - self.beta2 ** float(state["step"])
+
+
+def _matrix_of(grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gradient as the ``rows x columns`` matrix the statistics describe. On a CPU a bf16
+    gradient stays bf16 (every pass over it widens one slice at a time: no fp32 copy of the
+    largest matrix at the backward's peak); elsewhere it is widened whole, as the one-kernel
+    reductions there need."""
+    shape = (state["row"].numel(), state["col"].numel())
+    if grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16):
+        return grad.reshape(shape)
+    return grad.float().reshape(shape)
 
 
 def _keep_unless(finite: torch.Tensor, state: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
@@ -355,6 +386,11 @@ class FactoredStep:
         self.matrix, self.row_scale, self.col_scale, self.live = matrix, row_scale, col_scale, live
         self.squares, self.numel = squares, numel
 
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The direction's dtype (fp32 for a bf16 gradient)."""
+        return _work_dtype(self.matrix.dtype)
+
     def dense(self) -> torch.Tensor:
         """The direction, a new tensor of the matrix's shape."""
         update, squares = _scale_rows_and_columns(self.matrix, self.row_scale, self.col_scale)
@@ -377,13 +413,21 @@ class FactoredStep:
             return rows, _clip_rms(values, self.squares, self.numel)
         return rows, _clip_rms(values, squares, self.matrix.numel())
 
-    def apply_(self, weight: torch.Tensor, lr: float | torch.Tensor, decay: float = 0.0) -> None:
+    def apply_(
+        self,
+        weight: torch.Tensor,
+        lr: float | torch.Tensor,
+        decay: float = 0.0,
+        subtract: Callable[[torch.Tensor, torch.Tensor], object] | None = None,
+    ) -> None:
         """``weight -= lr * direction + decay * weight`` in place, on a CPU, slice by slice:
-        ``weight`` is a contiguous matrix of the gradient's shape and full-precision dtype.
+        ``weight`` is a contiguous matrix of the gradient's shape.
 
         Two passes over the gradient instead of the dense path's five and a full-size
         allocation: one for the clip's sum of squares (:meth:`clip_rms`), one for the step, each
-        slice's direction built while in cache.
+        slice's direction built while in cache. ``subtract(weights, step)`` writes a slice's
+        step (in the work dtype) into the weight's slice; by default ``weights -= step``, and a
+        bf16 weight's caller passes its rounding.
         """
         rms = self.clip_rms
         for step, weights in zip(
@@ -394,7 +438,10 @@ class FactoredStep:
             step.mul_(lr)
             if decay:
                 step.add_(weights, alpha=decay)
-            weights.sub_(step)
+            if subtract is None:
+                weights.sub_(step)
+            else:
+                subtract(weights, step)
 
     def at(self, coordinates: torch.Tensor) -> torch.Tensor:
         """The direction at flat ``coordinates`` (int64), in their order, clip included."""
@@ -403,6 +450,26 @@ class FactoredStep:
         values.mul_(self.col_scale[coordinates % cols])
         rms = self.clip_rms
         return values if rms is None else values.div_(rms)
+
+    def at_selected(self, selected: torch.Tensor | RowCoordinates) -> torch.Tensor:
+        """The direction at ``selected`` in layout order (as ``gather`` lays them out), clip
+        included: :meth:`at` over ``selected.long()``, entry for entry, but whole rows are
+        scaled as rows, without the flat int64 index and its quotient and remainder (24 bytes
+        per kept coordinate: on a selecting step's shortlisted head, most of its excess)."""
+        if not isinstance(selected, RowCoordinates) or selected.row_size != self.matrix.shape[1]:
+            return self.at(selected.long())
+        rows = selected.rows.long()
+        out = torch.empty(selected.numel(), dtype=self.work_dtype, device=self.matrix.device)
+        split = rows.numel() * selected.row_size
+        block = out[:split].view(-1, selected.row_size)
+        torch.mul(self.matrix.index_select(0, rows), self.row_scale.index_select(0, rows)[:, None], out=block)
+        block.mul_(self.col_scale)
+        rms = self.clip_rms
+        if rms is not None:
+            block.div_(rms)
+        if selected.extra.numel():
+            out[split:] = self.at(selected.extra.long())
+        return out
 
     @functools.cached_property
     def clip_rms(self) -> torch.Tensor | None:
@@ -413,7 +480,7 @@ class FactoredStep:
             rms = (self.squares / self.numel).sqrt()
             return rms if bool(rms > 1.0) else None
         slices = _scaled_slices(self.matrix, self.row_scale, self.col_scale)
-        squares = _sum_of_squares(slices, self.matrix.dtype)
+        squares = _sum_of_squares(slices, _work_dtype(self.matrix.dtype))
         rms = (squares / self.matrix.numel()).sqrt_()
         return rms if bool(rms > 1.0) else None
 
