@@ -805,3 +805,59 @@ def test_a_shortlisted_tensor_in_place_defers_the_general_paths_step(monkeypatch
         assert torch.equal(weight, expected_weight)
     torch.testing.assert_close(weight, expected_weight, rtol=1e-6, atol=0.0)
     assert torch.equal(weight.view(-1)[kept.long()], expected_weight.view(-1)[kept.long()])
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_a_deferred_step_on_bf16_rows_rounds_each_kept_coordinate(stochastic):
+    # A bf16 weight's deferred step goes by rows as an fp32 weight's does (no flat int64 index
+    # of every kept coordinate): each kept coordinate Adam did not pick lands on a bf16
+    # neighbour of weight - step (the nearest without stochastic rounding, as the flat path
+    # rounds), Adam's picks and every other coordinate stay as they were.
+    from blockllm.distributed.base import SingleProcess
+    from blockllm.optim.rest_step import RestStepper
+    from blockllm.selection.coordinates import RowCoordinates
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(300, 40).bfloat16())
+    before = weight.detach().clone()
+    stepper = RestStepper(
+        FactoredRest(), lr_scale=1.0, weight_decay=0.0, params=[weight],
+        groups=[{"lr": 1e-3, "weight_decay": 0.0}], comm=SingleProcess(), in_backward=True,
+        held=lambda: False, stochastic_rounding=stochastic,
+    )  # fmt: skip
+    kept = RowCoordinates(torch.tensor([3, 50, 299], dtype=torch.int32), torch.tensor([41, 4000], dtype=torch.int32), 40)
+    picked = RowCoordinates(torch.tensor([50], dtype=torch.int32), torch.tensor([3 * 40 + 7], dtype=torch.int32), 40)
+    step = torch.randn(kept.numel()) * 1e-3
+    stepper.apply_deferred(0, kept, step, picked)
+    flat, old = weight.detach().view(-1), before.view(-1)
+    moved = torch.zeros(flat.numel(), dtype=torch.bool)
+    moved[kept.long()] = True
+    moved[picked.long()] = False
+    assert torch.equal(flat[~moved], old[~moved])
+    full_step = torch.zeros(flat.numel()).index_put_((kept.long(),), step)
+    exact = (old.float() - full_step)[moved]
+    got = flat[moved].float()
+    if not stochastic:
+        assert torch.equal(flat[moved], (old - full_step.bfloat16())[moved])
+    # A bf16 neighbour of the exact value: within one bf16 unit of it, on the right side.
+    unit = exact.abs() * 2.0**-7
+    assert bool(((got - exact).abs() <= unit).all())
+
+
+def test_low_precision_norms_take_no_fp32_copy_of_the_whole_tensor():
+    # vector_norm(x, dtype=float32) widens all of a bf16 x first; the norms the selection and
+    # the clip take are reduced a slice at a time instead, to the same values.
+    from blockllm.selection import scorers
+    from tests.app.planning.test_planning_measured import peak_allocated
+
+    torch.manual_seed(0)
+    grad = torch.randn(3 * scorers._NORM_SLICE_ELEMENTS // 512 + 7, 512).bfloat16()
+    wide = grad.float()
+    # The same sum of squares in another order: fp32 rounding over 12.6M squares is about 1e-4
+    # (the whole tensor's own fp32 norm is 2.7e-4 off here), so against fp64.
+    exact = torch.linalg.vector_norm(wide.double()).float()
+    torch.testing.assert_close(scorers.grad_norm(grad), exact, rtol=1e-4, atol=0)
+    assert torch.equal(scorers.row_norms(grad), torch.linalg.vector_norm(wide, dim=1))
+    whole = grad.numel() * 4
+    assert peak_allocated(lambda: scorers.grad_norm(grad)) < whole / 2
+    assert peak_allocated(lambda: scorers.row_norms(grad)) < whole / 2

@@ -28,6 +28,7 @@ from blockllm.selection.packing import (
     Plan,
     WholeTensorPacker,
 )
+from blockllm.selection.scorers import row_norms
 
 # Bit patterns of non-negative float32 values (NaN included) lie in [0, 2**31).
 _BITS_END = 1 << 31
@@ -106,10 +107,8 @@ def sharded_top_rows(
     by_row = flat.reshape(local_rows, row_size)
     # As one process: low-precision rows reduced in fp32, fp32/fp64 ones in their own dtype;
     # the threshold search then needs the (small) norm vector in fp32.
-    low = by_row.dtype in (torch.bfloat16, torch.float16)
-    row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
-    row_norms = row_norms.float()
-    row_mask = global_top_masks([row_norms], rows_wanted, group)[0]
+    norms = row_norms(by_row).float()
+    row_mask = global_top_masks([norms], rows_wanted, group)[0]
     extra = count - rows_wanted * row_size
     extra_mask = torch.zeros_like(flat, dtype=torch.bool)
     if extra > 0:

@@ -64,7 +64,8 @@ def init_state(
             ),
         }
         if master:
-            state["master"] = work.clone(memory_format=torch.preserve_format)
+            # ``work`` is already a new fp32 tensor (the widened copy): no second copy of it.
+            state["master"] = work
     return state
 
 

@@ -313,6 +313,9 @@ class BlockLLM(SelectionViews, Optimizer):
                     # Moments only: the master is copied afresh from the weight on return,
                     # since the rest rule moves the weight while the tensor is away.
                     self._parked[index] = {key: left[key] for key in PARKED_KEYS}
+            # The last tensor to leave must not keep its moments and master alive while the
+            # new block's state is allocated (a partly selected head's: 12 bytes a coordinate).
+            left = None
         self._update(grads)
         self.num_steps += 1
         selector.observe_loss(observed)

@@ -104,13 +104,25 @@ def _subtract_in_slices_(
             weights.sub_(step.to(weights.dtype))
 
 
+def _minus(values: torch.Tensor, steps: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``values - steps`` in the dense step's arithmetic: rounded stochastically to bf16 with
+    ``generator``, else with the step rounded to the weight's dtype first."""
+    if generator is not None:
+        return stochastic_round_to_bf16(values.float() - steps, generator)
+    return values - steps.to(values.dtype)
+
+
 def _apply_deferred_rows_(
-    weight: torch.Tensor, kept: RowCoordinates, step: torch.Tensor, picked: Selected | None
+    weight: torch.Tensor,
+    kept: RowCoordinates,
+    step: torch.Tensor,
+    picked: Selected | None,
+    generator: torch.Generator | None = None,
 ) -> None:
-    """:meth:`RestStepper.apply_deferred` by rows, for full-precision weights: the same
-    ``weight - step`` per coordinate, without the flat int64 index of every kept coordinate
-    (8 bytes per coordinate, and several copies of it for the pick's membership test: on a
-    llama-350m vocabulary matrix the largest tensors of the selecting step's peak)."""
+    """:meth:`RestStepper.apply_deferred` by rows: the same ``weight - step`` per coordinate
+    (a bf16 weight's rounded with ``generator``), without the flat int64 index of every kept
+    coordinate (8 bytes per coordinate, and several copies of it for the pick's membership
+    test: on a llama-350m vocabulary matrix the largest tensors of the selecting step's peak)."""
     size, split = kept.row_size, kept.rows.numel() * kept.row_size
     rows, extra = kept.rows.long(), kept.extra.long()
     row_steps, extra_steps = step[:split].view(-1, size), step[split:]
@@ -126,8 +138,8 @@ def _apply_deferred_rows_(
     # Adam's single picks may lie inside a kept row stepped whole here: put them back after.
     saved = flat[loose] if loose is not None and loose.numel() else None
     by_row = flat.view(-1, size)
-    by_row.index_copy_(0, rows, by_row.index_select(0, rows) - row_steps.to(weight.dtype))
-    flat.index_copy_(0, extra, flat[extra] - extra_steps.to(weight.dtype))
+    by_row.index_copy_(0, rows, _minus(by_row.index_select(0, rows), row_steps, generator))
+    flat.index_copy_(0, extra, _minus(flat[extra], extra_steps, generator))
     if saved is not None:
         flat.index_copy_(0, loose, saved)
 
@@ -265,19 +277,16 @@ class RestStepper:
             self.consumed_squares.append(squares)
         weight = self.comm.local(self.params[index])
         stochastic = weight.dtype == torch.bfloat16 and self.stochastic_rounding
-        if isinstance(kept, RowCoordinates) and weight.is_contiguous() and not stochastic:
-            _apply_deferred_rows_(weight, kept, step, picked)
+        generator = self.rounding.for_tensor(weight) if stochastic else None
+        if isinstance(kept, RowCoordinates) and weight.is_contiguous():
+            _apply_deferred_rows_(weight, kept, step, picked, generator)
             return
         where = as_flat(kept).long()
         if picked is not None:
             outside = ~torch.isin(where, as_flat(picked).long())
             where, step = where[outside], step[outside]
         flat = weight.view(-1)
-        if weight.dtype == torch.bfloat16 and self.stochastic_rounding:
-            moved = stochastic_round_to_bf16(flat[where].float() - step, self.rounding.for_tensor(weight))
-        else:  # the arithmetic of the dense step: subtract the step rounded to the weight's dtype
-            moved = flat[where] - step.to(weight.dtype)
-        flat.index_copy_(0, where, moved)
+        flat.index_copy_(0, where, _minus(flat[where], step, generator))
 
     def _check_once(self, index: int) -> None:
         if index in self.stepped:

@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index
+from blockllm.selection.scorers import row_norms
 
 
 @dataclass(frozen=True)
@@ -241,9 +242,7 @@ def top_rows(grad: torch.Tensor, count: int, row_size: int) -> RowCoordinates:
     rows_wanted = min(count // row_size, num_rows)
     by_row = flat.view(num_rows, row_size)
     # Low-precision rows are reduced in fp32; fp32/fp64 ones in their own dtype.
-    low = by_row.dtype in (torch.bfloat16, torch.float16)
-    row_norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
-    rows = top_coordinates(row_norms, rows_wanted)
+    rows = top_coordinates(row_norms(by_row), rows_wanted)
     extra = count - rows_wanted * row_size
     if extra > 0:
         mask = torch.zeros(num_rows, dtype=torch.bool, device=flat.device)

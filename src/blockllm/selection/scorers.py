@@ -62,11 +62,39 @@ class RandomScorer:
 SCORERS = {"grad_norm": GradNormScorer, "random": RandomScorer, "cyclic": CyclicScorer}
 
 
+# Entries per slice when a bf16/fp16 gradient's norms are taken in fp32: ``vector_norm(x,
+# dtype=torch.float32)`` widens the whole of ``x`` into a new tensor first (4 bytes an entry:
+# on a bf16 run the largest temporary of the backward), so low-precision tensors are reduced a
+# slice at a time; a slice's copy is 16 MB, and an accelerator pays a few launches per matrix.
+_NORM_SLICE_ELEMENTS = 1 << 22
+
+
 def grad_norm(grad: torch.Tensor) -> torch.Tensor:
-    """``||grad||_2`` in one reduction pass, with no squared copy of the gradient: low precision
-    reduced in fp32, fp32 and fp64 in their own dtype (``vector_norm`` will not narrow fp64)."""
-    low = grad.dtype in (torch.bfloat16, torch.float16)
-    return torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None)
+    """``||grad||_2`` with no squared copy of the gradient: fp32 and fp64 in one reduction in
+    their own dtype (``vector_norm`` will not narrow fp64), low precision in fp32, a slice at a
+    time (no fp32 copy of the whole tensor)."""
+    if grad.dtype not in (torch.bfloat16, torch.float16):
+        return torch.linalg.vector_norm(grad)
+    flat = grad.reshape(-1)
+    if flat.numel() <= _NORM_SLICE_ELEMENTS:
+        return torch.linalg.vector_norm(flat, dtype=torch.float32)
+    pieces = [
+        torch.linalg.vector_norm(piece, dtype=torch.float32)
+        for piece in flat.split(_NORM_SLICE_ELEMENTS)
+    ]
+    return torch.linalg.vector_norm(torch.stack(pieces))
+
+
+def row_norms(by_row: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of a matrix: in its own dtype when fp32/fp64, else in fp32
+    a block of rows at a time (as :func:`grad_norm`, no fp32 copy of the whole matrix)."""
+    if by_row.dtype not in (torch.bfloat16, torch.float16):
+        return torch.linalg.vector_norm(by_row, dim=1)
+    rows_per_slice = max(1, _NORM_SLICE_ELEMENTS // max(1, by_row.shape[1]))
+    return torch.cat([
+        torch.linalg.vector_norm(block, dim=1, dtype=torch.float32)
+        for block in by_row.split(rows_per_slice)
+    ])  # fmt: skip
 
 
 def make_scorer(spec: str | Scorer) -> Scorer:
@@ -90,4 +118,5 @@ __all__ = [
     "Scorer",
     "grad_norm",
     "make_scorer",
+    "row_norms",
 ]

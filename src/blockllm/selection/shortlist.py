@@ -23,7 +23,7 @@ import torch
 
 from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index, gather
 from blockllm.selection.packing import _top_outside_rows, top_coordinates
-from blockllm.selection.scorers import grad_norm
+from blockllm.selection.scorers import grad_norm, row_norms
 
 
 @dataclass
@@ -58,8 +58,7 @@ def make_shortlist(grad: torch.Tensor, most: int, row_size: int) -> Shortlist:
     if row_size > 1:
         num_rows = flat.numel() // row_size
         by_row = flat.view(num_rows, row_size)
-        low = by_row.dtype in (torch.bfloat16, torch.float16)
-        norms = torch.linalg.vector_norm(by_row, dim=1, dtype=torch.float32 if low else None)
+        norms = row_norms(by_row)
         rows = top_coordinates(norms, min(num_rows, most // row_size + 1))
         outside = flat.numel() - rows.numel() * row_size
         if outside > 0:
@@ -82,8 +81,7 @@ def pick(shortlist: Shortlist, count: int) -> tuple[Selected, torch.Tensor]:
     if isinstance(kept, RowCoordinates):
         size = kept.row_size
         block = values[: kept.rows.numel() * size].view(-1, size)
-        low = block.dtype in (torch.bfloat16, torch.float16)
-        norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.float32 if low else None)
+        norms = row_norms(block)
         rows_wanted = min(count // size, kept.rows.numel())
         chosen = top_coordinates(norms, rows_wanted)  # positions in kept.rows, ascending
         leftover = count - rows_wanted * size

@@ -69,7 +69,10 @@ def test_blockllm_follows_its_budget(shape):
     _, by = rows(shape, ["blockllm", "blockllm-0.95"], precision="bf16-pure")
     row = by["blockllm"]
     assert row.weights == 2 * n
-    assert (row.gradients, row.gradient_transient) == (2 * (k + largest), 2 * largest)
+    # The largest candidate's gradient lands, and on a GPU its factored rest step widens it
+    # to fp32 (4 bytes an entry) and writes the fp32 direction (4 more).
+    assert row.rest_work == 8 * largest
+    assert (row.gradients, row.gradient_transient) == (2 * (k + largest) + 8 * largest, 10 * largest)
     # Adam's moments for the block, and the default rest rule's (factored) statistics.
     rule = factored_bytes(shape.tensors)
     assert (row.optimizer_state, row.master_weights) == (8 * k + rule, 4 * k)
@@ -99,7 +102,9 @@ def test_blockllm_exclude_and_always_adam(shape):
     stepped = [t for t in shape.tensors
                if not t.name.endswith(("embed_tokens.weight", "norm.weight"))]  # fmt: skip
     assert row.optimizer_state == 8 * (k + norms) + factored_bytes(stepped)
-    assert row.gradient_transient == 4 * 1000 * 64  # the head, now the largest candidate
+    # The head, now the largest candidate: its gradient, and its fp32 direction on a GPU.
+    assert row.gradient_transient == 4 * 1000 * 64 + row.rest_work
+    assert row.rest_work == 4 * 1000 * 64
     assert any("always_adam" in note for note in row.notes)
 
 
@@ -121,7 +126,20 @@ def test_rest_rules(shape):
     in_step = blockllm_memory(
         shape, plan.settings, plan.activations, knobs={"rest": "sign", "rest_in_backward": False}
     )
-    assert (in_step.gradients, in_step.gradient_transient) == (4 * shape.num_parameters, 0)
+    # Every gradient held until step(); there the largest (a vocabulary matrix, factored by
+    # vocab_rest="auto") has its fp32 direction written beside them on a GPU.
+    largest_vocabulary = max(t.numel for t in vocabulary)
+    assert in_step.rest_work == 4 * largest_vocabulary
+    assert (in_step.gradients, in_step.gradient_transient) == (
+        4 * shape.num_parameters + in_step.rest_work, in_step.rest_work
+    )
+    # Sign everywhere: taken in place on an fp32 gradient; a bf16 sign widened to fp32.
+    assert sign_only.rest_work == 0
+    largest = max(t.numel for t in shape.tensors)
+    plan_bf16, _ = rows(shape, ["blockllm"], precision="bf16-pure")
+    knobs = {"rest": "sign", "vocab_rest": None}
+    assert blockllm_memory(shape, plan_bf16.settings, plan_bf16.activations, knobs=knobs).rest_work == 6 * largest
+    assert frozen.rest_work == 0
 
 
 def test_mask_selection_counts_coordinate_ids(shape):

@@ -94,6 +94,7 @@ class MemoryPlan:
         for name in _CATEGORIES:
             values[f"{name}_bytes"] = getattr(row, name)
         values["gradient_transient_bytes"] = row.gradient_transient
+        values["rest_work_bytes"] = row.rest_work
         values["activations_bytes"] = row.activations
         values["activations_checkpointed_bytes"] = row.activations_checkpointed
         values["total_bytes"] = self.total(row)

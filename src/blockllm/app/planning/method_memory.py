@@ -5,7 +5,8 @@ method as this application runs it. Categories, all in bytes, each at its own pe
 
 * ``weights``: every parameter (plus LoRA's adapters);
 * ``gradients``: the most gradient memory held at once, ``gradient_transient`` of it being the one
-  gradient that lands and is freed during the backward (BlockLLM);
+  gradient that lands and is freed during the backward (BlockLLM), with ``rest_work`` of that: the
+  full-size temporaries of the rest step taken with it on a GPU (:func:`rest_work_bytes`);
 * ``optimizer_state``: Adam's two fp32 moments (8 bytes a coordinate; BlockLLM's in bf16 with
   ``moment_dtype="bfloat16"``: 4) and what else the method
   keeps (GaLore's projectors, 8-bit AdamW's block scales, BlockLLM's coordinate lists);
@@ -100,6 +101,7 @@ class MethodMemory:
     activations: int
     activations_checkpointed: int
     gradient_transient: int = 0
+    rest_work: int = 0
     notes: tuple[str, ...] = field(default=())
 
     def total(self, gradient_checkpointing: bool = False) -> int:
@@ -207,14 +209,22 @@ def blockllm_memory(
         )
     elif config.rest != "none":
         notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
-    rule_state = _rest_rule_state(config, [t for t in candidates if not pinned_names.matches([t.name])])
+    stepped = [t for t in candidates if not pinned_names.matches([t.name])]
+    rule_state = _rest_rule_state(config, stepped)
     if rule_state:
         notes.append(f"the rest rule's own state (factored: row and column statistics): {rule_state:,} bytes")
+    rest_work = rest_work_bytes(config, stepped, size) if config.rest != "none" else 0
+    if rest_work:
+        notes.append(
+            f"the rest step's full-size temporaries on a GPU (its direction over the largest "
+            f"matrix): {rest_work:,} bytes, counted with the gradients (a CPU steps in place)"
+        )
     return MethodMemory(
         method=method,
         weights=shape.num_parameters * size,
-        gradients=held * size + largest * size,
-        gradient_transient=largest * size,
+        gradients=held * size + largest * size + rest_work,
+        gradient_transient=largest * size + rest_work,
+        rest_work=rest_work,
         optimizer_state=(
             # Two moments in moment_dtype ("float32" is the update's dtype: fp32 in every precision).
             2 * getattr(torch, config.moment_dtype).itemsize * (budget + pinned)
@@ -226,6 +236,40 @@ def blockllm_memory(
         activations_checkpointed=activations.checkpointed,
         notes=tuple(notes),
     )
+
+
+# Full-size temporaries per entry of a rest step on a GPU, beside the gradient itself, by rule
+# and weight size in bytes (fp32 or autocast: 4; bf16-pure: 2), read off the path a GPU takes
+# in ``RestStepper._step`` (the final write to the weight runs in 1M-entry slices, left out):
+# * factored: the fp32 direction (4), after the bf16 gradient widened to fp32 for the
+#   statistics' one-kernel reductions (4 more, bf16 only); a CPU steps in place, without either;
+# * sign: none in fp32 (the sign is taken in place on the gradient, which is freed next); a bf16
+#   sign (2) widened to the fp32 step (4);
+# * colnorm: the square of the rows for their RMS, then the direction (4 each, not at once); in
+#   bf16 the widened gradient (4) beside them, the direction rounded to bf16 (2).
+_REST_WORK_PER_ENTRY = {
+    ("FactoredRest", 4): 4, ("FactoredRest", 2): 8,
+    ("SignRest", 4): 0, ("SignRest", 2): 6,
+    ("ColumnNormRest", 4): 4, ("ColumnNormRest", 2): 10,
+}  # fmt: skip
+
+
+def rest_work_bytes(config: BlockLLMConfig, stepped: list[TensorInfo], size: int) -> int:
+    """The most bytes a rest step allocates on a GPU besides the gradient, over the tensors it
+    steps (the rules the optimizer builds; vectors counted alike, they are never the largest).
+    Weight decay is left out (0 in the command line's default; with it the sign rule takes the
+    general path too, 4 bytes an entry in fp32). A user's rule counts as the factored one."""
+    rule, vocab_rule = rest_rules_for(config.rest, config.vocab_rest, config.factored_beta2)
+    most = 0
+    for tensor in stepped:
+        vocabulary = VOCABULARY_NAMES.fullmatch(tensor.name) is not None
+        applied = vocab_rule if vocabulary and vocab_rule is not None else rule
+        if applied is None:
+            continue
+        kind = type(applied).__name__
+        per_entry = _REST_WORK_PER_ENTRY.get((kind, size), _REST_WORK_PER_ENTRY[("FactoredRest", size)])
+        most = max(most, tensor.numel * per_entry)
+    return most
 
 
 def _rest_rule_state(config: BlockLLMConfig, stepped: list[TensorInfo]) -> int:
