@@ -137,9 +137,11 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_one(trained, resume_at):
     assert resumed["loaded"] == {k: before[k] for k in ("num_selected", "selected")}
     for step, entry in enumerate(resumed["history"], start=resume_at):
         assert entry["selected"] == ranks[0]["history"][step]["selected"], step
-    # One rank averages no gradients, so the numbers agree to rounding, not bit for bit.
+    # One rank averages no gradients, so the numbers agree to rounding, not bit for bit: the
+    # factored rule's 1/sqrt of small statistics magnifies it to about 2e-6 on the head (the
+    # same bound as the two-rank run against one process).
     for name, value in ranks[0]["params"].items():
-        torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_unsupported_layouts_are_refused_with_a_reason(trained):

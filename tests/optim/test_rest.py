@@ -861,3 +861,37 @@ def test_low_precision_norms_take_no_fp32_copy_of_the_whole_tensor():
     whole = grad.numel() * 4
     assert peak_allocated(lambda: scorers.grad_norm(grad)) < whole / 2
     assert peak_allocated(lambda: scorers.row_norms(grad)) < whole / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_accelerator_form_of_the_factored_rule_is_the_cpu_form(monkeypatch, dtype):
+    # An accelerator reduces in whole-tensor kernels (a bf16 matrix in large slices, widened
+    # to fp32 a slice at a time); run here on a CPU by claiming every tensor is on one. Same
+    # statistics and direction up to summation order, for one process and for a shard.
+    from blockllm.selection import rest_rules
+
+    torch.manual_seed(0)
+    grads = [(torch.randn(3000, 700) * torch.rand(3000, 1)).to(dtype) for _ in range(3)]
+    row_weights = torch.rand(3000)
+
+    def directions(accelerator):
+        if accelerator:
+            monkeypatch.setattr(rest_rules, "_on_accelerator", lambda tensor: True)
+            monkeypatch.setattr(rest_rules, "_ACCELERATOR_SLICE_ELEMENTS", 1 << 19)  # 3 slices
+        rule = FactoredRest(beta2=0.9)
+        state = rule.init_state(grads[0])
+        out = [rule.direction(grad, state) for grad in grads]
+        weighted = rest_rules._weighted_column_sums(grads[0], row_weights)
+        monkeypatch.undo()
+        return out, state, weighted
+
+    (cpu, cpu_state, cpu_weighted), (accelerator, state, weighted) = directions(False), directions(True)
+    for key in ("row", "col"):
+        torch.testing.assert_close(state[key], cpu_state[key], rtol=1e-5, atol=0)
+    # fp32: a few 1e-5 (the statistics' sums); bf16: the direction is returned in bf16, where
+    # that difference now and then rounds to the neighbouring value (one unit, 2**-7).
+    tolerance = 1e-4 if dtype == torch.float32 else 2.0**-7
+    for got, expected in zip(accelerator, cpu):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=1e-6)
+    torch.testing.assert_close(weighted, cpu_weighted, rtol=1e-5, atol=0)

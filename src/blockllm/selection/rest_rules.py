@@ -38,18 +38,32 @@ _RMS_FLOOR = 1e-8
 # Elements per slice when summing squares down the columns on a CPU (see below): large enough
 # that the per-slice overhead vanishes, small enough that the slice's square stays in cache.
 _COLUMN_SLICE_ELEMENTS = 1 << 18
+# Elements per slice on an accelerator, where only a bf16/fp16 matrix is sliced (to widen it
+# to fp32 a slice at a time): 16 MB of fp32, a few kernel launches per matrix.
+_ACCELERATOR_SLICE_ELEMENTS = 1 << 22
+
+
+def _on_accelerator(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` takes the accelerator's form of each pass (whole-tensor kernels)."""
+    return tensor.device.type != "cpu"
+
+
+def _low_precision(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.bfloat16, torch.float16)
 
 
 def _row_slices(matrix: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Slices of whole rows, about ``_COLUMN_SLICE_ELEMENTS`` each for ``columns`` columns
-    (``matrix``'s own by default), so that slices of several tensors line up."""
+    """Slices of whole rows, about ``_COLUMN_SLICE_ELEMENTS`` each (an accelerator's:
+    ``_ACCELERATOR_SLICE_ELEMENTS``) for ``columns`` columns (``matrix``'s own by default), so
+    that slices of several tensors line up."""
     width = matrix.shape[1] if columns is None else columns
-    return matrix.split(max(16, _COLUMN_SLICE_ELEMENTS // max(1, width)))
+    elements = _ACCELERATOR_SLICE_ELEMENTS if _on_accelerator(matrix) else _COLUMN_SLICE_ELEMENTS
+    return matrix.split(max(16, elements // max(1, width)))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the rule computes in: fp32 for a bf16/fp16 gradient (kept in its own dtype on
-    a CPU and widened slice by slice), else the gradient's."""
+    """The dtype the rule computes in: fp32 for a bf16/fp16 gradient (kept in its own dtype
+    and widened slice by slice), else the gradient's."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -77,10 +91,12 @@ def _sums_of_squares(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     summing row slices on vocabulary-shaped matrices (``benchmarks/column_sums.py``: 370 ms
     against 15 ms on 32000 x 1024, one thread); it was most of the factored rule's time. The
     slices also give both sums in one pass over the matrix, each slice squared while it is in
-    cache. Other devices keep the two reductions: a loop of small kernels there would pay a
-    launch per slice, and no GPU has measured the strided one as slow.
+    cache. Other devices keep the two reductions (a loop of small kernels there would pay a
+    launch per slice, and no GPU has measured the strided one as slow), but for a bf16/fp16
+    matrix: asking ``vector_norm`` for fp32 widens the whole matrix first, so that one goes by
+    large slices.
     """
-    if matrix.device.type != "cpu":
+    if _on_accelerator(matrix) and not _low_precision(matrix):
         return (
             torch.linalg.vector_norm(matrix, dim=1).square_(),
             torch.linalg.vector_norm(matrix, dim=0).square_(),
@@ -104,7 +120,7 @@ def _scale_rows_and_columns(
     """A new ``matrix * row_scale[:, None] * col_scale[None, :]`` and its sum of squares: on a
     CPU one pass over ``matrix`` (each slice scaled and summed while in cache), elsewhere
     three fused kernels."""
-    if matrix.device.type != "cpu":
+    if _on_accelerator(matrix):  # a bf16 matrix times fp32 scales: fp32, widened in-kernel
         out = torch.mul(matrix, row_scale[:, None]).mul_(col_scale)
         return out, torch.linalg.vector_norm(out).square_()
     out = torch.empty(matrix.shape, dtype=_work_dtype(matrix.dtype), device=matrix.device)
@@ -170,7 +186,7 @@ class Shards:
 def _weighted_column_sums(matrix: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     """``(matrix**2 * row_weights[:, None]).sum(dim=0)``; on a CPU slice by slice (no full-size
     temporary, each slice squared while in cache)."""
-    if matrix.device.type != "cpu":
+    if _on_accelerator(matrix) and not _low_precision(matrix):
         return row_weights @ matrix.square()
     sums = torch.zeros(matrix.shape[1], dtype=_work_dtype(matrix.dtype), device=matrix.device)
     scratch = _slice_scratch(matrix)
@@ -340,12 +356,11 @@ class FactoredRest:
 
 
 def _matrix_of(grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The gradient as the ``rows x columns`` matrix the statistics describe. On a CPU a bf16
-    gradient stays bf16 (every pass over it widens one slice at a time: no fp32 copy of the
-    largest matrix at the backward's peak); elsewhere it is widened whole, as the one-kernel
-    reductions there need."""
+    """The gradient as the ``rows x columns`` matrix the statistics describe. A bf16/fp16
+    gradient stays in its dtype: every pass over it widens one slice at a time, or in-kernel,
+    so no fp32 copy of the largest matrix sits at the backward's peak."""
     shape = (state["row"].numel(), state["col"].numel())
-    if grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16):
+    if _low_precision(grad):
         return grad.reshape(shape)
     return grad.float().reshape(shape)
 

@@ -215,14 +215,13 @@ def peak_allocated(fn) -> int:
 
 @pytest.mark.parametrize(
     ("rest", "dtype"),
-    [("factored", torch.float32), ("sign", torch.float32), ("sign", torch.bfloat16),
-     ("colnorm", torch.float32), ("colnorm", torch.bfloat16)],
+    [("factored", torch.float32), ("factored", torch.bfloat16), ("sign", torch.float32),
+     ("sign", torch.bfloat16), ("colnorm", torch.float32), ("colnorm", torch.bfloat16)],
 )  # fmt: skip
 def test_rest_work_is_the_dense_steps_temporaries(monkeypatch, rest, dtype):
     # The estimate's rest_work per entry, against the path a GPU takes (the dense step, forced
     # here on a CPU), its final write cut into small slices so that only full-size temporaries
-    # count. The factored rule in bf16 is left out: on a CPU it keeps the gradient in bf16
-    # (widening slice by slice), so it holds 4 bytes an entry where a GPU holds 8.
+    # count.
     from blockllm.app.planning.method_memory import rest_work_bytes
     from blockllm.app.planning.model_shapes import TensorInfo
     from blockllm.config import BlockLLMConfig

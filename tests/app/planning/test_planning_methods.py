@@ -69,10 +69,10 @@ def test_blockllm_follows_its_budget(shape):
     _, by = rows(shape, ["blockllm", "blockllm-0.95"], precision="bf16-pure")
     row = by["blockllm"]
     assert row.weights == 2 * n
-    # The largest candidate's gradient lands, and on a GPU its factored rest step widens it
-    # to fp32 (4 bytes an entry) and writes the fp32 direction (4 more).
-    assert row.rest_work == 8 * largest
-    assert (row.gradients, row.gradient_transient) == (2 * (k + largest) + 8 * largest, 10 * largest)
+    # The largest candidate's gradient lands, and on a GPU its factored rest step writes the
+    # fp32 direction (4 bytes an entry) beside it.
+    assert row.rest_work == 4 * largest
+    assert (row.gradients, row.gradient_transient) == (2 * (k + largest) + 4 * largest, 6 * largest)
     # Adam's moments for the block, and the default rest rule's (factored) statistics.
     rule = factored_bytes(shape.tensors)
     assert (row.optimizer_state, row.master_weights) == (8 * k + rule, 4 * k)

@@ -241,14 +241,14 @@ def blockllm_memory(
 # Full-size temporaries per entry of a rest step on a GPU, beside the gradient itself, by rule
 # and weight size in bytes (fp32 or autocast: 4; bf16-pure: 2), read off the path a GPU takes
 # in ``RestStepper._step`` (the final write to the weight runs in 1M-entry slices, left out):
-# * factored: the fp32 direction (4), after the bf16 gradient widened to fp32 for the
-#   statistics' one-kernel reductions (4 more, bf16 only); a CPU steps in place, without either;
+# * factored: the fp32 direction (4; a bf16 gradient is widened in-kernel or a slice at a
+#   time); a CPU steps in place, without it;
 # * sign: none in fp32 (the sign is taken in place on the gradient, which is freed next); a bf16
 #   sign (2) widened to the fp32 step (4);
 # * colnorm: the square of the rows for their RMS, then the direction (4 each, not at once); in
 #   bf16 the widened gradient (4) beside them, the direction rounded to bf16 (2).
 _REST_WORK_PER_ENTRY = {
-    ("FactoredRest", 4): 4, ("FactoredRest", 2): 8,
+    ("FactoredRest", 4): 4, ("FactoredRest", 2): 4,
     ("SignRest", 4): 0, ("SignRest", 2): 6,
     ("ColumnNormRest", 4): 4, ("ColumnNormRest", 2): 10,
 }  # fmt: skip
