@@ -6,7 +6,8 @@ alike. BlockLLM runs the CLI's pretraining recipe (sparsity 0.9, a reselection e
 compacted gradients): with its default rest rule (every weight steps, so the whole backward
 runs; the factored rule since 0.6), with 0.5's sign rule (``blockllm-sign``), the same with a
 larger block in bf16 moments (``--bf16-sparsity``, default 0.82: the
-block the same bytes hold with ``moment_dtype="bfloat16"``), and with the frozen rule
+block the same bytes hold with ``moment_dtype="bfloat16"``), on bf16 weights
+(``blockllm-bf16-pure``, as ``--precision bf16-pure``; not in the default set), and with the frozen rule
 (``rest="none"``) once with ``RowGradients(model, optimizer)`` and once without, so the ratio
 between those two is what the row gradients buy. Step time does not depend on the text, so the
 batches are random tokens. Prints tokens/s and ratios to AdamW, and writes them to
@@ -34,7 +35,7 @@ from blockllm import BlockLLM, RowGradients
 from blockllm.app.models.presets import build_llama
 
 KINDS = ("adamw", "blockllm", "blockllm-sign", "blockllm-bf16-moments", "blockllm-frozen",
-         "blockllm-frozen-rows")
+         "blockllm-frozen-rows", "blockllm-bf16-pure")
 
 
 def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
@@ -45,7 +46,7 @@ def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace):
         knobs = {"sparsity": args.bf16_sparsity, "moment_dtype": "bfloat16"}
     elif kind == "blockllm-sign":  # 0.5's default rule
         knobs["rest"], knobs["factored_beta2"] = "sign", 0.999
-    elif kind != "blockllm":
+    elif kind not in ("blockllm", "blockllm-bf16-pure"):
         knobs["rest"] = "none"
     optimizer = BlockLLM(
         model.named_parameters(), lr=1e-3, trigger="interval", patience=args.interval,
@@ -136,7 +137,7 @@ def main() -> None:
         "(with the rest steps in its hooks) and clip + step",
     )  # fmt: skip
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {', '.join(KINDS)}"
+        "--kinds", default=",".join(KINDS[:-1]), help=f"comma-separated subset of {', '.join(KINDS)}"
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,6 +149,8 @@ def main() -> None:
     runs = {}
     for kind in kinds:
         model = build_llama(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+        if kind == "blockllm-bf16-pure":  # as `--precision bf16-pure`: bf16 weights, fp32 masters
+            model = model.to(torch.bfloat16)
         runs[kind] = (model, make_optimizer(kind, model, args))
     generator = torch.Generator().manual_seed(0)
 

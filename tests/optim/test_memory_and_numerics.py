@@ -11,15 +11,19 @@ from blockllm import BlockLLM
 from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot
 
 
-@pytest.mark.parametrize("compact_grads", [False, True])
-def test_state_and_gradient_bytes_flat_over_200_reselections(compact_grads):
-    model = TinyNet(vocab=64, width=32, depth=4)
+@pytest.mark.parametrize(
+    ("compact_grads", "dtype"),
+    [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
+)
+def test_state_and_gradient_bytes_flat_over_200_reselections(compact_grads, dtype):
+    # bf16 weights: fp32 masters of the block, created and dropped at every reselection.
+    model = TinyNet(vocab=64, width=32, depth=4).to(dtype)
     opt = BlockLLM(
         model.named_parameters(), sparsity=0.9, trigger="interval", patience=1,
         compact_grads=compact_grads,
     )  # fmt: skip
     batches = make_batches(4, vocab=64)
-    state_bytes, grad_bytes, hook_counts, objects = [], [], [], []
+    state_bytes, grad_bytes, master_bytes, hook_counts, objects = [], [], [], [], []
     for step in range(201):
         opt.zero_grad(set_to_none=True)
         loss = loss_of(model, batches[step % 4])
@@ -28,6 +32,7 @@ def test_state_and_gradient_bytes_flat_over_200_reselections(compact_grads):
         report = opt.memory_report()
         state_bytes.append(report["optimizer_state"])
         grad_bytes.append(report["grads"])
+        master_bytes.append(report["master_weights"])
         if step % 50 == 0:
             gc.collect()
             objects.append(len(gc.get_objects()))
@@ -36,9 +41,11 @@ def test_state_and_gradient_bytes_flat_over_200_reselections(compact_grads):
     # Adam state of about k coordinates (two fp32 moments), plus steps and coordinate lists
     bound = opt.budget * 4 * 2 + opt.budget * 8 + 64 * 20
     assert max(state_bytes) <= bound
+    assert max(master_bytes) <= (opt.budget * 4 if dtype == torch.bfloat16 else 0)
+    assert (min(master_bytes) > 0) == (dtype == torch.bfloat16)
     if compact_grads:
         # only the selected coordinates' gradients outlive the step
-        assert max(grad_bytes) <= opt.budget * 4
+        assert max(grad_bytes) <= opt.budget * dtype.itemsize
     else:
         # plus the dense gradients of the partly selected tensors: at most one per budget share
         # (max_tensor_share 0.25) and the one that did not fit

@@ -220,17 +220,19 @@ def peak_allocated(fn) -> int:
 )  # fmt: skip
 def test_rest_work_is_the_dense_steps_temporaries(monkeypatch, rest, dtype):
     # The estimate's rest_work per entry, against the path a GPU takes (the dense step, forced
-    # here on a CPU), its final write cut into small slices so that only full-size temporaries
-    # count.
+    # here on a CPU), its final write and the rule's passes cut into small slices so that only
+    # full-size temporaries count.
     from blockllm.app.planning.method_memory import rest_work_bytes
     from blockllm.app.planning.model_shapes import TensorInfo
     from blockllm.config import BlockLLMConfig
     from blockllm.distributed.base import SingleProcess
     from blockllm.optim import rest_step
+    from blockllm.selection import rest_rules
     from blockllm.selection.rest_rules import make_rest_rule
 
     monkeypatch.setattr(rest_step.RestStepper, "_in_place", lambda *args: False)
     monkeypatch.setattr(rest_step, "_WRITE_SLICE_ELEMENTS", 4096)
+    monkeypatch.setattr(rest_rules, "_COLUMN_SLICE_ELEMENTS", 4096)  # the rule's own slices
     shape = (1024, 512)
     weight = torch.nn.Parameter(torch.randn(shape).to(dtype))
     stepper = rest_step.RestStepper(
@@ -243,5 +245,5 @@ def test_rest_work_is_the_dense_steps_temporaries(monkeypatch, rest, dtype):
     assert weight.grad is None  # stepped and freed
     config = BlockLLMConfig(rest=rest, vocab_rest=None)
     estimated = rest_work_bytes(config, [TensorInfo("w", shape, linear=True, embedding=False, layer=0)], dtype.itemsize)
-    # Beyond the full-size temporaries: the rule's vectors and the write's slices (a few KB).
-    assert estimated <= measured <= estimated + 64 * 1024, (measured, estimated)
+    # Beyond the full-size temporaries: the rule's vectors and a few slices (at least 16 rows).
+    assert estimated <= measured <= estimated + 128 * 1024, (measured, estimated)
