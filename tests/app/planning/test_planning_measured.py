@@ -83,13 +83,15 @@ def record_bytes(sizes: list[int], grad: torch.Tensor) -> None:
 
 
 def run_steps(
-    optimizer: str, steps: int = 2, **knobs: str
+    optimizer: str, steps: int = 2, precision: str = "fp32", **knobs: str
 ) -> tuple[Measured, MemoryTracker, torch.nn.Module]:
     config = RunConfig.create(
         "pretrain", "tiny", optimizer=optimizer, vocab_size=VOCAB, seq_len=SEQ_LEN,
-        batch_size=BATCH, patience=10, **knobs,
+        batch_size=BATCH, patience=10, precision=precision, **knobs,
     )  # fmt: skip
     model = build_llama("tiny", vocab_size=VOCAB, max_seq_len=SEQ_LEN, seed=0)
+    if precision == "bf16-pure":  # as the training loop does
+        model = model.to(torch.bfloat16)
     spec = get_optimizer_spec(optimizer)
     opt = spec.build(model, config)
     tracker = MemoryTracker(torch.device("cpu"))
@@ -147,16 +149,17 @@ def run_steps(
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "moment_dtype"),
-    [("adamw", "float32"), ("blockllm", "float32"), ("blockllm", "bfloat16")],
-)
-def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype):
+    ("optimizer", "moment_dtype", "precision"),
+    [("adamw", "float32", "fp32"), ("blockllm", "float32", "fp32"),
+     ("blockllm", "bfloat16", "fp32"), ("blockllm", "float32", "bf16-pure")],
+)  # fmt: skip
+def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype, precision):
     knobs = {} if optimizer == "adamw" else {"moment_dtype": moment_dtype}
-    measured, tracker, model = run_steps(optimizer, **knobs)
+    measured, tracker, model = run_steps(optimizer, precision=precision, **knobs)
     peak = tracker.peak
     plan = estimate_memory(
         shape_of_config(model.config, name="tiny"),
-        EstimateSettings(batch_size=BATCH, seq_len=SEQ_LEN, precision="fp32", sparsity=0.9,
+        EstimateSettings(batch_size=BATCH, seq_len=SEQ_LEN, precision=precision, sparsity=0.9,
                          moment_dtype=moment_dtype),
         [optimizer],
     )  # fmt: skip
@@ -168,7 +171,9 @@ def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype):
     # A CPU takes the factored rest step in place: the GPU's full-size direction (rest_work,
     # checked against that path in test_rest_work_is_the_dense_steps_temporaries) is not here.
     assert row.gradient_transient - row.rest_work == (measured.landing if optimizer == "blockllm" else 0)
-    assert row.master_weights == peak["master_weights"] == 0
+    # fp32 masters of the block's coordinates under bf16-pure (4 bytes each), none in fp32.
+    assert row.master_weights == peak["master_weights"]
+    assert (row.master_weights > 0) == (precision == "bf16-pure")
     # 8 (bf16 moments: 4) bytes per block coordinate, plus the default rest rule's statistics
     # (factored: fp32 per row and column) for every candidate, counting those that have had no
     # rest step yet (all the block's so far: their statistics appear when they leave it).
