@@ -419,7 +419,7 @@ class RestStepper:
         matrix of the gradient's dtype (a bf16 one rounded slice by slice as the dense path
         rounds it whole)."""
         return (
-            hasattr(self.overrides.get(index, self.rule), "prepare")
+            self._prepares(index)
             and weight.device.type == "cpu"
             and weight.dim() == 2
             and grad.dtype == weight.dtype
