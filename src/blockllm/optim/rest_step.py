@@ -151,20 +151,23 @@ def _step_factored_(
     lr: float | torch.Tensor,
     decay: float,
     generator: torch.Generator | None = None,
+    finite: torch.Tensor | None = None,
 ) -> None:
     """``weight -= lr * direction + decay * weight`` outside the ``selected`` coordinates (Adam's):
     on the live rows only when that pays and nothing decays (decay moves every row), else in
     place over the whole matrix with the selected entries put back as they were. A bf16 weight
     is rounded as the dense path rounds it (stochastically with ``generator``), slice by slice,
-    and always over the whole matrix: the live-rows path adds in the weight's dtype."""
+    and always over the whole matrix: the live-rows path adds in the weight's dtype. An
+    accelerator always takes the whole matrix (finding live rows is a host read) and passes
+    ``finite`` (a 0-dim bool tensor: False zeroes the step) instead of branching on it."""
     low = weight.dtype in (torch.bfloat16, torch.float16)
-    live = None if decay or low else prepared.live_rows()
+    live = None if decay or low or prepared.sync_free else prepared.live_rows()
     if live is None:
         kept = None if selected is None else gather(weight, selected)
         subtract = None
         if low:
             subtract = functools.partial(_subtract_in_slices_, generator=generator)
-        prepared.apply_(weight, lr, decay, subtract)
+        prepared.apply_(weight, lr, decay, subtract, finite)
         if kept is not None:
             scatter_(weight, selected, kept)
         return
@@ -350,21 +353,26 @@ class RestStepper:
             param.grad = None
             return None
         if self._in_place(index, grad, weight):
-            # The factored rule on a CPU: no full-size direction, and an embedding stepped on
-            # the batch's rows only (:class:`FactoredStep`); the same arithmetic per entry.
+            # The factored rule: no full-size direction (:class:`FactoredStep`), the same
+            # arithmetic per entry; on a CPU an embedding is stepped on the batch's rows only,
+            # on an accelerator nothing is read on the host (``finite`` masks the step).
             prepared = self._direction(index, grad, finite, prepare=True)
+            mask = finite if prepared.sync_free else None
+            take = mask is not None or bool(finite)
             deferred = None
-            if defer and not bool(finite):  # no step, for the kept coordinates either
-                deferred = torch.zeros(selected.numel(), dtype=prepared.work_dtype)
-            if bool(finite):
+            if defer and not take:  # no step, for the kept coordinates either
+                deferred = torch.zeros(selected.numel(), dtype=prepared.work_dtype, device=weight.device)
+            if take:
                 lr_scaled, decay_scaled = lr * self.lr_scale, float(decay) * float(lr)
                 if defer:  # the kept coordinates' step, as the general path's gather gives it
                     deferred = prepared.at_selected(selected).mul_(lr_scaled)
                     if decay:
                         deferred.add_(gather(weight, selected), alpha=decay_scaled)
+                    if mask is not None:
+                        deferred.masked_fill_(~mask, 0.0)
                 stochastic = weight.dtype == torch.bfloat16 and self.stochastic_rounding
                 generator = self.rounding.for_tensor(weight) if stochastic else None
-                _step_factored_(weight, prepared, selected, lr_scaled, decay_scaled, generator)
+                _step_factored_(weight, prepared, selected, lr_scaled, decay_scaled, generator, mask)
             if selected is None or defer:
                 param.grad = None
             return deferred
@@ -414,13 +422,12 @@ class RestStepper:
         )
 
     def _in_place(self, index: int, grad: torch.Tensor, weight: torch.Tensor) -> bool:
-        """The rule can step a matrix in place (``prepare``), and it pays here: a CPU (a GPU
-        would pay a kernel launch per slice and a host sync to find live rows), a contiguous
-        matrix of the gradient's dtype (a bf16 one rounded slice by slice as the dense path
-        rounds it whole)."""
+        """The rule can step a matrix in place (``prepare``): a contiguous matrix of the
+        gradient's dtype (a bf16 one rounded slice by slice as the dense path rounds it whole),
+        on any device. The dense path's fp32 direction over the largest matrix (4 bytes per
+        entry: 2.1 GB for an 8B Llama's embedding) would sit at the backward's peak."""
         return (
             self._prepares(index)
-            and weight.device.type == "cpu"
             and weight.dim() == 2
             and grad.dtype == weight.dtype
             and weight.dtype in (torch.float32, torch.float64, torch.bfloat16)

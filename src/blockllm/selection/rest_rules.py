@@ -125,7 +125,7 @@ def _scale_rows_and_columns(
         return out, torch.linalg.vector_norm(out).square_()
     out = torch.empty(matrix.shape, dtype=_work_dtype(matrix.dtype), device=matrix.device)
     slices = _scaled_slices(matrix, row_scale, col_scale, _row_slices(out))
-    return out, _sum_of_squares(slices, out.dtype)
+    return out, _sum_of_squares(slices, out.dtype, out.device)
 
 
 def _scaled_slices(
@@ -145,9 +145,11 @@ def _scaled_slices(
         yield torch.mul(rows, scale, out=target[: rows.shape[0]]).mul_(col_scale)
 
 
-def _sum_of_squares(slices: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _sum_of_squares(
+    slices: Iterable[torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The sum of squares of every entry of ``slices``, one slice's norm at a time."""
-    total = torch.zeros((), dtype=dtype)
+    total = torch.zeros((), dtype=dtype, device=device)
     for piece in slices:
         total.add_(torch.linalg.vector_norm(piece).square_())
     return total
@@ -349,9 +351,13 @@ class FactoredRest:
         col_scale = torch.where(finite, col.rsqrt_(), 0.0)
         return FactoredStep(matrix, row_scale, col_scale, live, squares, shards.numel)
 
-    def _count_step(self, state: dict[str, torch.Tensor]) -> float:
-        """Advances the step count; returns the bias correction of this step."""
+    def _count_step(self, state: dict[str, torch.Tensor]) -> float | torch.Tensor:
+        """Advances the step count; returns the bias correction of this step: on an
+        accelerator a device scalar (reading the count on the host would wait for the
+        device), computed in float64 as the CPU's Python float is, so the same value."""
         state["step"] += 1
+        if _on_accelerator(state["step"]):
+            return (1 - torch.pow(self.beta2, state["step"].double())).float()
         return 1 - self.beta2 ** float(state["step"])
 
 
@@ -381,8 +387,13 @@ class FactoredStep:
     Three ways to use it, the same arithmetic per entry (the clip's sum of squares aside, whose
     summation order differs): :meth:`dense` builds it (over a 32k x 1024 vocabulary matrix a
     full-size tensor is 131 MB at the backward's peak); :meth:`live_rows` builds it on the rows
-    whose gradient is not all zero (an embedding's: the batch's tokens); :meth:`apply_` steps a
-    weight with it slice by slice on a CPU, with no full-size tensor at all.
+    whose gradient is not all zero (an embedding's: the batch's tokens; a CPU's only, as
+    finding them is a host read); :meth:`apply_` steps a weight with it slice by slice, with no
+    full-size tensor at all.
+
+    On an accelerator (:attr:`sync_free`) nothing waits for the device: the clip always
+    divides (by the RMS clamped at 1, and ``x / 1`` is ``x`` exactly) where a CPU skips the
+    pass when it would divide by 1, and a non-finite gradient is masked, not branched on.
 
     ``squares`` and ``numel``: the whole tensor's sum of squares of the direction and entry
     count, when ``matrix`` is one FSDP2 shard of it (the clip is the whole tensor's); None: the
@@ -400,6 +411,11 @@ class FactoredStep:
     ) -> None:
         self.matrix, self.row_scale, self.col_scale, self.live = matrix, row_scale, col_scale, live
         self.squares, self.numel = squares, numel
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether this step avoids host reads (the matrix is on an accelerator)."""
+        return _on_accelerator(self.matrix)
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -434,17 +450,22 @@ class FactoredStep:
         lr: float | torch.Tensor,
         decay: float = 0.0,
         subtract: Callable[[torch.Tensor, torch.Tensor], object] | None = None,
+        finite: torch.Tensor | None = None,
     ) -> None:
-        """``weight -= lr * direction + decay * weight`` in place, on a CPU, slice by slice:
-        ``weight`` is a contiguous matrix of the gradient's shape.
+        """``weight -= lr * direction + decay * weight`` in place, slice by slice: ``weight`` is
+        a contiguous matrix of the gradient's shape.
 
         Two passes over the gradient instead of the dense path's five and a full-size
         allocation: one for the clip's sum of squares (:meth:`clip_rms`), one for the step, each
-        slice's direction built while in cache. ``subtract(weights, step)`` writes a slice's
-        step (in the work dtype) into the weight's slice; by default ``weights -= step``, and a
-        bf16 weight's caller passes its rounding.
+        slice's direction built while in cache (on an accelerator: in a few large slices, so
+        the largest temporary is a slice's, not the matrix's). ``subtract(weights, step)``
+        writes a slice's step (in the work dtype) into the weight's slice; by default
+        ``weights -= step``, and a bf16 weight's caller passes its rounding. ``finite``: a
+        0-dim bool tensor; where it is False every step is zero (a caller that cannot read it
+        on the host without waiting for the device).
         """
         rms = self.clip_rms
+        skip = None if finite is None else ~finite
         for step, weights in zip(
             _scaled_slices(self.matrix, self.row_scale, self.col_scale), _row_slices(weight)
         ):
@@ -453,6 +474,8 @@ class FactoredStep:
             step.mul_(lr)
             if decay:
                 step.add_(weights, alpha=decay)
+            if skip is not None:
+                step.masked_fill_(skip, 0.0)
             if subtract is None:
                 weights.sub_(step)
             else:
@@ -488,15 +511,19 @@ class FactoredStep:
 
     @functools.cached_property
     def clip_rms(self) -> torch.Tensor | None:
-        """The direction's RMS when it exceeds 1 (the clip divides by it), else None: a pass of
-        its own (CPU), over the same slices as :meth:`dense`'s sum, so the in-place step equals
-        the dense one bit for bit; none on a shard, whose whole tensor's sum came with it."""
+        """What the clip divides by: on a CPU the direction's RMS when it exceeds 1, else None
+        (no pass that divides by 1); on an accelerator the RMS clamped at 1, always (no host
+        read). A pass of its own over the same slices as :meth:`dense`'s sum on a CPU, so the
+        in-place step equals the dense one bit for bit; none on a shard, whose whole tensor's
+        sum came with it."""
         if self.squares is not None:
             rms = (self.squares / self.numel).sqrt()
-            return rms if bool(rms > 1.0) else None
-        slices = _scaled_slices(self.matrix, self.row_scale, self.col_scale)
-        squares = _sum_of_squares(slices, _work_dtype(self.matrix.dtype))
-        rms = (squares / self.matrix.numel()).sqrt_()
+        else:
+            slices = _scaled_slices(self.matrix, self.row_scale, self.col_scale)
+            squares = _sum_of_squares(slices, self.work_dtype, self.matrix.device)
+            rms = (squares / self.matrix.numel()).sqrt_()
+        if self.sync_free:
+            return rms.clamp_(min=1.0)
         return rms if bool(rms > 1.0) else None
 
 

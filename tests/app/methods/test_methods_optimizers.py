@@ -63,6 +63,17 @@ def test_builders():
     assert set(stats) >= {"num_reselections", "num_selected", "trainable_fraction"}
 
 
+def test_the_papers_method_is_the_published_one_whatever_the_run_config_says():
+    # `blockllm-paper` stays the published method: the rest frozen until selected (the run
+    # config's --rest defaults to a state-free rule), the |G| >= tau mask, one tensor may take
+    # the whole budget, single coordinates, the loss-plateau trigger, no entry warmup.
+    for rest in ("auto", "sign"):
+        paper = get_optimizer_spec("blockllm-paper").build(Net(), RunConfig.create("pretrain", rest=rest))
+        settings = paper.config
+        assert (settings.rest, settings.selection, settings.max_tensor_share) == ("none", "mask", 1.0)
+        assert (settings.partial, settings.trigger, settings.entry_warmup) == ("coordinates", "loss", 0)
+
+
 def test_adding_an_optimizer_is_one_entry():
     spec = OptimizerSpec(
         name="sgd-test",

@@ -14,6 +14,7 @@ from blockllm.app.planning import EstimateSettings, estimate_memory, load_model_
 from blockllm.app.planning.memory_plan import default_methods, format_plan
 from blockllm.app.planning.method_memory import blockllm_memory
 from blockllm.app.planning.model_shapes import shape_of_config
+from blockllm.selection.rest_rules import ColumnNormRest
 
 LLAMA_8B = Path(__file__).parent / "data" / "llama-8b-config.json"
 
@@ -69,10 +70,10 @@ def test_blockllm_follows_its_budget(shape):
     _, by = rows(shape, ["blockllm", "blockllm-0.95"], precision="bf16-pure")
     row = by["blockllm"]
     assert row.weights == 2 * n
-    # The largest candidate's gradient lands, and on a GPU its factored rest step writes the
-    # fp32 direction (4 bytes an entry) beside it.
-    assert row.rest_work == 4 * largest
-    assert (row.gradients, row.gradient_transient) == (2 * (k + largest) + 4 * largest, 6 * largest)
+    # The largest candidate's gradient lands; its factored rest step is taken in place, on a
+    # GPU too (slices only: no full-size direction beside it).
+    assert row.rest_work == 0
+    assert (row.gradients, row.gradient_transient) == (2 * (k + largest), 2 * largest)
     # Adam's moments for the block, and the default rest rule's (factored) statistics.
     rule = factored_bytes(shape.tensors)
     assert (row.optimizer_state, row.master_weights) == (8 * k + rule, 4 * k)
@@ -102,9 +103,8 @@ def test_blockllm_exclude_and_always_adam(shape):
     stepped = [t for t in shape.tensors
                if not t.name.endswith(("embed_tokens.weight", "norm.weight"))]  # fmt: skip
     assert row.optimizer_state == 8 * (k + norms) + factored_bytes(stepped)
-    # The head, now the largest candidate: its gradient, and its fp32 direction on a GPU.
-    assert row.gradient_transient == 4 * 1000 * 64 + row.rest_work
-    assert row.rest_work == 4 * 1000 * 64
+    # The head, now the largest candidate: its gradient (stepped in place).
+    assert (row.gradient_transient, row.rest_work) == (4 * 1000 * 64, 0)
     assert any("always_adam" in note for note in row.notes)
 
 
@@ -126,13 +126,14 @@ def test_rest_rules(shape):
     in_step = blockllm_memory(
         shape, plan.settings, plan.activations, knobs={"rest": "sign", "rest_in_backward": False}
     )
-    # Every gradient held until step(); there the largest (a vocabulary matrix, factored by
-    # vocab_rest="auto") has its fp32 direction written beside them on a GPU.
-    largest_vocabulary = max(t.numel for t in vocabulary)
-    assert in_step.rest_work == 4 * largest_vocabulary
-    assert (in_step.gradients, in_step.gradient_transient) == (
-        4 * shape.num_parameters + in_step.rest_work, in_step.rest_work
+    # Every gradient held until step(); there the vocabulary matrices (factored by
+    # vocab_rest="auto") are stepped in place and the others by sign, in place on fp32.
+    assert (in_step.gradients, in_step.gradient_transient, in_step.rest_work) == (
+        4 * shape.num_parameters, 0, 0
     )
+    # A user's rule without `prepare` has its direction written out whole, in fp32.
+    user = blockllm_memory(shape, plan.settings, plan.activations, knobs={"rest": ColumnNormRest(), "vocab_rest": None})
+    assert user.rest_work == 4 * max(t.numel for t in shape.tensors)
     # Sign everywhere: taken in place on an fp32 gradient; a bf16 sign widened to fp32.
     assert sign_only.rest_work == 0
     largest = max(t.numel for t in shape.tensors)

@@ -95,10 +95,14 @@ _BLOCKLLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"max_tensor_share": 1.0, "partial": "coordinates"},
         "BlockLLM ablation: no per-tensor cap, leftover budget as single coordinates (0.1.0 rule)",
     ),
+    # Everything the published method fixes is fixed here, the frozen rest included: since
+    # 0.5 the run config's --rest defaults to a state-free rule (0.6.2 and earlier left it to
+    # the run config, so this name stepped the rest too).
     "blockllm-paper": (
         {"selection": "mask", "max_tensor_share": 1.0, "partial": "coordinates",
-         "trigger": "loss", "entry_warmup": 0},
-        "The paper's method as published: |G| >= tau mask, loss-plateau trigger (--patience)",
+         "trigger": "loss", "entry_warmup": 0, "rest": "none"},
+        "The paper's method as published: the rest frozen, |G| >= tau mask, loss-plateau "
+        "trigger (--patience)",
     ),
 }
 for _name, (_overrides, _description) in _BLOCKLLM_VARIANTS.items():

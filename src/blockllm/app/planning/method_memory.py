@@ -217,7 +217,7 @@ def blockllm_memory(
     if rest_work:
         notes.append(
             f"the rest step's full-size temporaries on a GPU (its direction over the largest "
-            f"matrix): {rest_work:,} bytes, counted with the gradients (a CPU steps in place)"
+            f"matrix, written out whole): {rest_work:,} bytes, counted with the gradients"
         )
     return MethodMemory(
         method=method,
@@ -241,14 +241,14 @@ def blockllm_memory(
 # Full-size temporaries per entry of a rest step on a GPU, beside the gradient itself, by rule
 # and weight size in bytes (fp32 or autocast: 4; bf16-pure: 2), read off the path a GPU takes
 # in ``RestStepper._step`` (the final write to the weight runs in 1M-entry slices, left out):
-# * factored: the fp32 direction (4; a bf16 gradient is widened in-kernel or a slice at a
-#   time); a CPU steps in place, without it;
+# * factored: none; a matrix is stepped in place, a 4M-entry slice at a time, as on a CPU
+#   (until 0.6.3 a GPU wrote its fp32 direction whole: 4);
 # * sign: none in fp32 (the sign is taken in place on the gradient, which is freed next); a bf16
 #   sign (2) widened to the fp32 step (4);
 # * colnorm: the square of the rows for their RMS, then the direction (4 each, not at once); in
 #   bf16 the widened gradient (4) beside them, the direction rounded to bf16 (2).
 _REST_WORK_PER_ENTRY = {
-    ("FactoredRest", 4): 4, ("FactoredRest", 2): 4,
+    ("FactoredRest", 4): 0, ("FactoredRest", 2): 0,
     ("SignRest", 4): 0, ("SignRest", 2): 6,
     ("ColumnNormRest", 4): 4, ("ColumnNormRest", 2): 10,
 }  # fmt: skip
@@ -258,7 +258,8 @@ def rest_work_bytes(config: BlockLLMConfig, stepped: list[TensorInfo], size: int
     """The most bytes a rest step allocates on a GPU besides the gradient, over the tensors it
     steps (the rules the optimizer builds; vectors counted alike, they are never the largest).
     Weight decay is left out (0 in the command line's default; with it the sign rule takes the
-    general path too, 4 bytes an entry in fp32). A user's rule counts as the factored one."""
+    general path too, 4 bytes an entry in fp32). A user's rule without ``prepare`` has its
+    direction written out whole, counted as fp32 (4 bytes an entry)."""
     rule, vocab_rule = rest_rules_for(config.rest, config.vocab_rest, config.factored_beta2)
     most = 0
     for tensor in stepped:
@@ -267,7 +268,7 @@ def rest_work_bytes(config: BlockLLMConfig, stepped: list[TensorInfo], size: int
         if applied is None:
             continue
         kind = type(applied).__name__
-        per_entry = _REST_WORK_PER_ENTRY.get((kind, size), _REST_WORK_PER_ENTRY[("FactoredRest", size)])
+        per_entry = _REST_WORK_PER_ENTRY.get((kind, size), 0 if hasattr(applied, "prepare") else 4)
         most = max(most, tensor.numel * per_entry)
     return most
 
