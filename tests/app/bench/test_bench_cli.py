@@ -17,8 +17,10 @@ REQUIRED = {
 
 
 def test_bench_quick_end_to_end(tmp_path, cache_dir, monkeypatch, capsys):
+    import blockllm.app.bench.runner as runner
     import blockllm.app.methods.peer_packages as peers
 
+    monkeypatch.setattr(runner, "STATUS_EVERY_S", 0.2)  # --progress off: no status lines at all
     real = peers.importlib.util.find_spec
     # galore "is not installed": the bench must skip it with the install line, not crash.
     monkeypatch.setattr(
@@ -28,7 +30,7 @@ def test_bench_quick_end_to_end(tmp_path, cache_dir, monkeypatch, capsys):
     code = main([
         "bench", "--suite", "quick", "--output-dir", str(out), "--methods",
         "adamw,blockllm,lisa,galore", "--steps", "2", "--threads", "1",
-        "--cache-dir", str(cache_dir),
+        "--cache-dir", str(cache_dir), "--progress", "off",
     ])  # fmt: skip
     assert code == 0
     records = json.loads((out / "quick.json").read_text())
@@ -51,7 +53,9 @@ def test_bench_quick_end_to_end(tmp_path, cache_dir, monkeypatch, capsys):
     assert "| blockllm |" in table and "×)" in table and "pip install galore-torch" in table
     for name in ("loss_vs_step.png", "loss_vs_time.png", "memory.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert "skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped" in printed
+    assert ": setting up" not in printed and ": step " not in printed
 
 
 def test_bench_refuses_unknown_methods_and_used_directories(tmp_path, capsys):
@@ -107,7 +111,12 @@ def test_seed_table_gives_mean_spread_and_ratios_to_the_best_reference_entry():
     assert "| blockllm | 2 | 4.3000 | 4.2000-4.4000 | 0.1414 | +0.2000 (+4.9%) | 0.35 | 1.20 |" in table
 
 
-def test_bench_runs_each_method_once_per_seed(tmp_path, cache_dir):
+def test_bench_runs_each_method_once_per_seed(tmp_path, cache_dir, monkeypatch, capsys):
+    import blockllm.app.bench.runner as runner
+
+    # Status lines from each child's metrics while it runs (a bench child's own output goes
+    # to its stderr file): every 0.2 s here, so that a run of one step shows some.
+    monkeypatch.setattr(runner, "STATUS_EVERY_S", 0.2)
     out = tmp_path / "bench"
     code = main([
         "bench", "--suite", "quick", "--output-dir", str(out), "--methods", "blockllm",
@@ -120,4 +129,6 @@ def test_bench_runs_each_method_once_per_seed(tmp_path, cache_dir):
     ]  # fmt: skip
     assert records[0]["final_eval_loss"] != records[1]["final_eval_loss"]  # other init and data
     assert "| blockllm | 2 |" in (out / "quick.md").read_text()
+    printed = capsys.readouterr().out
+    assert "    blockllm-s0: setting up" in printed and "    blockllm-s1: setting up" in printed
     assert main(["bench", "--output-dir", str(tmp_path / "x"), "--seeds", "a,b"]) == 2

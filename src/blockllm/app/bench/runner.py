@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ def run_bench(
     steps: int | None = None,
     threads: int | None = None,
     seeds: Sequence[int] | None = None,
+    status: Callable[[str, Path, int], Callable[[], None]] | None = None,
 ) -> None:
     """Run the suite ``suite_name`` into ``output``, one child process per method (and seed).
 
@@ -66,6 +67,10 @@ def run_bench(
         seeds: Run every entry once per seed (model init, data order), labelled
             ``LABEL-sSEED``; the report then adds the mean and spread over seeds. None: seed
             :data:`SEED` once, under the entry's own label.
+        status: ``status(label, run_dir, steps)`` gives the callable to call every
+            :data:`STATUS_EVERY_S` seconds while that child runs (the command line's status
+            lines; the children's own output goes to their stderr files). None: nothing
+            between a run's start and end.
 
     Raises:
         ValueError: an unknown method or a bad number of steps.
@@ -110,7 +115,8 @@ def run_bench(
         run_dir = output / "runs" / entry.label
         command = child_command(suite, entry, run_dir, cache_dir, threads, seed)
         run_started = time.perf_counter()
-        code, stderr = _run_child(command, output / "runs" / f"{entry.label}.stderr")
+        report = None if status is None else status(entry.label, run_dir, suite.steps)
+        code, stderr = _run_child(command, output / "runs" / f"{entry.label}.stderr", report)
         wall = time.perf_counter() - run_started
         run = _load_finished(run_dir, load_run) if code == 0 else None
         if run is None:
@@ -307,12 +313,31 @@ def _write_plots(runs: list[Any], output: Path) -> list[str]:
     return [name for _, name in plots]
 
 
-def _run_child(command: list[str], stderr_path: Path) -> tuple[int, str]:
-    """Run one method to completion; its stderr is kept in ``stderr_path`` for failures."""
+# Seconds between two calls of a run's status callable.
+STATUS_EVERY_S = 30.0
+
+
+def _run_child(
+    command: list[str], stderr_path: Path, status: Callable[[], None] | None = None
+) -> tuple[int, str]:
+    """Run one method to completion, calling ``status`` every :data:`STATUS_EVERY_S` seconds;
+    its stderr is kept in ``stderr_path`` for failures. Ctrl-C stops the child too (a bench
+    child keeps no checkpoint worth finishing)."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "true")
     with open(stderr_path, "w", encoding="utf-8") as stderr:
-        code = subprocess.call(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env) as child:
+            try:
+                while True:
+                    try:
+                        code = child.wait(timeout=STATUS_EVERY_S if status is not None else None)
+                        break
+                    except subprocess.TimeoutExpired:
+                        assert status is not None
+                        status()
+            except BaseException:
+                child.kill()
+                raise
     return code, stderr_path.read_text(encoding="utf-8", errors="replace")
 
 

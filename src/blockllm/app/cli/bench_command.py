@@ -8,6 +8,7 @@ from typing import Any
 
 from blockllm.app.bench.suites import SUITES
 from blockllm.app.cli.common import add_runtime_flags, resolve_cache_dir
+from blockllm.app.cli.demo import StatusLines
 
 
 def add_bench_parser(subparsers: Any) -> None:
@@ -67,6 +68,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         steps=args.steps,
         threads=args.threads,
         seeds=seeds,
+        status=None if args.progress == "off" else StatusLines,
     )
     return 0
 
