@@ -980,3 +980,36 @@ def test_the_accelerator_steps_the_factored_rule_in_place_without_host_reads(
         flat = selected.long()
         start = torch.randn(1000, 64, generator=torch.Generator().manual_seed(1))
         assert torch.equal(weight.view(-1)[flat], start.to(dtype).view(-1)[flat])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_in_the_accelerators_form_is_training_in_the_cpus(monkeypatch, dtype):
+    # The whole optimizer (hooks, selection steps with shortlists and deferred steps, clipping,
+    # decay) with the factored rule's accelerator form, against the CPU's: 12 steps of a tiny
+    # Llama come out the same up to the summation order of the statistics and the clip.
+    from blockllm.selection import rest_rules
+
+    def train(accelerator):
+        if accelerator:
+            monkeypatch.setattr(rest_rules, "_on_accelerator", lambda tensor: True)
+            monkeypatch.setattr(rest_rules, "_ACCELERATOR_SLICE_ELEMENTS", 1 << 16)  # 4 on the head
+            monkeypatch.setattr(rest_rules.FactoredStep, "dense", None)  # never built whole
+        torch.manual_seed(0)
+        model = tiny_llama(vocab=1024).to(dtype)
+        optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
+                             patience=4, fused=False, weight_decay=0.1, stochastic_rounding=False)  # fmt: skip
+        for tokens in patterned_batches(12):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step(loss=1.0)
+            optimizer.zero_grad(set_to_none=True)
+        monkeypatch.undo()
+        assert optimizer.num_reselections >= 2
+        return model
+
+    accelerator, cpu = train(True), train(False)
+    # Measured here: 4e-7 at most in fp32 (weights moved by up to 0.07), bf16 identical; one
+    # bf16 unit allowed for a neighbouring rounding elsewhere.
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2.0**-7, atol=0.0)
+    for (name, p), q in zip(accelerator.named_parameters(), cpu.parameters()):
+        torch.testing.assert_close(p, q, **tolerance, msg=name)
