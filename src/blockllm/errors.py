@@ -12,7 +12,10 @@ class BlockLLMError(Exception):
 
 
 class NoMatchingParamsError(BlockLLMError, ValueError):
-    """An ``include``/``exclude`` pattern matched no parameter name."""
+    """An ``include``/``exclude``/``always_adam`` pattern matched no parameter name.
+
+    ``always_adam="auto"`` never raises it: it pins whatever it recognises, possibly nothing.
+    """
 
 
 class StateDictMismatchError(BlockLLMError, ValueError):

@@ -215,13 +215,17 @@ def unpatch_module(module: nn.Module) -> None:
 class RowGradients:
     """Row-sparse weight gradients for one model trained by one BlockLLM optimizer.
 
-    Patches every plain ``nn.Linear``/``nn.Embedding`` of ``model`` whose weight is a candidate
-    of ``optimizer``: on ordinary steps a partly selected output head then costs a matrix product
-    over its selected rows instead of all of them, and no dense gradient of it (or of the
-    embedding) is ever built. Selection steps, and weights selected whole or not at all, keep
-    autograd's own backward. The gradients go where ``compact_grads`` puts them (clip with
-    ``optimizer.clip_grad_norm_``). FSDP2 parameters are left alone. The optimizer keeps the
-    handle alive; :meth:`remove` gives the modules their classes back.
+    Under the frozen rule (``optimizer.config.rest == "none"``), patches every plain
+    ``nn.Linear``/``nn.Embedding`` of ``model`` whose weight is a candidate of ``optimizer``: on
+    ordinary steps a partly selected output head then costs a matrix product over its selected
+    rows instead of all of them, and no dense gradient of it (or of the embedding) is ever built.
+    Selection steps, and weights selected whole or not at all, keep autograd's own backward. The
+    gradients go where ``compact_grads`` puts them (clip with ``optimizer.clip_grad_norm_``).
+    The optimizer keeps the handle alive; :meth:`remove` gives the modules their classes back.
+
+    With any other ``rest`` (the default ``"auto"`` included) it patches nothing and ``patched``
+    stays empty: the rest step needs every row's gradient, so the row product would save
+    nothing. FSDP2 parameters are left alone too.
 
     Args:
         model: the model whose parameters ``optimizer`` was built on.

@@ -75,7 +75,7 @@ class CandidateSet:
                     f"Invalid params: {name!r} is complex ({param.dtype}); BlockLLM supports real "
                     "floating-point parameters only"
                 )
-            if self.always_adam.matches(names) or (self.auto_pin and _auto_pinned(names, param)):
+            if self.always_adam.matches(names) or (self.auto_pin and auto_pinned(names, param.ndim)):
                 self.pinned = self.pinned | {len(self.params)}
             self._index[id(param)] = len(self.params)
             self.params.append(param)
@@ -130,8 +130,10 @@ VOCABULARY_NAMES = re.compile(
 )
 
 
-def _auto_pinned(names: list[str], param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or any(VOCABULARY_NAMES.fullmatch(name) for name in names)
+def auto_pinned(names: list[str], ndim: int) -> bool:
+    """Whether ``always_adam="auto"`` pins a tensor of ``ndim`` dimensions known by ``names``:
+    a vector, or a vocabulary matrix. The optimizer and ``blockllm estimate`` both ask here."""
+    return ndim <= 1 or any(VOCABULARY_NAMES.fullmatch(name) for name in names)
 
 
-__all__ = ["VOCABULARY_NAMES", "CandidateSet"]
+__all__ = ["VOCABULARY_NAMES", "CandidateSet", "auto_pinned"]

@@ -108,6 +108,32 @@ def test_blockllm_exclude_and_always_adam(shape):
     assert any("always_adam" in note for note in row.notes)
 
 
+def test_always_adam_auto_pins_what_the_optimizer_pins(shape):
+    # "auto" is no name pattern: it pins the vectors and the vocabulary matrices, as the
+    # optimizer built on the same model does (0.6.2's estimate read it as a regex, pinning none).
+    from blockllm import BlockLLM
+
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-3, always_adam="auto")
+    params = dict(model.named_parameters())
+    candidates = optimizer._candidates
+    pinned_by_optimizer = sum(params[candidates.names[i]].numel() for i in candidates.pinned)
+    expected = sum(t.numel for t in shape.tensors
+                   if len(t.shape) == 1 or t.name.endswith(("embed_tokens.weight", "lm_head.weight")))  # fmt: skip
+    assert pinned_by_optimizer == expected > 2 * 1000 * 64
+    _, by = rows(shape, ["blockllm"], always_adam="auto")
+    n = shape.num_parameters
+    k = math.floor(0.1 * (n - expected) + 1e-9)
+    stepped = [t for t in shape.tensors
+               if len(t.shape) == 2 and not t.name.endswith(("embed_tokens.weight", "lm_head.weight"))]  # fmt: skip
+    assert by["blockllm"].optimizer_state == 8 * (k + expected) + factored_bytes(stepped)
+    assert f"plus {expected:,} always_adam coordinates" in by["blockllm"].notes[0]
+
+
 def test_rest_rules(shape):
     plan, by = rows(shape, ["blockllm"])
     in_backward = blockllm_memory(shape, plan.settings, plan.activations, knobs={"rest": "sign"})

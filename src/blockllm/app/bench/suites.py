@@ -259,7 +259,7 @@ def _gpu_suite(model: str, steps: int) -> Suite:
 
 
 SUITES: dict[str, Suite] = {
-    # Sized so that all eight methods, with their start-up, take a few minutes on two cores.
+    # Sized so that all nine entries, with their start-up, take a few minutes on two cores.
     "quick": Suite(
         name="quick",
         description="tiny preset, the smoke test of the whole comparison",
@@ -534,10 +534,6 @@ SUITES: dict[str, Suite] = {
                "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "300"),
         prepare_gemma=True,
     ),
-    # GPU: run by benchmarks/gpu.sh (never by the tests). bf16 autocast, peak allocation from
-    # torch.cuda.max_memory_allocated (peak_gpu_bytes in the records). Both together are sized to
-    # take under 8 minutes on one H200, the start-up of eight processes included (an estimate:
-    # no GPU was at hand when they were written).
     # Issue 14: peak memory where it matters, on this CPU machine. llama-350m is the largest
     # preset whose AdamW step fits 24 GB with room (16 bytes per parameter: 5.5 GB, plus
     # activations); a handful of steps at a small batch, since only the peaks are read (peak RSS
@@ -573,6 +569,9 @@ SUITES: dict[str, Suite] = {
                 ("adamw", "adamw", ()), ("adamw-8bit", "adamw-8bit", ()),
                 ("blockllm", "blockllm", _PRETRAIN_RECIPE),
                 ("blockllm-bf16-pure", "blockllm", (*_PRETRAIN_RECIPE, "--precision", "bf16-pure")),
+                # bf16 moments (level in quality on both CPU models): the block's state halved.
+                ("blockllm-bf16-pure-m16", "blockllm",
+                 (*_PRETRAIN_RECIPE, "--precision", "bf16-pure", "--moment-dtype", "bfloat16")),
                 ("badam", "badam", ()), ("galore", "galore", ()),
             )
             for suffix, extra in (("", ()), ("-ckpt", ("--gradient-checkpointing",)))
@@ -581,6 +580,10 @@ SUITES: dict[str, Suite] = {
                "--patience", "50", "--device", "cuda", "--precision", "bf16"),
         corpus=(3_000_000, 32000),
     ),
+    # GPU: run by benchmarks/gpu.sh (never by the tests). bf16 autocast, peak allocation from
+    # torch.cuda.max_memory_allocated (peak_gpu_bytes in the records). Both together, with
+    # gpu.sh's default four methods each, took 227 s on one H200, start-ups included; every
+    # entry (GPU_METHODS=all) takes about twice that.
     "gpu-60m": _gpu_suite("llama-60m", steps=300),
     "gpu-130m": _gpu_suite("llama-130m", steps=200),
 }  # fmt: skip

@@ -55,7 +55,8 @@ def add_estimate_parser(subparsers: Any) -> None:
     parser.add_argument("--exclude", metavar="REGEX", default=None,
                         help="BlockLLM: parameters never selected (frozen)")  # fmt: skip
     parser.add_argument("--always-adam", metavar="REGEX", default=None,
-                        help="BlockLLM: parameters trained with Adam whole at every step")  # fmt: skip
+                        help="BlockLLM: parameters trained with Adam whole at every step; auto: "
+                             "the vectors and the embedding and head")  # fmt: skip
     parser.add_argument(
         "--moment-dtype", choices=builtin_names("moment_dtype"), default="float32",
         help="BlockLLM: the dtype of the block's Adam moments (default: float32)",

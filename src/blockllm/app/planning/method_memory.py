@@ -33,7 +33,7 @@ import torch
 from blockllm.app.planning.activation_memory import PRECISIONS, ActivationMemory, activation_memory
 from blockllm.app.planning.model_shapes import ModelShape, TensorInfo
 from blockllm.config import BlockLLMConfig
-from blockllm.selection.candidates import VOCABULARY_NAMES
+from blockllm.selection.candidates import VOCABULARY_NAMES, auto_pinned
 from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
 from blockllm.selection.rest_rules import rest_rules_for
@@ -180,9 +180,9 @@ def blockllm_memory(
         moment_dtype=settings.moment_dtype,
     ).replace(**(knobs or {}))  # fmt: skip
     excluded = NameMatcher("exclude", config.exclude)
-    pinned_names = NameMatcher("always_adam", config.always_adam)
     candidates = [t for t in shape.tensors if not excluded.matches([t.name])]
-    pinned = sum(t.numel for t in candidates if pinned_names.matches([t.name]))
+    is_pinned = _pinned_by(config.always_adam)
+    pinned = sum(t.numel for t in candidates if is_pinned(t))
     total = sum(t.numel for t in candidates) - pinned
     budget = budget_for(config.sparsity, total)
     if budget < 1 and total > 0:
@@ -209,7 +209,7 @@ def blockllm_memory(
         )
     elif config.rest != "none":
         notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
-    stepped = [t for t in candidates if not pinned_names.matches([t.name])]
+    stepped = [t for t in candidates if not is_pinned(t)]
     rule_state = _rest_rule_state(config, stepped)
     if rule_state:
         notes.append(f"the rest rule's own state (factored: row and column statistics): {rule_state:,} bytes")
@@ -236,6 +236,15 @@ def blockllm_memory(
         activations_checkpointed=activations.checkpointed,
         notes=tuple(notes),
     )
+
+
+def _pinned_by(always_adam: str | None) -> Callable[[TensorInfo], bool]:
+    """Whether ``always_adam`` pins a tensor, as the optimizer decides it: ``"auto"`` pins
+    vectors and the vocabulary matrices, anything else is a name pattern."""
+    if always_adam == "auto":
+        return lambda tensor: auto_pinned([tensor.name], len(tensor.shape))
+    matcher = NameMatcher("always_adam", always_adam)
+    return lambda tensor: matcher.matches([tensor.name])
 
 
 # Full-size temporaries per entry of a rest step on a GPU, beside the gradient itself, by rule
