@@ -354,11 +354,14 @@ class FactoredRest:
     def _count_step(self, state: dict[str, torch.Tensor]) -> float | torch.Tensor:
         """Advances the step count; returns the bias correction of this step: on an
         accelerator a device scalar (reading the count on the host would wait for the
-        device), computed in float64 as the CPU's Python float is, so the same value."""
-        state["step"] += 1
-        if _on_accelerator(state["step"]):
-            return (1 - torch.pow(self.beta2, state["step"].double())).float()
-        return 1 - self.beta2 ** float(state["step"])
+        device), computed in float64 as the CPU's Python float is, so the same value (in
+        float32 on Apple's MPS, which has no float64)."""
+        step = state["step"]
+        step += 1
+        if _on_accelerator(step):
+            wide = torch.float32 if step.device.type == "mps" else torch.float64
+            return (1 - torch.pow(self.beta2, step.to(wide))).float()
+        return 1 - self.beta2 ** float(step)
 
 
 def _matrix_of(grad: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
