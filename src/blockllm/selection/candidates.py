@@ -52,7 +52,8 @@ class CandidateSet:
         return len(self.params)
 
     def check_patterns(self, names: list[str]) -> None:
-        """Raise ``NoMatchingParamsError`` for an include/exclude pattern that matches nothing."""
+        """Raise ``NoMatchingParamsError`` for an include/exclude/always_adam pattern that matches
+        nothing (``always_adam="auto"`` is no pattern: it never raises)."""
         every_name = names + [alias for more in self.aliases.values() for alias in more]
         for matcher in (self.include, self.exclude, self.always_adam):
             if matcher.active:

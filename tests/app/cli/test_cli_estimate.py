@@ -44,6 +44,7 @@ def test_json_for_a_config_file(capsys):
         (["--model", "tiny", "--optimizer", "sgd"], "Invalid optimizer: 'sgd'"),
         (["--model", "tiny", "--sparsity", "1.5"], "Invalid sparsity: 1.5"),
         (["--model", "tiny", "--batch-size", "0"], "Invalid batch_size: 0"),
+        (["--model", "tiny", "--fit", "0"], "Invalid fit: 0.0 GB (must be > 0)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -51,3 +52,23 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("blockllm: error: ") and message in err and "\n" not in err
+
+
+def test_fit_without_a_batch_size_prints_each_methods_largest_batch(capsys):
+    argv = ["estimate", "--model", "tiny", "--seq-len", "128", "--fit", "1", "--optimizer",
+            "adamw", "blockllm"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "largest micro-batch of 128-token sequences within 1 GB" in out
+    assert "vs AdamW" not in out  # no batch size: no table
+    assert main([*argv, "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    assert fit["budget_bytes"] == 10**9 and fit["seq_len"] == 128
+    adamw, blockllm = fit["largest_batch"]["adamw"], fit["largest_batch"]["blockllm"]
+    assert 0 < adamw < blockllm  # less state: room for more sequences
+    assert f"  blockllm  {blockllm} ({blockllm * 128:,} tokens)" in out
+
+
+def test_fit_needs_a_batch_size_or_a_budget(capsys):
+    assert main(["estimate", "--model", "tiny", "--seq-len", "128"]) == 2
+    assert "Invalid arguments: give --batch-size, --fit GB, or both" in capsys.readouterr().err

@@ -194,15 +194,22 @@ def format_gb(value: int) -> str:
     return f"{gigabytes:.3f}"
 
 
+def model_line(shape: ModelShape) -> str:
+    """The model's first line of every estimate: its size and shape."""
+    return (
+        f"{shape.name}: {shape.num_parameters / 1e6:,.2f}M parameters ({shape.model_type}: "
+        f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads / {shape.kv_heads} "
+        f"kv heads, MLP {shape.intermediate}, vocab {shape.vocab}"
+        f"{', tied embeddings' if shape.tied else ''})"
+    )
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """The table ``blockllm estimate`` prints, with its header and notes."""
     shape, settings = plan.shape, plan.settings
     checkpointing = "on" if settings.gradient_checkpointing else "off"
     lines = [
-        f"{shape.name}: {shape.num_parameters / 1e6:,.2f}M parameters ({shape.model_type}: "
-        f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads / {shape.kv_heads} "
-        f"kv heads, MLP {shape.intermediate}, vocab {shape.vocab}"
-        f"{', tied embeddings' if shape.tied else ''})",
+        model_line(shape),
         f"step: batch {settings.batch_size} x {settings.seq_len} tokens, {settings.precision}, "
         f"activation checkpointing {checkpointing}, sparsity {settings.sparsity:g}",
         "",
@@ -252,4 +259,5 @@ __all__ = [
     "format_gb",
     "format_plan",
     "method_model",
+    "model_line",
 ]
