@@ -186,17 +186,20 @@ class Shards:
 
 
 def _weighted_column_sums(matrix: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """``(matrix**2 * row_weights[:, None]).sum(dim=0)``; on a CPU slice by slice (no full-size
-    temporary, each slice squared while in cache)."""
-    if _on_accelerator(matrix) and not _low_precision(matrix):
-        return row_weights @ matrix.square()
+    """``(matrix**2 * row_weights[:, None]).sum(dim=0)`` slice by slice, with no full-size
+    temporary (the square of a whole FSDP2 shard would be one): on a CPU each slice squared
+    and weighted while in cache, on an accelerator a matrix-vector product per 4M-entry slice."""
+    accelerator = _on_accelerator(matrix)
     sums = torch.zeros(matrix.shape[1], dtype=_work_dtype(matrix.dtype), device=matrix.device)
     scratch = _slice_scratch(matrix)
     for rows, weights in zip(
         _row_slices(matrix), _row_slices(row_weights[:, None], matrix.shape[1])
     ):
         squares = _squares_into(rows, scratch)
-        sums.add_(squares.mul_(weights).sum(dim=0))
+        if accelerator:
+            sums.addmv_(squares.T, weights[:, 0])
+        else:
+            sums.add_(squares.mul_(weights).sum(dim=0))
     return sums
 
 
