@@ -167,3 +167,45 @@ def test_a_non_finite_shard_stops_the_step_and_the_statistics_everywhere(poison,
         torch.testing.assert_close(results[rank][bad + 1], skipped[rank][bad], rtol=0, atol=0)
         for key, value in states[rank].items():
             assert torch.equal(value, skipped_states[rank][key]), (rank, key)
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((61, 12), 2), ((2, 7), 3)])
+def test_the_accelerator_steps_a_shard_in_place_without_host_reads(monkeypatch, shape, ranks):
+    # The GPU form of a sharded step (the rule's statistics and clip over the ranks, then the
+    # in-place step in slices, clipped by the whole tensor's RMS clamped at 1) reads nothing on
+    # the host, and steps each shard by the direction one process's CPU form gives it. A rank
+    # with no rows at all takes part too (2 rows over 3 ranks).
+    from blockllm.selection import rest_rules
+    from tests.optim.test_rest import _refuse_host_reads
+
+    grads = _gradients(shape)  # rows of very different sizes: the clip divides on most steps
+    expected, _, _ = _sharded_directions(grads, ranks, dense=True)
+    world = ThreadRanks(ranks)
+    rules = [FactoredRest() for _ in range(ranks)]
+    pieces = [_split_rows(grad, ranks) for grad in grads]
+    states = [rules[r].init_state(pieces[0][r]) for r in range(ranks)]
+    rows, numel = shape[0], grads[0].numel()
+
+    def work(rank: int):
+        shards = Shards(rows=rows, numel=numel, sum_=world.sum_for(rank))
+        out = []
+        for step_pieces in pieces:
+            piece = step_pieces[rank]
+            prepared = rules[rank].prepare(piece, states[rank], shards)
+            stepped = torch.zeros_like(piece)
+            prepared.apply_(stepped, 1.0, finite=torch.isfinite(piece).all())
+            out.append(stepped.neg_())
+        return out
+
+    monkeypatch.setattr(rest_rules, "_on_accelerator", lambda tensor: True)
+    monkeypatch.setattr(rest_rules, "_ACCELERATOR_SLICE_ELEMENTS", 64)  # several slices a shard
+    with monkeypatch.context() as reads:
+        _refuse_host_reads(reads)
+        results = world.run(work)
+    monkeypatch.undo()
+    assert world.calls == [len(grads)] * ranks
+    for step in range(len(grads)):
+        together = torch.cat([results[rank][step] for rank in range(ranks)])
+        want = torch.cat([expected[rank][step] for rank in range(ranks)])
+        assert together.abs().max() > 0
+        torch.testing.assert_close(together, want, rtol=1e-5, atol=1e-7)
