@@ -19,7 +19,8 @@
 #                the CPU suites' tuned points too: about twice that)
 #   GPU_SUITES   the suites to run, in order (default: "gpu-60m gpu-130m"); "gpu-memory" is
 #                llama-1b at 8 x 256 for 20 steps, every method with and without activation
-#                checkpointing (issue 14; give it a call of its own)
+#                checkpointing (issue 14; give it a call of its own), with `blockllm estimate`
+#                of the same steps written beside the measured peaks (estimate-*.json)
 #
 # Nothing here is needed by the tests; it only reads the repository and writes OUTPUT_DIR.
 set -euo pipefail
@@ -79,6 +80,17 @@ for suite in $SUITES_TO_RUN; do
     fi
     "$PYTHON" -m blockllm bench --suite "$suite" --output-dir "$OUTPUT/$suite" \
         ${methods:+--methods "$methods"} ${STEPS:+--steps "$STEPS"} || status=1
+    if [ "$suite" = "gpu-memory" ]; then
+        # The planner's estimate of the same steps beside the measured peaks (seconds, no GPU
+        # used), so that one lent GPU also checks `blockllm estimate` on llama-1b.
+        for precision in bf16 bf16-pure; do
+            for checkpointing in "" --gradient-checkpointing; do
+                "$PYTHON" -m blockllm estimate --model llama-1b --batch-size 8 --seq-len 256 \
+                    --precision "$precision" $checkpointing --json \
+                    > "$OUTPUT/$suite/estimate-$precision${checkpointing:+-ckpt}.json" || status=1
+            done
+        done
+    fi
 done
 echo "gpu.sh: finished in $(( $(date +%s) - started )) s; results in $OUTPUT/{${SUITES_TO_RUN// /,}}"
 exit "$status"
