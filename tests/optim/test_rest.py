@@ -732,6 +732,21 @@ def test_the_factored_rule_in_place_on_bf16_weights_is_the_general_path(monkeypa
         assert torch.equal(p, q), name
 
 
+def _twelve_steps(dtype, **options):
+    """A tiny Llama (vocabulary 1,024) in ``dtype``, its BlockLLM at the default rest rule after
+    12 clipped steps with a reselection every 4, and its embedding as it started."""
+    model = tiny_llama(vocab=1024).to(dtype)
+    start = model.model.embed_tokens.weight.detach().clone()
+    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
+                         patience=4, fused=False, **options)  # fmt: skip
+    for tokens in patterned_batches(12):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step(loss=1.0)
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, start
+
+
 def _train_factored(monkeypatch, in_place, decay, dtype, **options):
     """A tiny Llama trained 12 steps with the default (factored) rest, in place or not."""
     from blockllm.optim import rest_step
@@ -747,15 +762,7 @@ def _train_factored(monkeypatch, in_place, decay, dtype, **options):
         monkeypatch.setattr(rest_step, "_step_factored_", spy)
     else:
         monkeypatch.setattr(rest_step.RestStepper, "_in_place", lambda *args: False)
-    model = tiny_llama(vocab=1024).to(dtype)
-    start = model.model.embed_tokens.weight.detach().clone()
-    optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
-                         patience=4, fused=False, weight_decay=decay, **options)  # fmt: skip
-    for tokens in patterned_batches(12):
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.clip_grad_norm_(1.0)
-        optimizer.step(loss=1.0)
-        optimizer.zero_grad(set_to_none=True)
+    model, _, start = _twelve_steps(dtype, weight_decay=decay, **options)
     monkeypatch.undo()
     assert bool(stepped_in_place) == in_place and set(stepped_in_place) <= {dtype}
     unused = model.model.embed_tokens.weight[128:]
@@ -995,14 +1002,7 @@ def test_training_in_the_accelerators_form_is_training_in_the_cpus(monkeypatch, 
             monkeypatch.setattr(rest_rules, "_ACCELERATOR_SLICE_ELEMENTS", 1 << 16)  # 4 on the head
             monkeypatch.setattr(rest_rules.FactoredStep, "dense", None)  # never built whole
         torch.manual_seed(0)
-        model = tiny_llama(vocab=1024).to(dtype)
-        optimizer = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.9, trigger="interval",
-                             patience=4, fused=False, weight_decay=0.1, stochastic_rounding=False)  # fmt: skip
-        for tokens in patterned_batches(12):
-            model(input_ids=tokens, labels=tokens).loss.backward()
-            optimizer.clip_grad_norm_(1.0)
-            optimizer.step(loss=1.0)
-            optimizer.zero_grad(set_to_none=True)
+        model, optimizer, _ = _twelve_steps(dtype, weight_decay=0.1, stochastic_rounding=False)
         monkeypatch.undo()
         assert optimizer.num_reselections >= 2
         return model

@@ -3,20 +3,9 @@
 import dataclasses
 
 import pytest
-import transformers
 
 from blockllm.app.planning import EstimateSettings, batch_fit, estimate_memory
 from blockllm.app.planning.batch_fit import largest_batch, largest_batches
-from blockllm.app.planning.model_shapes import shape_of_config
-
-
-@pytest.fixture(scope="module")
-def shape():
-    config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    return shape_of_config(config, name="micro")
 
 
 def total(shape, settings, method, batch):

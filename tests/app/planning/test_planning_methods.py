@@ -13,19 +13,9 @@ import transformers
 from blockllm.app.planning import EstimateSettings, estimate_memory, load_model_shape
 from blockllm.app.planning.memory_plan import default_methods, format_plan
 from blockllm.app.planning.method_memory import blockllm_memory
-from blockllm.app.planning.model_shapes import shape_of_config
 from blockllm.selection.rest_rules import ColumnNormRest
 
 LLAMA_8B = Path(__file__).parent / "data" / "llama-8b-config.json"
-
-
-@pytest.fixture(scope="module")
-def shape():
-    config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    return shape_of_config(config, name="micro")
 
 
 def factored_bytes(tensors) -> int:
@@ -108,16 +98,12 @@ def test_blockllm_exclude_and_always_adam(shape):
     assert any("always_adam" in note for note in row.notes)
 
 
-def test_always_adam_auto_pins_what_the_optimizer_pins(shape):
+def test_always_adam_auto_pins_what_the_optimizer_pins(shape, micro_config):
     # "auto" is no name pattern: it pins the vectors and the vocabulary matrices, as the
     # optimizer built on the same model does (0.6.2's estimate read it as a regex, pinning none).
     from blockllm import BlockLLM
 
-    config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(micro_config)
     optimizer = BlockLLM(model.named_parameters(), lr=1e-3, always_adam="auto")
     params = dict(model.named_parameters())
     candidates = optimizer._candidates

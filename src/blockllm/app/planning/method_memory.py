@@ -250,14 +250,14 @@ def _pinned_by(always_adam: str | None) -> Callable[[TensorInfo], bool]:
 # Full-size temporaries per entry of a rest step on a GPU, beside the gradient itself, by rule
 # and weight size in bytes (fp32 or autocast: 4; bf16-pure: 2), read off the path a GPU takes
 # in ``RestStepper._step`` (the final write to the weight runs in 1M-entry slices, left out):
-# * factored: none; a matrix is stepped in place, a 4M-entry slice at a time, as on a CPU
-#   (until 0.6.3 a GPU wrote its fp32 direction whole: 4);
+# * a rule with ``prepare`` (factored): none; a matrix is stepped in place, a 4M-entry slice at
+#   a time, as on a CPU (until 0.6.3 a GPU wrote its fp32 direction whole: 4); another rule not
+#   listed here (a user's) writes its direction whole, counted as fp32 (4);
 # * sign: none in fp32 (the sign is taken in place on the gradient, which is freed next); a bf16
 #   sign (2) widened to the fp32 step (4);
 # * colnorm: the square of the rows for their RMS, then the direction (4 each, not at once); in
 #   bf16 the widened gradient (4) beside them, the direction rounded to bf16 (2).
 _REST_WORK_PER_ENTRY = {
-    ("FactoredRest", 4): 0, ("FactoredRest", 2): 0,
     ("SignRest", 4): 0, ("SignRest", 2): 6,
     ("ColumnNormRest", 4): 4, ("ColumnNormRest", 2): 10,
 }  # fmt: skip
