@@ -86,6 +86,51 @@ def test_blockllm_values_reach_trainer_logs(make_llama, make_args, dataset):
     assert counts == sorted(counts)
     summary = trainer.state.log_history[-1]
     assert "train_runtime" in summary and "blockllm/num_reselections" in summary
+    # Trainer's max_grad_norm moved into BlockLLM: the norm BlockLLM clipped with is logged.
+    assert trainer.args.max_grad_norm == 0
+    assert last["grad_norm"] == optimizer.last_grad_norm > 0
+
+
+class _TrainersGradNorm(transformers.TrainerCallback):
+    """Placed before BlockLLMCallback: sees the grad_norm Trainer itself logged."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.values.append(logs["grad_norm"])
+
+
+@pytest.mark.parametrize(
+    ("options", "relation"),
+    [({}, "larger"), ({"sparsity": 0.0}, "equal")],
+)
+def test_logged_grad_norm_is_the_whole_gradients_without_a_clip(
+    make_llama, make_args, dataset, options, relation
+):
+    model = make_llama()
+    args = make_args(max_grad_norm=0.0)  # nothing clips: the callback takes the norm itself
+    optimizer = create_blockllm_optimizer(
+        model, args, **{"sparsity": 0.8, "patience": 5, **options}
+    )
+    assert optimizer.config.max_grad_norm is None
+    trainers = _TrainersGradNorm()
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        optimizers=(optimizer, None),
+        callbacks=[trainers, BlockLLMCallback()],
+    )
+    trainer.train()
+    ours = [entry["grad_norm"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(ours) == len(trainers.values) > 2
+    for whole, dot_grad in zip(ours, trainers.values):
+        if relation == "equal":  # every tensor selected whole: .grad holds the whole gradient
+            assert whole == pytest.approx(dot_grad, rel=1e-5)
+        else:  # the rest rule's gradients were used and freed in backward: .grad lacks them
+            assert whole > 1.05 * dot_grad
 
 
 def test_trigger_sees_the_loss_trainer_logs_with_accumulation(make_llama, make_args, dataset):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from blockllm import BlockLLM
+from blockllm.optim import adam_update
 from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot
 
 
@@ -112,6 +113,46 @@ def test_bf16_model_trains_with_fp32_master_weights_for_selected_blocks_only():
                 assert not state
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.1
     assert opt.memory_report()["master_weights"] > 0
+
+
+def test_bf16_gradients_are_widened_a_bounded_slice_of_the_block_at_a_time(monkeypatch):
+    params = [torch.zeros(n) for n in (5, 3, 9, 2, 4)]
+    grads = [torch.zeros(5, dtype=torch.bfloat16), torch.zeros(3), *(
+        torch.zeros(n, dtype=torch.bfloat16) for n in (9, 2, 4))]
+    # 9 alone is over the limit: a range of its own; the fp32 gradient costs nothing to pass.
+    assert adam_update.widening_chunks(params, grads, limit=8) == [(0, 2), (2, 3), (3, 5)]
+    assert adam_update.widening_chunks(params, grads, limit=100) == [(0, 5)]
+    assert adam_update.widening_chunks(params[:1], [torch.zeros(5)], limit=1) == [(0, 1)]
+    assert adam_update.widening_chunks([], [], limit=1) == []
+
+    # Training is bit for bit the same whatever the slices, and no slice is wider than the limit.
+    def train(limit):
+        torch.manual_seed(0)
+        model = TinyNet(width=32).to(torch.bfloat16)
+        opt = BlockLLM(model.named_parameters(), lr=3e-3, sparsity=0.5, trigger="interval",
+                       patience=4, rest="none")
+        widest = []
+        real_chunks = adam_update.widening_chunks
+
+        def chunks(params, grads, limit=limit):
+            ranges = real_chunks(params, grads, limit)
+            for start, stop in ranges:
+                widest.append(sum(g.numel() for g in grads[start:stop]) if stop - start > 1 else 0)
+            return ranges
+
+        monkeypatch.setattr(adam_update, "widening_chunks", chunks)
+        for batch in make_batches(12):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+            loss.backward()
+            opt.step(loss=loss)
+        return snapshot(model), max(widest)
+
+    whole, widest_whole = train(limit=1 << 30)
+    sliced, widest_sliced = train(limit=40)
+    assert widest_whole > 40 >= widest_sliced
+    for name in whole:
+        assert torch.equal(whole[name], sliced[name]), name
 
 
 def test_non_finite_loss_or_gradient_skips_the_step(caplog):

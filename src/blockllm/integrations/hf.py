@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -323,6 +324,8 @@ class BlockLLMCallback(TrainerCallback):
     * adds ``blockllm/...`` entries to Trainer's logs: reselections, coordinates selected,
       trainable fraction, selection time, skipped steps and :meth:`BlockLLM.memory_report`
       bytes (taken right after the optimizer step, while gradients still exist);
+    * reports the whole gradient's norm as ``grad_norm`` (Trainer's own covers only ``.grad``,
+      which BlockLLM empties as it uses gradients in backward);
     * logs every reselection with its global step (``logging.INFO``);
     * checks on resume that the trainable tensors are the restored selection;
     * fits the input-gradient hooks to the gradient checkpointing mode (see the module doc).
@@ -375,6 +378,7 @@ class BlockLLMCallback(TrainerCallback):
         self._seen_selections = 0
         self._seen_pending = False
         self._memory: dict[str, int] = {}
+        self._grad_norm: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------- wiring
 
@@ -464,6 +468,13 @@ class BlockLLMCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.optimizer is not None and self.optimizer.config.max_grad_norm is None:
+            # BlockLLM does not clip, so step() takes no norm: take it here, before the step
+            # uses the gradients (max_norm=inf scales nothing). Read on the host only when logged.
+            self._grad_norm = self.optimizer.clip_grad_norm_(math.inf)
+        self._feed_loss()
+
+    def _feed_loss(self) -> None:
         if not self.feed_loss or self.optimizer is None:
             return
         if not self._losses:
@@ -511,6 +522,15 @@ class BlockLLMCallback(TrainerCallback):
         self._seen_pending = pending
         self._losses.clear()  # a skipped pre-step event must not leak losses into the next step
 
+    def _last_step_grad_norm(self) -> float | None:
+        """The whole gradient's 2-norm of the last optimizer step (BlockLLM's clip or ours)."""
+        optimizer = self.optimizer
+        if optimizer is None:
+            return None
+        if optimizer.config.max_grad_norm is not None:
+            return optimizer.last_grad_norm
+        return None if self._grad_norm is None else float(self._grad_norm)
+
     def metrics(self) -> dict[str, float]:
         """The ``blockllm/...`` values the callback adds to Trainer's logs, as of now."""
         optimizer = self.optimizer
@@ -541,6 +561,13 @@ class BlockLLMCallback(TrainerCallback):
         if logs is None or not ({"loss", "train_runtime"} & logs.keys()):
             return
         extra = self.metrics()
+        norm = self._last_step_grad_norm()
+        if "loss" in logs and norm is not None:
+            # Trainer's own `grad_norm` is torch's norm over `.grad`: only what BlockLLM still
+            # holds there (the block's whole tensors), not the gradients compacted or already
+            # used by the rest rule in backward. BlockLLM's is the whole gradient's norm, what
+            # Trainer reports for AdamW, of the same (last) step.
+            extra["grad_norm"] = norm
         logs.update(extra)
         # Trainer.log() appended a copy of `logs` to log_history just before this event; keep
         # the persisted history (trainer_state.json) in step with what is printed.

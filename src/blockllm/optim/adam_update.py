@@ -31,6 +31,9 @@ from blockllm.selection.coordinates import Selected, gather, scatter_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FUSED_DEVICES = ("cpu", "cuda")
+#: The most gradient entries widened to fp32 at once in a step of bf16 weights (64 MB of
+#: fp32): big enough that the fused kernel's launches stay few (llama-1b's block: 9 ranges).
+WIDENING_CHUNK = 1 << 24
 #: What ``keep_moments`` keeps of a block while it is away from the selection.
 PARKED_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -103,8 +106,9 @@ class UpdateBatch:
         else:
             target = master if master is not None else gather(param.detach(), coordinates)
             self.write_back.append((param, coordinates, target))
-        if grad.dtype != target.dtype:
-            grad = grad.to(target.dtype)
+        # A bf16 gradient is widened to the master's fp32 in run(), a bounded slice of the block
+        # at a time: widened here, the whole block's fp32 gradients (4 B per selected entry,
+        # 0.5 GB on llama-1b) would sit beside the bf16 ones until the kernel ran.
         if state["exp_avg"].dtype != target.dtype:
             self.narrow.append((target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]))
             return
@@ -115,13 +119,25 @@ class UpdateBatch:
         self.steps.append(state["step"])
 
     def run(self, group: dict[str, Any]) -> None:
-        if self.params:
-            _adamw(group, self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps)
+        for start, stop in widening_chunks(self.params, self.grads):
+            grads = [
+                grad.to(param.dtype)
+                for param, grad in zip(self.params[start:stop], self.grads[start:stop])
+            ]
+            _adamw(
+                group,
+                self.params[start:stop],
+                grads,
+                self.exp_avgs[start:stop],
+                self.exp_avg_sqs[start:stop],
+                self.steps[start:stop],
+            )
+            del grads
         if self.narrow and self.rounding is None:
             raise RuntimeError("BlockLLM: moments stored in bf16 need rounding generators")
         for param, grad, exp_avg, exp_avg_sq, step in self.narrow:
             wide_avg, wide_avg_sq = exp_avg.to(param.dtype), exp_avg_sq.to(param.dtype)
-            _adamw(group, [param], [grad], [wide_avg], [wide_avg_sq], [step])
+            _adamw(group, [param], [grad.to(param.dtype)], [wide_avg], [wide_avg_sq], [step])
             generator = self.rounding.for_tensor(param)
             exp_avg.copy_(stochastic_round_to_bf16(wide_avg.float(), generator))
             exp_avg_sq.copy_(stochastic_round_to_bf16(wide_avg_sq.float(), generator))
@@ -131,6 +147,29 @@ class UpdateBatch:
                     param.copy_(updated)
                 else:
                     scatter_(param, coordinates, updated)
+
+
+def widening_chunks(
+    params: list[torch.Tensor], grads: list[torch.Tensor], limit: int = WIDENING_CHUNK
+) -> list[tuple[int, int]]:
+    """Index ranges of ``params`` to step together so that at most ``limit`` widened gradient
+    entries (or one tensor's, when it alone is larger) exist at once.
+
+    Gradients already in their parameter's dtype cost nothing to pass, so a full-precision
+    batch is one range: the kernel's multi-tensor launch stays whole. The Adam kernels are
+    elementwise per tensor, so splitting the lists changes no bit of the result.
+    """
+    chunks: list[tuple[int, int]] = []
+    start, widened = 0, 0
+    for index, (param, grad) in enumerate(zip(params, grads)):
+        size = grad.numel() if grad.dtype != param.dtype else 0
+        if widened and widened + size > limit:
+            chunks.append((start, index))
+            start, widened = index, 0
+        widened += size
+    if start < len(params):
+        chunks.append((start, len(params)))
+    return chunks
 
 
 def _adamw(
@@ -218,7 +257,6 @@ def _warmup_factor(state: dict[str, Any], num_steps: int, entry_warmup: int) -> 
     if done >= num_steps:
         return 1.0
     return min(1.0, (done + 1) / entry_warmup)
-
 
 
 def resolve_implementation(group: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[bool, bool]:
