@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.6.3"
+__version__ = "0.6.4"
 
 # The public names, each loaded from its module at first use (PEP 562). Every module of the
 # package, the ``blockllm`` command's included, imports this file first; importing the optimizer
@@ -21,6 +21,7 @@ _EXPORTS = {
     "NoMatchingParamsError": "blockllm.errors",
     "RowGradients": "blockllm.optim.row_gradients",
     "StateDictMismatchError": "blockllm.errors",
+    "param_groups": "blockllm.parameter_groups",
 }
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from blockllm.errors import BlockLLMError, NoMatchingParamsError, StateDictMismatchError
     from blockllm.optim import BlockLLM
     from blockllm.optim.row_gradients import RowGradients
+    from blockllm.parameter_groups import param_groups
 
 
 def __getattr__(name: str) -> Any:
@@ -49,5 +51,6 @@ __all__ = [
     "NoMatchingParamsError",
     "RowGradients",
     "StateDictMismatchError",
+    "param_groups",
     "__version__",
 ]

@@ -57,17 +57,28 @@ def test_non_reentrant_default_gives_gradient_below_frozen_layers(make_llama, da
     assert all(params[name].grad is None and not params[name].requires_grad for name in frozen)
 
 
-def test_reentrant_without_input_grads_silently_drops_the_gradient(make_llama, dataset):
+def test_reentrant_without_input_grads_drops_the_gradient_and_the_step_says_so(
+    make_llama, dataset, caplog
+):
     # What peers ship: reentrant checkpointing and nothing that makes the inputs require grad.
     model = make_llama(num_layers=4)
     _enable_checkpointing(model, use_reentrant=True)
     model.disable_input_require_grads()
     assert checkpointing_mode(model) == "reentrant"
-    _low_and_top_only(model)
+    optimizer = _low_and_top_only(model)
     with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
         params = _backward(model, dataset)
-    assert params[TOP].grad is not None  # the step would run...
-    assert params[LOW].grad is None  # ...and never update the selected low tensor
+    assert params[TOP].grad is not None  # the step runs...
+    assert params[LOW].grad is None  # ...and cannot update the selected low tensor
+    with caplog.at_level("WARNING", logger="blockllm"):
+        optimizer.step()
+        optimizer.zero_grad()
+        with pytest.warns(UserWarning):
+            _backward(model, dataset)
+        optimizer.step()
+    said = [r.getMessage() for r in caplog.records if "got no gradient" in r.getMessage()]
+    assert len(said) == 1 and LOW in said[0] and TOP not in said[0]  # once, by name
+    assert "use_reentrant=False" in said[0]
 
 
 def test_prepare_model_makes_reentrant_checkpointing_correct(make_llama, dataset):

@@ -72,6 +72,53 @@ def test_factory_keywords_win_and_frozen_params_stay_out(make_llama, make_args):
     assert "model.embed_tokens.weight" not in optimizer.candidate_names
 
 
+def test_vocab_lr_scale_gives_the_embedding_and_head_a_scheduled_group(make_llama, make_args):
+    transformers = pytest.importorskip("transformers")
+    from blockllm.integrations import create_blockllm_optimizer
+
+    model = make_llama()
+    args = make_args(learning_rate=5e-4, lr_scheduler_type="linear", warmup_steps=2, max_steps=6)
+    args.weight_decay = 0.1
+    optimizer = create_blockllm_optimizer(model, args, vocab_lr_scale=20)
+    vocabulary = {"model.embed_tokens.weight", "lm_head.weight"}
+    names = [set(group["param_names"]) for group in optimizer.param_groups]
+    assert names[2] == vocabulary and not (names[0] | names[1]) & vocabulary
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4, pytest.approx(1e-2)]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0, 0.1]
+    # Trainer's schedule scales every group alike: the vocabulary keeps its 20x at each step.
+    seen = []
+
+    class Rates(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append([group["lr"] for group in optimizer.param_groups])
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_tokens(24),
+                                   optimizers=(optimizer, None), callbacks=[Rates()])  # fmt: skip
+    trainer.train()
+    assert len({rates[0] for rates in seen}) > 2  # the schedule moved the lr
+    for body, _, vocab in seen:
+        assert vocab == pytest.approx(20 * body)
+
+
+def _tokens(count):
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 64, (count, 8), generator=generator)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [(0, r"Invalid vocab_lr_scale: 0 \(expected a number > 0, or None\)"),
+     (-2.0, r"Invalid vocab_lr_scale: -2.0 \(expected"),
+     (float("nan"), r"Invalid vocab_lr_scale: nan \(expected")],
+)  # fmt: skip
+def test_factory_refuses_a_bad_vocab_lr_scale(make_llama, make_args, scale, message):
+    from blockllm.integrations import create_blockllm_optimizer
+
+    with pytest.raises(ValueError, match=message):
+        create_blockllm_optimizer(make_llama(), make_args(), vocab_lr_scale=scale)
+
+
 def test_factory_rejects_bad_arguments(make_llama, make_args):
     from blockllm.integrations import create_blockllm_optimizer
 

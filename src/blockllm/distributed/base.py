@@ -149,15 +149,21 @@ def choose_communicator(
     """The communicator for these candidates: FSDP2 when they are DTensors, else by group.
 
     Raises:
-        ValueError: a DDP-wrapped model without a group, mixed or unsupported FSDP2 layouts, or
+        ValueError: an FSDP1 model, a DDP-wrapped model without a group, mixed or unsupported
+            FSDP2 layouts, or
             FSDP2 parameters together with a ``process_group``.
         RuntimeError: a ``process_group`` before ``torch.distributed`` is initialized.
     """
     # Imported here: they pull in torch.distributed's tensor machinery, which a single-process
     # user never needs to load.
     from blockllm.distributed.fsdp2 import FSDP2Sync
-    from blockllm.distributed.process_group import ProcessGroupSync, check_not_ddp_wrapped
+    from blockllm.distributed.process_group import (
+        ProcessGroupSync,
+        check_not_ddp_wrapped,
+        check_not_fsdp1_wrapped,
+    )
 
+    check_not_fsdp1_wrapped(names)
     check_not_ddp_wrapped(names, process_group)
     sharded = FSDP2Sync.detect(names, params, process_group)
     if sharded is not None:

@@ -129,4 +129,25 @@ def check_not_ddp_wrapped(names: Sequence[str], process_group: Any) -> None:
     )
 
 
-__all__ = ["ProcessGroupSync", "check_not_ddp_wrapped"]
+def check_not_fsdp1_wrapped(names: Sequence[str]) -> None:
+    """Refuse the parameters of an FSDP1 (``FullyShardedDataParallel``) model.
+
+    FSDP1 flattens each wrapped unit into one ``_flat_param`` (several layers in one tensor, each
+    rank holding a different slice of it), or with ``use_orig_params=True`` exposes views of those
+    slices. Every rank would score and select from its own slice: the ranks would pick different
+    blocks and drift apart silently. FSDP2 (``fully_shard``) keeps one DTensor per parameter,
+    which BlockLLM selects from consistently.
+    """
+    wrapped = [name for name in names if "_fsdp_wrapped_module" in name.split(".")
+               or name.endswith("_flat_param")]  # fmt: skip
+    if wrapped:
+        raise ValueError(
+            f"Invalid params: {wrapped[0]!r} is an FSDP1 (FullyShardedDataParallel) parameter. "
+            "FSDP1 flattens layers into per-rank slices, so each rank would select different "
+            "blocks and the replicas would drift apart. Shard the model with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) instead and build BlockLLM on it "
+            "(docs/distributed.md)."
+        )
+
+
+__all__ = ["ProcessGroupSync", "check_not_ddp_wrapped", "check_not_fsdp1_wrapped"]

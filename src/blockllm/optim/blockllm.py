@@ -31,6 +31,7 @@ from blockllm.optim.state_format import (
 )
 from blockllm.optim.validation import check_adam_arguments
 from blockllm.selection.candidates import CandidateSet
+from blockllm.selection.packing import Coordinates
 from blockllm.selection.selector import BlockSelector
 from blockllm.selection.triggers import loss_value
 
@@ -316,6 +317,8 @@ class BlockLLM(SelectionViews, Optimizer):
             # The last tensor to leave must not keep its moments and master alive while the
             # new block's state is allocated (a partly selected head's: 12 bytes a coordinate).
             left = None
+        if grads:
+            self._check_selected_got_gradients(selection, grads)
         self._update(grads)
         self.num_steps += 1
         selector.observe_loss(observed)
@@ -340,6 +343,27 @@ class BlockLLM(SelectionViews, Optimizer):
             # The scores came from the same bad gradients: keep the old selection and score
             # again on the next backward.
             self._selector.start()
+
+    def _check_selected_got_gradients(
+        self, selection: Coordinates, grads: dict[int, torch.Tensor]
+    ) -> None:
+        """Warn (once) when a selected tensor had no gradient while others did.
+
+        AdamW would skip it just as silently, but here the freezing that caused it may be
+        BlockLLM's own: under reentrant activation checkpointing a layer whose inputs do not
+        require grad (its frozen embedding below) gets none, so its share of the budget idles.
+        """
+        missing = [index for index in selection if index not in grads]
+        if missing:
+            names = ", ".join(self._candidates.names[index] for index in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            self._warn_once(
+                "no_grad", "BlockLLM step %d: selected tensors got no gradient: %s%s; they do "
+                "not train until the next selection. Causes: they were not used in the forward, "
+                "or reentrant activation checkpointing whose inputs do not require grad (use "
+                "use_reentrant=False, or blockllm.integrations.prepare_model_for_blockllm).",
+                self.num_steps, names, more,
+            )  # fmt: skip
 
     def _update(self, grads: dict[int, torch.Tensor]) -> None:
         update_selected_(

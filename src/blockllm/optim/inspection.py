@@ -27,7 +27,10 @@ class SelectionViews:
     num_coordinates = property(lambda self: self._selector.total, doc="N: candidate coordinates.")
     num_candidates = property(lambda self: len(self._candidates))
     candidate_names = property(lambda self: list(self._candidates.names))
-    num_selected = property(lambda self: self._selector.num_selected, doc="Coordinates now <= k.")
+    num_selected = property(
+        lambda self: self._selector.num_selected,
+        doc="Coordinates Adam updates now, <= k (with a rest rule the others move too, by it).",
+    )
     num_selections = property(lambda self: self._selector.num_selections)
     num_reselections = property(lambda self: self._selector.num_reselections)
     selection_seconds = property(lambda self: self._selector.selection_seconds)
@@ -50,7 +53,7 @@ class SelectionViews:
 
     @property
     def trainable_fraction(self) -> float:
-        """Selected coordinates over all candidate coordinates."""
+        """Selected (Adam's) coordinates over all candidate coordinates."""
         return self.num_selected / self._selector.total
 
     def named_candidates(self) -> list[tuple[str, torch.Tensor]]:

@@ -6,11 +6,11 @@ from blockllm import BlockLLM
 from blockllm.app.methods import (
     OPTIMIZERS,
     OptimizerSpec,
-    decay_groups,
     get_optimizer_spec,
     register_optimizer,
 )
 from blockllm.app.training import RunConfig
+from blockllm.parameter_groups import param_groups
 
 
 class Net(nn.Module):
@@ -34,8 +34,8 @@ def test_unknown_name_lists_the_valid_ones():
         get_optimizer_spec("sgd")
 
 
-def test_decay_groups_split_matrices_from_vectors():
-    groups = decay_groups(Net(), 0.1)
+def test_param_groups_split_matrices_from_vectors():
+    groups = param_groups(Net(), weight_decay=0.1)
     assert groups[0]["names"] == ["embed.weight", "linear.weight"]
     assert groups[0]["weight_decay"] == 0.1
     assert groups[1]["names"] == ["linear.bias", "norm.weight", "norm.bias"]
@@ -45,7 +45,7 @@ def test_decay_groups_split_matrices_from_vectors():
 def test_frozen_parameters_are_left_out():
     net = Net()
     net.embed.weight.requires_grad_(False)
-    names = [n for group in decay_groups(net, 0.0) for n in group["names"]]
+    names = [n for group in param_groups(net) for n in group["names"]]
     assert "embed.weight" not in names
 
 

@@ -13,7 +13,6 @@ and ``--help`` list them.
 
 # The order of these imports is the order of OPTIMIZERS.
 from blockllm.app.methods import adamw, blockllm_variants, peers  # noqa: F401  (registration)
-from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import (
     OPTIMIZERS,
     OptimizerSpec,
@@ -24,7 +23,6 @@ from blockllm.app.methods.registry import (
 __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
-    "decay_groups",
     "get_optimizer_spec",
     "register_optimizer",
 ]

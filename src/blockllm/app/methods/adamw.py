@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
+from blockllm.parameter_groups import param_groups
 
 if TYPE_CHECKING:
     import torch
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def _build_adamw(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     import torch  # here, not at import: listing the methods (`--help`) needs no torch
 
-    groups = decay_groups(model, config.weight_decay, config.vocab_lr())
+    groups = param_groups(model, weight_decay=config.weight_decay, vocab_lr=config.vocab_lr())
     for group in groups:
         group.pop("names")  # torch.optim keeps unknown keys in every state_dict; keep it lean
     params = [param for group in groups for param in group["params"]]

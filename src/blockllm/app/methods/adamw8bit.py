@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
+from blockllm.parameter_groups import param_groups
 
 if TYPE_CHECKING:
     from blockllm.app.training.run_config import RunConfig
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     bnb = require_peer("adamw-8bit")
-    groups = decay_groups(model, config.weight_decay, config.vocab_lr())
+    groups = param_groups(model, weight_decay=config.weight_decay, vocab_lr=config.vocab_lr())
     for group in groups:
         group.pop("names")
     return bnb.optim.AdamW8bit(

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.peer_packages import require_peer
+from blockllm.parameter_groups import param_groups
 
 if TYPE_CHECKING:
     from blockllm.app.training.run_config import RunConfig
@@ -84,7 +84,7 @@ def build(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
             }
 
     base = torch.optim.AdamW(
-        decay_groups(model, config.weight_decay, config.vocab_lr()), lr=config.lr,
+        param_groups(model, weight_decay=config.weight_decay, vocab_lr=config.vocab_lr()), lr=config.lr,
         betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay,
     )  # fmt: skip
     with _quiet(), warnings.catch_warnings():

@@ -8,8 +8,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from blockllm.app.methods.param_groups import decay_groups
 from blockllm.app.methods.registry import OptimizerSpec, register_optimizer
+from blockllm.parameter_groups import param_groups
 
 if TYPE_CHECKING:  # torch loads when a method is built, not when the names are listed
     import torch
@@ -24,7 +24,7 @@ def _build_blockllm(model: nn.Module, config: RunConfig, **overrides: Any) -> to
     from blockllm.optim.row_gradients import RowGradients
 
     optimizer = BlockLLM(
-        decay_groups(model, config.weight_decay, config.vocab_lr()),
+        param_groups(model, weight_decay=config.weight_decay, vocab_lr=config.vocab_lr()),
         lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
         weight_decay=config.weight_decay, config=config.blockllm_config(),
         # The loop clips through BlockLLM.clip_grad_norm_, so the dense gradients of partly

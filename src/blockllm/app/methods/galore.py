@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blockllm.app.methods.param_groups import vocabulary_parameters
 from blockllm.app.methods.peer_packages import require_peer
+from blockllm.parameter_groups import vocabulary_parameters
 
 if TYPE_CHECKING:
     from blockllm.app.training.run_config import RunConfig
