@@ -43,12 +43,12 @@ _SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
 def load(results: Path, suite_file: str, steps: int, entries: dict[str, str]) -> dict[str, dict]:
-    """``{entry: {"losses": {seed: loss}, "state": bytes}}`` from every record of the entries.
+    """``{entry: {"losses": {seed: loss}, "state": {seed: bytes}}}`` from the entries' records.
 
     Raises:
         ValueError: two records of one entry and seed disagree by more than 1e-3.
     """
-    found: dict[str, dict] = {entry: {"losses": {}, "state": []} for entry in entries}
+    found: dict[str, dict] = {entry: {"losses": {}, "state": {}} for entry in entries}
     for path in sorted(results.rglob(suite_file)):
         for record in json.loads(path.read_text()):
             entry = _SEED_SUFFIX.sub("", record.get("method", ""))
@@ -61,13 +61,15 @@ def load(results: Path, suite_file: str, steps: int, entries: dict[str, str]) ->
             if seed in losses and abs(losses[seed] - loss) > 1e-3:
                 raise ValueError(f"{entry} seed {seed}: {losses[seed]} and {loss} ({path})")
             losses.setdefault(seed, loss)
-            found[entry]["state"].append(record["training_state_bytes"])
+            found[entry]["state"].setdefault(seed, record["training_state_bytes"])
     return found
 
 
 def summarize(found: dict[str, dict], entries: dict[str, str]) -> list[dict]:
     """One row per entry with seeds: mean, sd, seeds and the state relative to AdamW's."""
-    reference = statistics.mean(found["adamw-vocab-30"]["state"])
+    if not found["adamw-vocab-30"]["state"]:
+        raise ValueError("no AdamW record (adamw-vocab-30) to take the training state against")
+    reference = statistics.mean(found["adamw-vocab-30"]["state"].values())
     rows = []
     for entry, legend in entries.items():
         losses = list(found[entry]["losses"].values())
@@ -79,8 +81,8 @@ def summarize(found: dict[str, dict], entries: dict[str, str]) -> list[dict]:
             "seeds": len(losses),
             "mean": statistics.mean(losses),
             "sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "state_mb": statistics.mean(found[entry]["state"]) / 1e6,
-            "state_vs_adamw": statistics.mean(found[entry]["state"]) / reference,
+            "state_mb": statistics.mean(found[entry]["state"].values()) / 1e6,
+            "state_vs_adamw": statistics.mean(found[entry]["state"].values()) / reference,
         })  # fmt: skip
     return rows
 

@@ -96,6 +96,14 @@ def test_a_vocabulary_lr_for_a_model_without_one_is_an_error_not_ignored():
     with pytest.raises(ValueError, match=r"Invalid vocab_lr: 0.01 for a Sequential, which has no"):
         param_groups(model, vocab_lr=1e-2)
     assert len(param_groups(model)) == 2  # without it: matrices and vectors
+    # Frozen (as under LoRA): the lr would reach nothing either.
+    frozen = TinyLM()
+    frozen.embed.requires_grad_(False)
+    frozen.head.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no trainable .*\(none, or frozen\)"):
+        param_groups(frozen, vocab_lr=1e-2)
+    frozen.head.requires_grad_(True)  # one of the two is enough
+    assert _names(param_groups(frozen, vocab_lr=1e-2))[-1] == ["head.weight"]
 
 
 def test_the_name_is_the_function_whatever_was_imported_first():

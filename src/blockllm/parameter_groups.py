@@ -34,6 +34,27 @@ def vocabulary_parameters(model: nn.Module) -> set[int]:
     return found
 
 
+def trainable_vocabulary(model: nn.Module, argument: str, value: object) -> set[int]:
+    """The ``id`` of the trainable embedding and head weights, for ``argument=value`` to act on.
+
+    Raises:
+        ValueError: ``value`` is not a finite positive number, or the model has no trainable
+            vocabulary weight (none through its accessors, or all frozen): the setting would
+            silently do nothing.
+    """
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"Invalid {argument}: {value!r} (expected a number > 0, or None)")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    vocabulary = vocabulary_parameters(model) & trainable
+    if not vocabulary:
+        raise ValueError(
+            f"Invalid {argument}: {value!r} for a {type(model).__name__}, which has no trainable "
+            "get_input_embeddings()/get_output_embeddings() weight to give it to (none, or "
+            "frozen); build the groups yourself ({'params': [...], 'lr': ...}) for such a model"
+        )
+    return vocabulary
+
+
 def param_groups(
     model: nn.Module, *, weight_decay: float = 0.0, vocab_lr: float | None = None
 ) -> list[dict[str, Any]]:
@@ -54,9 +75,9 @@ def param_groups(
         or any ``torch.optim`` optimizer.
 
     Raises:
-        ValueError: ``vocab_lr`` is given and the model has no ``get_input_embeddings`` or
-            ``get_output_embeddings`` weight to give it to, or a value is not a finite number
-            (``vocab_lr`` must be positive, ``weight_decay`` at least 0).
+        ValueError: ``vocab_lr`` is given and the model has no trainable
+            ``get_input_embeddings``/``get_output_embeddings`` weight to give it to, or a value
+            is not a finite number (``vocab_lr`` must be positive, ``weight_decay`` at least 0).
 
     Example:
         >>> opt = BlockLLM(param_groups(model, weight_decay=0.1, vocab_lr=1e-2), lr=5e-4)
@@ -66,15 +87,7 @@ def param_groups(
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (expected a number >= 0)")
     vocabulary: set[int] = set()
     if vocab_lr is not None:
-        if not (isinstance(vocab_lr, (int, float)) and math.isfinite(vocab_lr) and vocab_lr > 0):
-            raise ValueError(f"Invalid vocab_lr: {vocab_lr!r} (expected a number > 0, or None)")
-        vocabulary = vocabulary_parameters(model)
-        if not vocabulary:
-            raise ValueError(
-                f"Invalid vocab_lr: {vocab_lr!r} for a {type(model).__name__}, which has no "
-                "get_input_embeddings()/get_output_embeddings() weight to give it to; build the "
-                "groups yourself ({'params': [...], 'lr': ...}) for such a model"
-            )
+        vocabulary = trainable_vocabulary(model, "vocab_lr", vocab_lr)
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     vocab: list[tuple[str, nn.Parameter]] = []
@@ -108,4 +121,4 @@ def param_groups(
     return groups
 
 
-__all__ = ["param_groups", "vocabulary_parameters"]
+__all__ = ["param_groups", "trainable_vocabulary", "vocabulary_parameters"]

@@ -296,3 +296,44 @@ def sharded_packer_worker(rank: int, world_size: int, store: str, out_dir: str) 
         leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_clip_norm_worker(rank: int, world_size: int, store: str, out_dir: str, rest: str) -> None:
+    """Each step, the norm BlockLLM clips against under FSDP2 (each rank half the batch) beside
+    the whole batch's gradient norm from an unsharded twin with the same weights, reloaded every
+    step so that only the accounting is compared: the shards' squares summed over the ranks."""
+    _, model, opt = _setup(rank, world_size, store, {"rest": rest, "max_grad_norm": None})
+    try:
+        twin = make_model()
+        norms, ratios = [], []
+        for tokens in batches():
+            twin.load_state_dict(_full_params(model))
+            twin.zero_grad(set_to_none=True)
+            twin(input_ids=tokens, labels=tokens).loss.backward()
+            whole = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()])
+            half = tokens[rank * 4 // world_size : (rank + 1) * 4 // world_size]
+            loss = model(input_ids=half, labels=half).loss
+            loss.backward()
+            norms.append(float(opt.clip_grad_norm_(1.0)))
+            ratios.append(norms[-1] / float(whole))
+            opt.step(loss=loss)
+            opt.zero_grad(set_to_none=True)
+        torch.save({"norms": norms, "ratios": ratios, "reselections": opt.num_reselections},
+                   Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
+        leave_together()
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process_clip_norms(rest: str) -> list[float]:
+    """The norms one process clips against in the same training (the whole batch each step)."""
+    model = make_model()
+    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, rest=rest)
+    norms = []
+    for tokens in batches():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        norms.append(float(opt.clip_grad_norm_(1.0)))
+        opt.step(loss=loss)
+        opt.zero_grad(set_to_none=True)
+    return norms

@@ -27,7 +27,8 @@ def test_fsdp1_parameters_are_refused_with_the_fix(tmp_path, use_orig_params):
         dist.destroy_process_group()
 
 
-def test_a_module_named_like_a_wrapper_part_is_not_mistaken_for_fsdp1():
+def test_names_that_only_contain_the_wrappers_words_are_not_mistaken_for_fsdp1():
     model = nn.Sequential()
-    model.add_module("fsdp_wrapped_module_like", nn.Linear(4, 4))  # not FSDP1's exact segment
+    model.add_module("_fsdp_wrapped_module_like", nn.Linear(4, 4))  # not the exact segment
+    model.register_parameter("proj_flat_param", nn.Parameter(torch.zeros(3)))
     BlockLLM(model.named_parameters(), lr=1e-3)

@@ -221,3 +221,20 @@ def test_callback_removes_its_hook_after_training(make_llama, make_args, dataset
     optimizer.step()  # no loss reaches the trigger any more: the forward hook is gone
     after = optimizer.state_dict()["blockllm"]["trigger"]
     assert after["window"] == before["window"]
+
+
+def test_a_norm_trainer_clipped_with_itself_stays_in_the_logs(make_llama, make_args, dataset):
+    # An optimizer whose .grad holds every gradient it uses may leave the clip to Trainer,
+    # which logs the norm before its clip; measured after it, the callback's would read 0.05.
+    model = make_llama()
+    args = make_args(max_grad_norm=0.05)
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=5,
+                                          max_grad_norm=None, compact_grads=False, rest="none")  # fmt: skip
+    assert args.max_grad_norm == 0.05  # Trainer keeps its clip
+    trainers = _TrainersGradNorm()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   optimizers=(optimizer, None),
+                                   callbacks=[trainers, BlockLLMCallback()])  # fmt: skip
+    trainer.train()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == trainers.values and min(logged) > 0.1

@@ -119,6 +119,16 @@ def test_factory_refuses_a_bad_vocab_lr_scale(make_llama, make_args, scale, mess
         create_blockllm_optimizer(make_llama(), make_args(), vocab_lr_scale=scale)
 
 
+def test_factory_refuses_a_vocab_lr_scale_with_the_vocabulary_frozen(make_llama, make_args):
+    from blockllm.integrations import create_blockllm_optimizer
+
+    model = make_llama()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"Invalid vocab_lr_scale: 20 .*\(none, or frozen\)"):
+        create_blockllm_optimizer(model, make_args(), vocab_lr_scale=20)
+
+
 def test_factory_rejects_bad_arguments(make_llama, make_args):
     from blockllm.integrations import create_blockllm_optimizer
 

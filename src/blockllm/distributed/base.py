@@ -56,6 +56,11 @@ class Communicator(Protocol):
         """2-norm of a candidate's whole (averaged) gradient."""
         ...
 
+    def sum_over_shards_(self, tensor: torch.Tensor) -> None:
+        """Sum, in place, a quantity each rank measured on its shards (FSDP2: squared norms);
+        nothing when every rank holds whole tensors."""
+        ...
+
     def touched(self, index: int) -> None:
         """Candidate ``index``'s gradient received a local contribution not averaged yet."""
         ...
@@ -111,6 +116,9 @@ class SingleProcess:
 
     def shards(self, param: torch.Tensor) -> Shards | None:
         return None
+
+    def sum_over_shards_(self, tensor: torch.Tensor) -> None:
+        pass
 
     def grad_norm(self, grad: torch.Tensor) -> float:
         return local_grad_norm(grad)

@@ -161,6 +161,9 @@ class FSDP2Sync:
     def _sum_(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, group=self.group)
 
+    def sum_over_shards_(self, tensor: torch.Tensor) -> None:
+        self._sum_(tensor)
+
     def touched(self, index: int) -> None:
         pass
 

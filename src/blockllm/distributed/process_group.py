@@ -59,6 +59,9 @@ class ProcessGroupSync:
     def shards(self, param: torch.Tensor) -> Shards | None:
         return None  # every replica holds the whole averaged gradient
 
+    def sum_over_shards_(self, tensor: torch.Tensor) -> None:
+        pass  # replicas: each one's measure is already the whole tensor's
+
     def grad_norm(self, grad: torch.Tensor) -> float:
         return local_grad_norm(grad)  # averaged before it is scored, so the same on every rank
 
@@ -138,8 +141,10 @@ def check_not_fsdp1_wrapped(names: Sequence[str]) -> None:
     blocks and drift apart silently. FSDP2 (``fully_shard``) keeps one DTensor per parameter,
     which BlockLLM selects from consistently.
     """
-    wrapped = [name for name in names if "_fsdp_wrapped_module" in name.split(".")
-               or name.endswith("_flat_param")]  # fmt: skip
+    wrapped = [
+        name for name in names
+        if "_fsdp_wrapped_module" in name.split(".") or name.split(".")[-1] == "_flat_param"
+    ]  # fmt: skip
     if wrapped:
         raise ValueError(
             f"Invalid params: {wrapped[0]!r} is an FSDP1 (FullyShardedDataParallel) parameter. "

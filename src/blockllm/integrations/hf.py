@@ -65,7 +65,7 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
 from blockllm.config import BlockLLMConfig
 from blockllm.integrations.accelerate import unwrap_blockllm
 from blockllm.optim import BlockLLM
-from blockllm.parameter_groups import vocabulary_parameters
+from blockllm.parameter_groups import trainable_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +189,7 @@ def _with_vocabulary_group(
     model: nn.Module, groups: list[dict[str, Any]], options: dict[str, Any], scale: float
 ) -> list[dict[str, Any]]:
     """``groups`` with the embedding and head moved into a group of their own at ``scale`` x lr."""
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"Invalid vocab_lr_scale: {scale!r} (expected a number > 0, or None)")
-    vocabulary = vocabulary_parameters(model)
-    if not vocabulary:
-        raise ValueError(
-            f"Invalid vocab_lr_scale: {scale!r} for a {type(model).__name__}, which has no "
-            "get_input_embeddings()/get_output_embeddings() weight to give it to"
-        )
+    vocabulary = trainable_vocabulary(model, "vocab_lr_scale", scale)
     moved: dict[str, list[Any]] = {"params": [], "names": []}
     for group in groups:
         members = list(zip(group["names"], group["params"]))
@@ -511,10 +504,16 @@ class BlockLLMCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._grad_norm = None
+        trainer_clips = bool(args.max_grad_norm and args.max_grad_norm > 0)
         if self.optimizer is not None and self.optimizer.config.max_grad_norm is None:
-            # BlockLLM does not clip, so step() takes no norm: take it here, before the step
-            # uses the gradients (max_norm=inf scales nothing). Read on the host only when logged.
-            self._grad_norm = self.optimizer.clip_grad_norm_(math.inf)
+            if not trainer_clips:
+                # Nothing clipped, so nothing took the norm: take it here, before the step uses
+                # the gradients (max_norm=inf only measures). Read on the host only when logged.
+                self._grad_norm = self.optimizer.clip_grad_norm_(math.inf)
+            # else Trainer clipped an optimizer whose .grad holds everything (the callback
+            # refuses any other at on_train_begin) and logged that norm, taken before its clip:
+            # it stays.
         self._feed_loss()
 
     def _feed_loss(self) -> None:

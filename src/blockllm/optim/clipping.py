@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -38,8 +39,13 @@ def clip_selected_(
     ``elsewhere``: gradients held outside ``.grad`` with their whole tensor's squared norm (a
     selection step's shortlists): the norm counts, the values are scaled.
 
+    Under FSDP2 each rank measures its shards and the squares are summed over the ranks, so
+    every rank clips by the same coefficient, the whole gradient's. ``max_norm=inf`` only
+    measures: nothing is scaled.
+
     Raises:
-        ValueError: a norm other than the 2-norm while rest gradients were consumed.
+        ValueError: a norm other than the 2-norm while rest gradients were consumed, or under
+            FSDP2.
     """
     grads: list[torch.Tensor] = []
     measured: list[torch.Tensor] = []
@@ -68,17 +74,37 @@ def clip_selected_(
             "already used in backward (a rest rule) or reduced to their candidates (a selection "
             "step's shortlists); clip other norms with compact_grads=False and rest='none'"
         )
-    if not grads and not consumed_squares:
+    if comm.shards_parameters and float(norm_type) != 2.0:
+        raise ValueError(
+            f"Invalid norm_type: {norm_type}; under FSDP2 only the 2-norm can be clipped (each "
+            "rank measures its shards; their squares are summed over the ranks)"
+        )
+    if not grads and not consumed_squares and not comm.shards_parameters:
         return torch.zeros(())
     total = torch.nn.utils.get_total_norm(measured, norm_type) if measured else None
-    if consumed_squares:
-        squares = torch.stack([s.to(consumed_squares[0].device) for s in consumed_squares]).sum()
-        held = torch.zeros_like(squares) if total is None else total.float().to(squares.device)
-        total = (held.square() + squares).sqrt()
+    if consumed_squares or comm.shards_parameters:
+        # FSDP2: every rank takes part (a rank may hold nothing), and the shards' squares are
+        # summed over the ranks, so that every rank clips against the whole gradient's norm.
+        device = consumed_squares[0].device if consumed_squares else _device_of(grads, total)
+        squares = torch.zeros((), dtype=torch.float32, device=device)
+        if consumed_squares:
+            squares = torch.stack([s.to(device) for s in consumed_squares]).sum()
+        if total is not None:
+            squares = squares + total.float().to(device).square()
+        comm.sum_over_shards_(squares)
+        total = squares.sqrt()
+    if math.isinf(max_norm):  # a measurement: nothing to scale (nor to poison with inf / inf)
+        return total
     coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
     for grad in grads:
         grad.mul_(coefficient.to(grad.device, grad.dtype))
     return total
+
+
+def _device_of(grads: list[torch.Tensor], total: torch.Tensor | None) -> torch.device:
+    if total is not None:
+        return total.device
+    return grads[0].device if grads else torch.device("cpu")
 
 
 __all__ = ["clip_selected_"]
