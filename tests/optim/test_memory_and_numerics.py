@@ -192,11 +192,54 @@ def test_a_bf16_step_allocates_the_widened_block_a_slice_at_a_time(monkeypatch):
     assert sliced < whole / 3
 
 
-def test_non_finite_loss_or_gradient_skips_the_step(caplog):
+_HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_an_ordinary_step_waits_for_the_device_once(monkeypatch, max_grad_norm):
+    # On a GPU every read of a tensor's value on the host waits for all queued work. An ordinary
+    # step of the default needs one: whether to skip it (the finiteness of what the hooks
+    # stepped with and of what Adam holds, read together; with a clip, its norm, read anyway).
+    # A NaN gradient that the rest rule met in its hook: that one read still skips the step.
+    model = TinyNet(width=32)
+    opt = BlockLLM(model.named_parameters(), lr=1e-3, sparsity=0.8, trigger="interval",
+                   patience=100, max_grad_norm=max_grad_norm)  # fmt: skip
+    reads = []
+    for step, (tokens, labels) in enumerate(make_batches(5)):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+        loss.backward()
+        value = loss.item()
+        if step == 4:  # one unselected tensor's gradient turned NaN before its hook used it
+            opt.zero_grad()
+            frozen = next(p for n, p in model.named_parameters() if n not in opt.selected)
+            handle = frozen.register_hook(lambda grad: grad * float("nan"))
+            torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+            handle.remove()
+            before = snapshot(model)
+        with monkeypatch.context() as patch:
+            for name in _HOST_READS:
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _original=original, _step=step, **kwargs):
+                    reads.append(_step)
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            opt.step(loss=value)
+    # Steps 0 (the selection) and 4 (skipped) may read more; the ordinary ones read once.
+    assert [reads.count(step) for step in (1, 2, 3)] == [1, 1, 1]
+    assert opt.num_skipped_steps == 1
+    after = snapshot(model)
+    assert all(torch.equal(after[n], before[n]) for n in opt.selected)  # Adam's part untouched
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])  # 1.0: the clip's norm decides
+def test_non_finite_loss_or_gradient_skips_the_step(caplog, max_grad_norm):
     model = TinyNet()
     # Dense gradients (no compacting), so that a NaN can be planted in a .grad below.
     opt = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, trigger="interval", patience=3,
-                   compact_grads=False)  # fmt: skip
+                   compact_grads=False, max_grad_norm=max_grad_norm)  # fmt: skip
     batches = make_batches(12)
     caplog.set_level(logging.WARNING, logger="blockllm")
     skipped_at = {2, 3, 6, 9}

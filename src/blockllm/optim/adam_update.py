@@ -272,8 +272,9 @@ def resolve_implementation(group: dict[str, Any], tensors: list[torch.Tensor]) -
     return bool(fused), bool(foreach)
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no tensor holds a NaN or an infinity.
+def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-d bool tensor, on the first tensor's device: no tensor holds a NaN or an infinity
+    (None for no tensors). Nothing is read on the host, so flags can be combined and read once.
 
     One multi-tensor 2-norm per (device, dtype), the kernel ``clip_grad_norm_`` uses: NaN and
     inf survive it, and it is the cheapest full pass we measured (sums and inf-norms were several
@@ -281,7 +282,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     non-finite; a gradient that large is not worth applying either.
     """
     if not tensors:
-        return True
+        return None
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for tensor in tensors:
         by_kind[(tensor.device, tensor.dtype)].append(tensor)
@@ -291,4 +292,13 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
         for group in by_kind.values()
         for norm in torch._foreach_norm(group, 2)
     ]
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def all_true(flags: list[torch.Tensor | None]) -> bool:
+    """Every flag of :func:`finite_flag` (or any 0-d bool tensor) true, read with one host sync."""
+    present = [flag for flag in flags if flag is not None]
+    if not present:
+        return True
+    device = present[0].device
+    return bool(torch.stack([flag.to(device) for flag in present]).all())

@@ -283,12 +283,18 @@ class BlockLLM(SelectionViews, Optimizer):
                 "step(loss=loss) or step(closure), or use trigger='interval'.",
             )  # fmt: skip
 
+        grads_finite = self._flow.pending_finite
         if self.config.max_grad_norm is not None:
             self.last_grad_norm = float(self.clip_grad_norm_(self.config.max_grad_norm))
+            # With a rest rule the clip's norm covers every gradient the step uses (held, rows
+            # compacted, and the rest's norms taken in the hooks): finite exactly when they all
+            # are, so its one host read also decides the skip (on a GPU, one wait per step).
+            norm_finite = math.isfinite(self.last_grad_norm)
+            grads_finite = lambda: norm_finite  # noqa: E731
         if self.config.skip_nonfinite and self._flow.rest is not None:
             # The rest steps still to come (in finish() and for_update()) cannot be undone, so
             # every gradient they and Adam would use is checked before any of them is taken.
-            if not self._is_finite(observed, self._flow.pending_finite):
+            if not self._is_finite(observed, grads_finite):
                 self._flow.end_step()
                 self._skip_step(discard_selection=selector.pending)
                 return closure_loss

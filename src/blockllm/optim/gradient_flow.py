@@ -19,7 +19,7 @@ import torch
 
 from blockllm.config import BlockLLMConfig
 from blockllm.distributed.base import Communicator
-from blockllm.optim.adam_update import all_finite
+from blockllm.optim.adam_update import all_true, finite_flag
 from blockllm.optim.clipping import clip_selected_
 from blockllm.optim.compact_grads import CompactGradients
 from blockllm.optim.rest_step import RestStepper
@@ -168,13 +168,14 @@ class GradientFlow:
         scoring = self.selector.scoring
         if scoring is not None:
             tensors.extend(values for values, _ in scoring.held_elsewhere())
-        return all_finite(tensors) and (self.rest is None or self.rest.all_finite())
+        return all_true([finite_flag(tensors), self._rest_flag()])
 
     def all_finite(self, grads: dict[int, torch.Tensor]) -> bool:
-        finite = all_finite(list(grads.values()))
-        if self.rest is not None:
-            finite = finite and self.rest.all_finite()
-        return finite
+        return all_true([finite_flag(list(grads.values())), self._rest_flag()])
+
+    def _rest_flag(self) -> torch.Tensor | None:
+        # Both flags are read together: one wait for the device per step, not two.
+        return None if self.rest is None else self.rest.finite_flag()
 
     def end_step(self) -> None:
         self.compact.stale = True

@@ -312,9 +312,10 @@ class RestStepper:
             elif selection[index] is not None:
                 self._step(index, selection[index])
 
-    def all_finite(self) -> bool:
-        """True when every gradient the rest stepped with this step was finite."""
-        return not self._finite or bool(torch.stack(self._finite).all())
+    def finite_flag(self) -> torch.Tensor | None:
+        """Every gradient the rest stepped with this step was finite (a 0-d bool tensor, not
+        read; None when it stepped with none)."""
+        return torch.stack(self._finite).all() if self._finite else None
 
     def end_step(self) -> None:
         self.consumed_squares.clear()
