@@ -22,6 +22,10 @@
 #                checkpointing (issue 14; give it a call of its own), with `blockllm estimate`
 #                of the same steps written beside the measured peaks (estimate-*.json)
 #
+# Before spending device time: `.venv/bin/python -m pytest -m slow
+# tests/app/bench/test_gpu_suites_on_cpu.py` runs every entry of the three suites through the
+# same bench on a CPU at tiny size (about 3 minutes on two cores), so a bad flag shows here.
+#
 # Nothing here is needed by the tests; it only reads the repository and writes OUTPUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
