@@ -263,6 +263,7 @@ def packer_cases() -> list[dict]:
 class _Recorder:
     def __init__(self, group) -> None:
         self.group = group
+        self.device = torch.device("cpu")  # where the collectives' scalars live (gloo)
         self.counts: list[int] = []
 
     def remember_count(self, coordinates, count) -> None:

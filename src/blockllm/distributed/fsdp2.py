@@ -65,8 +65,11 @@ class FSDP2Sync:
     shards_parameters = True
     bytes_communicated = 0
 
-    def __init__(self, mesh: Any) -> None:
+    def __init__(self, mesh: Any, device: torch.device | None = None) -> None:
         self.mesh = mesh
+        # Where the scalars of collectives live: the shards' device (an NCCL group reduces CUDA
+        # tensors only; gloo takes CPU ones).
+        self.device = device if device is not None else torch.device("cpu")
         self.group = mesh.get_group()
         self.world_size = mesh.size()
         # The mesh coordinate decides which dim-0 chunk this rank holds.
@@ -120,7 +123,7 @@ class FSDP2Sync:
                     "a 1-D mesh (no HSDP, tensor parallelism or shard_placement_fn)"
                 )
         logger.info("BlockLLM: FSDP2 parameters, %d ranks on the device mesh", mesh.size())
-        return cls(mesh)
+        return cls(mesh, local_view(params[0]).device)
 
     # ------------------------------------------------------------------ geometry
 
@@ -182,7 +185,8 @@ class FSDP2Sync:
         """2-norm of the full gradient from the local shard: the squared local norms, summed."""
         # The local norm in the dtype one process would use, squared and summed in float64 so
         # the sum adds no rounding of its own; every rank receives the identical sum.
-        norm = torch.tensor([local_grad_norm(local_view(grad).detach())], dtype=torch.float64)
+        local = local_view(grad).detach()
+        norm = torch.tensor([local_grad_norm(local)], dtype=torch.float64, device=local.device)
         squared = norm.square()
         dist.all_reduce(squared, group=self.group)
         return float(squared.sqrt().item())
@@ -195,7 +199,7 @@ class FSDP2Sync:
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on every rank."""
-        failures = torch.tensor([0 if flag else 1], dtype=torch.int64)
+        failures = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self.device)
         dist.all_reduce(failures, group=self.group)
         return int(failures.item()) == 0
 
@@ -220,7 +224,7 @@ class FSDP2Sync:
             partial.append(index)
             same.append(int(same_coordinates(before, after)))
         if partial:
-            votes = torch.tensor(same, dtype=torch.int64)
+            votes = torch.tensor(same, dtype=torch.int64, device=self.device)
             dist.all_reduce(votes, group=self.group)
             stays.update(i for i, vote in zip(partial, votes.tolist()) if vote == self.world_size)
         return stays

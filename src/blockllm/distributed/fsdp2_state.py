@@ -249,7 +249,7 @@ def _gather_in_shard_order(piece: torch.Tensor, sync: FSDP2Sync) -> torch.Tensor
     """
     piece = piece.reshape(-1)
     world = sync.world_size
-    header = torch.tensor([sync.coordinate, piece.numel()], dtype=torch.int64)
+    header = torch.tensor([sync.coordinate, piece.numel()], dtype=torch.int64, device=piece.device)
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header, group=sync.group)
     longest = max(int(h[1]) for h in headers)

@@ -34,8 +34,9 @@ from blockllm.selection.scorers import row_norms
 _BITS_END = 1 << 31
 
 
-def _all_reduce_sum(values: list[int], group: Any) -> list[int]:
-    tensor = torch.tensor(values, dtype=torch.int64)
+def _all_reduce_sum(values: list[int], group: Any, device: torch.device) -> list[int]:
+    # On the shards' device: an NCCL group reduces CUDA tensors only.
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
@@ -54,10 +55,11 @@ def global_top_masks(
     if count <= 0:  # the same on every rank, so no rank waits for the others
         return [torch.zeros_like(magnitude, dtype=torch.bool) for magnitude in magnitudes]
     bits = [magnitude.view(torch.int32) for magnitude in magnitudes]
+    device = magnitudes[0].device
 
     def count_at_least(threshold: int) -> int:
         local = sum(int(torch.count_nonzero(b >= threshold)) for b in bits)
-        return _all_reduce_sum([local], group)[0]
+        return _all_reduce_sum([local], group, device)[0]
 
     # Invariant: at least `count` entries are >= low, fewer than `count` are >= high.
     low, high = 0, _BITS_END
@@ -71,11 +73,15 @@ def global_top_masks(
     ties = [b == low for b in bits]
     local_above = sum(int(mask.sum()) for mask in masks)
     local_ties = sum(int(tie.sum()) for tie in ties)
-    above = _all_reduce_sum([local_above], group)[0]
+    above = _all_reduce_sum([local_above], group, device)[0]
     need = max(0, count - above)
     # Hand the `need` tied entries out in rank order: this rank takes what earlier ranks leave.
-    gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, torch.tensor([local_ties], dtype=torch.int64), group=group)
+    gathered = [
+        torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
+    ]
+    dist.all_gather(
+        gathered, torch.tensor([local_ties], dtype=torch.int64, device=device), group=group
+    )
     before = sum(int(t.item()) for t in gathered[: dist.get_rank(group)])
     take = min(max(0, need - before), local_ties)
     for mask, tie in zip(masks, ties):
@@ -156,7 +162,9 @@ class ShardedPacker:
             masks = self._per_tensor_masks(plan, grads)
         if not masks:
             return chosen
-        totals = _all_reduce_sum([_count(mask) for mask in masks.values()], self.sync.group)
+        totals = _all_reduce_sum(
+            [_count(mask) for mask in masks.values()], self.sync.group, self.sync.device
+        )
         for (index, mask), total in zip(masks.items(), totals):
             if total == self.sizes[index]:
                 chosen[index] = None
