@@ -360,8 +360,9 @@ class BlockLLMCallback(TrainerCallback):
     * adds ``blockllm/...`` entries to Trainer's logs: reselections, coordinates selected,
       trainable fraction, selection time, skipped steps and :meth:`BlockLLM.memory_report`
       bytes (taken right after the optimizer step, while gradients still exist);
-    * reports the whole gradient's norm as ``grad_norm`` (Trainer's own covers only ``.grad``,
-      which BlockLLM empties as it uses gradients in backward);
+    * reports the norm BlockLLM clips against as ``grad_norm`` (with a rest rule the whole
+      gradient's; Trainer's own covers only ``.grad``, which BlockLLM empties as it uses
+      gradients in backward);
     * logs every reselection with its global step (``logging.INFO``);
     * checks on resume that the trainable tensors are the restored selection;
     * fits the input-gradient hooks to the gradient checkpointing mode (see the module doc).
@@ -607,8 +608,8 @@ class BlockLLMCallback(TrainerCallback):
         if "loss" in logs and norm is not None:
             # Trainer's own `grad_norm` is torch's norm over `.grad`: only what BlockLLM still
             # holds there (the block's whole tensors), not the gradients compacted or already
-            # used by the rest rule in backward. BlockLLM's is the whole gradient's norm, what
-            # Trainer reports for AdamW, of the same (last) step.
+            # used by the rest rule in backward. BlockLLM's is the norm it clips against (with a
+            # rest rule the whole gradient's, what Trainer reports for AdamW), of the same step.
             extra["grad_norm"] = norm
         logs.update(extra)
         # Trainer.log() appended a copy of `logs` to log_history just before this event; keep

@@ -85,7 +85,7 @@ def clip_selected_(
     if consumed_squares or comm.shards_parameters:
         # FSDP2: every rank takes part (a rank may hold nothing), and the shards' squares are
         # summed over the ranks, so that every rank clips against the whole gradient's norm.
-        device = consumed_squares[0].device if consumed_squares else _device_of(grads, total)
+        device = consumed_squares[0].device if consumed_squares else _device_of(grads, total, comm)
         squares = torch.zeros((), dtype=torch.float32, device=device)
         if consumed_squares:
             squares = torch.stack([s.to(device) for s in consumed_squares]).sum()
@@ -101,10 +101,15 @@ def clip_selected_(
     return total
 
 
-def _device_of(grads: list[torch.Tensor], total: torch.Tensor | None) -> torch.device:
+def _device_of(
+    grads: list[torch.Tensor], total: torch.Tensor | None, comm: Communicator
+) -> torch.device:
+    # Under FSDP2 a rank with nothing held still joins the all-reduce, on the shards' device.
     if total is not None:
         return total.device
-    return grads[0].device if grads else torch.device("cpu")
+    if grads:
+        return grads[0].device
+    return getattr(comm, "device", torch.device("cpu"))
 
 
 __all__ = ["clip_selected_"]

@@ -1,4 +1,4 @@
-"""Every entry of the GPU suites runs end to end on this CPU at tiny size (`-m slow`, ~5 min).
+"""Every entry of the GPU suites runs end to end on this CPU at tiny size (`-m slow`, ~3 min).
 
 A lent GPU comes with minutes of device time: a flag that fails in `benchmarks/gpu.sh` wastes
 them. This runs each entry of `gpu-memory`, `gpu-60m` and `gpu-130m` through `blockllm bench`
