@@ -264,4 +264,7 @@ def test_fsdp2_clips_against_the_whole_batchs_gradient_norm_on_every_rank(tmp_pa
         assert saved[0]["ratios"] == pytest.approx([1.0] * len(saved[0]["ratios"]), abs=1e-5)
     else:
         assert saved[0]["norms"] == pytest.approx(single_process_clip_norms(rest), rel=1e-5)
-        assert max(saved[0]["ratios"]) < 0.99  # not the whole gradient's: the selected part
+        # Not the whole gradient's but the selected part's: about half of it on ordinary steps
+        # (a selection step, where every held gradient counts, comes close to 1).
+        ratios = sorted(saved[0]["ratios"])
+        assert ratios[len(ratios) // 2] < 0.9

@@ -65,11 +65,11 @@ class FSDP2Sync:
     shards_parameters = True
     bytes_communicated = 0
 
-    def __init__(self, mesh: Any, device: torch.device | None = None) -> None:
+    def __init__(self, mesh: Any, device: torch.device) -> None:
         self.mesh = mesh
         # Where the scalars of collectives live: the shards' device (an NCCL group reduces CUDA
         # tensors only; gloo takes CPU ones).
-        self.device = device if device is not None else torch.device("cpu")
+        self.device = device
         self.group = mesh.get_group()
         self.world_size = mesh.size()
         # The mesh coordinate decides which dim-0 chunk this rank holds.
@@ -159,13 +159,10 @@ class FSDP2Sync:
     def shards(self, param: torch.Tensor) -> Shards:
         """Whole rows on each rank; sums over the mesh (the factored rest rule's column sums)."""
         rows = param.numel() // param.shape[-1] if param.dim() >= 2 else param.numel()
-        return Shards(rows=rows, numel=param.numel(), sum_=self._sum_)
-
-    def _sum_(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, group=self.group)
+        return Shards(rows=rows, numel=param.numel(), sum_=self.sum_over_shards_)
 
     def sum_over_shards_(self, tensor: torch.Tensor) -> None:
-        self._sum_(tensor)
+        dist.all_reduce(tensor, group=self.group)
 
     def touched(self, index: int) -> None:
         pass

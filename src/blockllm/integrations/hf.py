@@ -566,7 +566,7 @@ class BlockLLMCallback(TrainerCallback):
         self._losses.clear()  # a skipped pre-step event must not leak losses into the next step
 
     def _last_step_grad_norm(self) -> float | None:
-        """The whole gradient's 2-norm of the last optimizer step (BlockLLM's clip or ours)."""
+        """The norm BlockLLM clips against, of the last optimizer step (its clip's or ours)."""
         optimizer = self.optimizer
         if optimizer is None:
             return None

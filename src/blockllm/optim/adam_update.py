@@ -32,7 +32,8 @@ from blockllm.selection.coordinates import Selected, gather, scatter_
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FUSED_DEVICES = ("cpu", "cuda")
 #: The most gradient entries widened to fp32 at once in a step of bf16 weights (64 MB of
-#: fp32): big enough that the fused kernel's launches stay few (llama-1b's block: 9 ranges).
+#: fp32): big enough that the fused kernel's launches stay few (llama-1b's block of 134M
+#: entries: about eight ranges).
 WIDENING_CHUNK = 1 << 24
 #: What ``keep_moments`` keeps of a block while it is away from the selection.
 PARKED_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -295,7 +296,7 @@ def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.isfinite(torch.stack(norms)).all()
 
 
-def all_true(flags: list[torch.Tensor | None]) -> bool:
+def flags_all_true(flags: list[torch.Tensor | None]) -> bool:
     """Every flag of :func:`finite_flag` (or any 0-d bool tensor) true, read with one host sync."""
     present = [flag for flag in flags if flag is not None]
     if not present:

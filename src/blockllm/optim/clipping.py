@@ -85,7 +85,7 @@ def clip_selected_(
     if consumed_squares or comm.shards_parameters:
         # FSDP2: every rank takes part (a rank may hold nothing), and the shards' squares are
         # summed over the ranks, so that every rank clips against the whole gradient's norm.
-        device = consumed_squares[0].device if consumed_squares else _device_of(grads, total, comm)
+        device = _device_of(consumed_squares, total, grads, comm)
         squares = torch.zeros((), dtype=torch.float32, device=device)
         if consumed_squares:
             squares = torch.stack([s.to(device) for s in consumed_squares]).sum()
@@ -102,13 +102,16 @@ def clip_selected_(
 
 
 def _device_of(
-    grads: list[torch.Tensor], total: torch.Tensor | None, comm: Communicator
+    squares: list[torch.Tensor],
+    total: torch.Tensor | None,
+    grads: list[torch.Tensor],
+    comm: Communicator,
 ) -> torch.device:
-    # Under FSDP2 a rank with nothing held still joins the all-reduce, on the shards' device.
-    if total is not None:
-        return total.device
-    if grads:
-        return grads[0].device
+    """Where the total is summed: the first measured thing's device; under FSDP2 a rank holding
+    nothing still joins the all-reduce, on the shards' device."""
+    for tensor in (*squares[:1], total, *grads[:1]):
+        if tensor is not None:
+            return tensor.device
     return getattr(comm, "device", torch.device("cpu"))
 
 

@@ -19,7 +19,7 @@ import torch
 
 from blockllm.config import BlockLLMConfig
 from blockllm.distributed.base import Communicator
-from blockllm.optim.adam_update import all_true, finite_flag
+from blockllm.optim.adam_update import finite_flag, flags_all_true
 from blockllm.optim.clipping import clip_selected_
 from blockllm.optim.compact_grads import CompactGradients
 from blockllm.optim.rest_step import RestStepper
@@ -168,10 +168,10 @@ class GradientFlow:
         scoring = self.selector.scoring
         if scoring is not None:
             tensors.extend(values for values, _ in scoring.held_elsewhere())
-        return all_true([finite_flag(tensors), self._rest_flag()])
+        return flags_all_true([finite_flag(tensors), self._rest_flag()])
 
     def all_finite(self, grads: dict[int, torch.Tensor]) -> bool:
-        return all_true([finite_flag(list(grads.values())), self._rest_flag()])
+        return flags_all_true([finite_flag(list(grads.values())), self._rest_flag()])
 
     def _rest_flag(self) -> torch.Tensor | None:
         # Both flags are read together: one wait for the device per step, not two.
