@@ -199,6 +199,11 @@ class BlockLLM(SelectionViews, Optimizer):
         (default: every parameter of the param groups) sets which ``.grad`` tensors take part,
         and the order in which they are summed. With a ``process_group`` the gradients are
         averaged first (once). Returns the total norm before clipping.
+
+        With a rest rule the norm is the whole gradient's (the rest's part measured in the
+        hooks), and the rest steps with unclipped gradients wherever it runs: a ``.grad`` it
+        will still step with in ``step()`` is left as it is now, and Adam's part of it is
+        scaled in ``step()``.
         """
         if parameters is None:
             parameters = [p for group in self.param_groups for p in group["params"]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 
@@ -25,8 +25,10 @@ def clip_selected_(
     comm: Communicator,
     consumed_squares: list[torch.Tensor] = (),
     elsewhere: list[tuple[torch.Tensor, torch.Tensor]] = (),
-) -> torch.Tensor:
-    """Scale the held gradients to a total norm of at most ``max_norm``; returns the norm before.
+    left_for_rest: Collection[int] = frozenset(),
+    pending: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale the held gradients to a total norm of at most ``max_norm``.
 
     The norm is taken over whole tensors' gradients and the *selected coordinates* of partly
     selected ones (``selection``), compacted or not; ``selection=None`` (a selection step, the
@@ -35,13 +37,22 @@ def clip_selected_(
     ``torch.nn.utils.clip_grad_norm_``'s norm to the last bit. Under data parallelism every
     gradient is averaged first (once), so that the whole batch's gradient is clipped.
     ``consumed_squares``: squared norms of gradients a state-free rest step has already used and
-    freed; they count in the 2-norm (the rest step itself is invariant to the clip).
-    ``elsewhere``: gradients held outside ``.grad`` with their whole tensor's squared norm (a
-    selection step's shortlists): the norm counts, the values are scaled.
+    freed; they count in the 2-norm. ``elsewhere``: gradients held outside ``.grad`` with their
+    whole tensor's squared norm (a selection step's shortlists): the norm counts, the values
+    (and the squares, for a second clip) are scaled.
+
+    ``left_for_rest``: candidates whose ``.grad`` a rest rule will still step with: they count
+    in the norm but are not scaled (the rest steps with unclipped gradients wherever it runs);
+    the caller scales Adam's part of them later by the returned coefficient. ``pending``: the
+    coefficient of an earlier clip of this step still owed to them (and to the consumed
+    squares), so that a second clip measures what the first left.
 
     Under FSDP2 each rank measures its shards and the squares are summed over the ranks, so
     every rank clips by the same coefficient, the whole gradient's. ``max_norm=inf`` only
     measures: nothing is scaled.
+
+    Returns:
+        The total norm before this clip, and the coefficient applied (None when only measured).
 
     Raises:
         ValueError: a norm other than the 2-norm while rest gradients were consumed, or under
@@ -50,23 +61,31 @@ def clip_selected_(
     grads: list[torch.Tensor] = []
     measured: list[torch.Tensor] = []
     pairs: list[tuple[int, torch.Tensor]] = []
+    owed: list[int] = []  # positions in `measured` of gradients the pending coefficient is owed
     for param in parameters:
         grad = comm.local(param.grad)
         if grad is None:
             continue
-        grads.append(grad)
         index = candidates.index(param)
         if index is not None:
             pairs.append((index, grad))
+        if index is None or index not in left_for_rest:
+            grads.append(grad)
+        elif pending is not None:
+            owed.append(len(measured))
         coordinates = None if selection is None else selection.get(index)
         measured.append(grad if coordinates is None else (grad, coordinates))
     pairs += compact.held.items()
     comm.average_grads_(pairs)
     # Gathered only now, after averaging.
     measured = [m if isinstance(m, torch.Tensor) else gather(*m) for m in measured]
+    for position in owed:  # a copy: the gradient itself stays unclipped for the rest
+        measured[position] = measured[position] * pending.to(measured[position].dtype)
     grads += compact.held.values()
     measured += compact.held.values()
     grads += [values for values, _ in elsewhere]
+    if pending is not None:
+        consumed_squares = [squares * pending.square() for squares in consumed_squares]
     consumed_squares = [*consumed_squares, *(squares for _, squares in elsewhere)]
     if consumed_squares and float(norm_type) != 2.0:
         raise ValueError(
@@ -79,8 +98,8 @@ def clip_selected_(
             f"Invalid norm_type: {norm_type}; under FSDP2 only the 2-norm can be clipped (each "
             "rank measures its shards; their squares are summed over the ranks)"
         )
-    if not grads and not consumed_squares and not comm.shards_parameters:
-        return torch.zeros(())
+    if not measured and not consumed_squares and not comm.shards_parameters:
+        return torch.zeros(()), None
     total = torch.nn.utils.get_total_norm(measured, norm_type) if measured else None
     if consumed_squares or comm.shards_parameters:
         # FSDP2: every rank takes part (a rank may hold nothing), and the shards' squares are
@@ -94,11 +113,13 @@ def clip_selected_(
         comm.sum_over_shards_(squares)
         total = squares.sqrt()
     if math.isinf(max_norm):  # a measurement: nothing to scale (nor to poison with inf / inf)
-        return total
+        return total, None
     coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
     for grad in grads:
         grad.mul_(coefficient.to(grad.device, grad.dtype))
-    return total
+    for _, squares in elsewhere:  # a second clip must measure what this one left
+        squares.mul_(coefficient.to(squares.device).square())
+    return total, coefficient
 
 
 def _device_of(

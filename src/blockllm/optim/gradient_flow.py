@@ -74,6 +74,10 @@ class GradientFlow:
             overrides,
         )  # fmt: skip
         self.selector: BlockSelector | None = None
+        # With a rest rule, the clip's coefficient waits here for Adam's gradients (for_update):
+        # the rest steps with unclipped gradients wherever it runs (see clip_).
+        self._clip_coefficient: torch.Tensor | None = None
+        self._clip_left: set[int] = set()
 
     @property
     def release(self) -> Callable[[int], None] | None:
@@ -130,28 +134,62 @@ class GradientFlow:
     def clip_(
         self, max_norm: float, norm_type: float, parameters: Iterable[torch.Tensor]
     ) -> torch.Tensor:
-        """Clip what the step will apply against the whole gradient's norm; see the optimizer."""
+        """Clip what the step will apply against the whole gradient's norm; see the optimizer.
+
+        With a rest rule, a held gradient the rest will still step with (``rest_in_backward=
+        False``, gradients held for accumulation, a selection step's, FSDP2's partly selected
+        tensors) is left unclipped: the rest steps in the hooks see unclipped gradients, and so
+        must the ones it takes in ``step()``, or the factored rule's statistics would depend on
+        where the step ran. Adam's part of it is scaled by the kept coefficient in
+        :meth:`for_update`. Everything else is scaled now, as torch's clip does.
+        """
         selection = None if self.selector.pending else self.selector.selection
         consumed = [] if self.rest is None else self.rest.consumed_squares
+        left_for_rest = self._left_for_rest(selection)
         if self.rest is not None and selection is not None:
             # Every coordinate's gradient is used: a held gradient counts whole unless the rest
             # step already took (and counted) its unselected part.
             selection = {i: c for i, c in selection.items() if i in self.rest.stepped}
         scoring = self.selector.scoring
         elsewhere = [] if scoring is None else scoring.held_elsewhere()
-        return clip_selected_(
+        pending = self._clip_coefficient
+        total, coefficient = clip_selected_(
             max_norm, norm_type, parameters, self.candidates, selection, self.compact,
-            self.comm, consumed, elsewhere,
+            self.comm, consumed, elsewhere, left_for_rest, pending,
         )  # fmt: skip
+        if coefficient is not None and self.rest is not None:
+            # Owed to the gradients left for the rest, and counted on the rest's squared norms
+            # by a second clip.
+            self._clip_coefficient = coefficient if pending is None else pending * coefficient
+            self._clip_left = left_for_rest
+        return total
+
+    def _left_for_rest(self, selection: Coordinates | None) -> set[int]:
+        """Candidates whose held ``.grad`` the rest rule will still step with in ``step()``
+        (whole, or its unselected part); on a selection step every held one may be."""
+        if self.rest is None:
+            return set()
+        return {
+            index for index, param in enumerate(self.candidates.params)
+            if param.grad is not None and index not in self.rest.stepped
+            and (selection is None or selection.get(index, ()) is not None)
+        }  # fmt: skip
 
     def for_update(self, selection: Coordinates) -> dict[int, torch.Tensor]:
         """The gradients Adam applies, by candidate index, averaged over ranks once.
 
         Steps the rest with every gradient still held first (deferred or held ones, and the
-        unselected part of partly selected tensors on a selection step).
+        unselected part of partly selected tensors on a selection step), then clips what of
+        them Adam takes.
         """
         if self.rest is not None:
             self.rest.sweep(selection)
+        coefficient, self._clip_coefficient = self._clip_coefficient, None
+        if coefficient is not None:  # as clip_selected_ would have: bitwise its values for Adam
+            for index in self._clip_left:
+                grad = self.comm.local(self.candidates.params[index].grad)
+                if grad is not None:
+                    grad.mul_(coefficient.to(grad.device, grad.dtype))
         grads = self.compact.for_update(selection, self.candidates.params, self.candidates.names)
         self.comm.average_grads_(list(grads.items()))
         return grads
@@ -178,6 +216,7 @@ class GradientFlow:
         return None if self.rest is None else self.rest.finite_flag()
 
     def end_step(self) -> None:
+        self._clip_coefficient = None
         self.compact.stale = True
         if self.rest is not None:
             self.rest.end_step()

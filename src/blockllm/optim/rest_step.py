@@ -12,12 +12,13 @@ gradient is complete only after the last one: wrap the other backward passes in
 the last backward or in ``step()``), or build the optimizer with ``rest_in_backward=False``
 (everything is stepped in ``step()``; the cost is a full gradient held, as for AdamW).
 
-Gradient clipping: both built-in rules are invariant to the gradient's scale, so a clip
-coefficient does not change the rest step. What clipping needs from the rest is its gradient
-norm, which is measured here before the gradient is freed; ``BlockLLM.clip_grad_norm_`` adds
-it to the norm of the gradients still held, so the total is the norm of the whole gradient, as
-``torch.nn.utils.clip_grad_norm_`` over all parameters would compute it (up to summation
-order), and the coefficient scales Adam's part exactly as it would. Non-finite gradients: a
+Gradient clipping: the rest steps with the unclipped gradient, in the hooks (where no clip can
+be known yet) and in ``step()`` alike, so that where it runs does not change the training (the
+factored rule's running statistics would see two scales otherwise). What clipping needs from
+the rest is its gradient norm, which is measured here before the gradient is freed;
+``BlockLLM.clip_grad_norm_`` adds it to the norm of the gradients still held, so the total is
+the norm of the whole gradient, as ``torch.nn.utils.clip_grad_norm_`` over all parameters would
+compute it (up to summation order), and the coefficient scales Adam's part exactly as it would. Non-finite gradients: a
 tensor whose gradient holds NaN/inf takes no rest step, and the optimizer skips the step's
 Adam update; rest steps taken earlier in that backward stay taken.
 """
