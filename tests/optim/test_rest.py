@@ -108,9 +108,14 @@ def test_rest_step_arithmetic_with_scale_and_weight_decay():
     assert torch.equal(SignRest().direction(grad * 7.0), SignRest().direction(grad))
 
 
-def test_accumulation_with_held_gradients_is_one_big_batch():
-    big, _, _ = train(steps=12, rest="colnorm", sparsity=0.8)
-    micro, _, _ = train(steps=12, accumulate=2, rest="colnorm", sparsity=0.8)
+@pytest.mark.parametrize("rest_in_backward", [True, False])
+@pytest.mark.parametrize(("rule", "clip"), [("colnorm", None), ("auto", 0.5)])
+def test_accumulation_with_held_gradients_is_one_big_batch(rule, clip, rest_in_backward):
+    # Held for the last backward's hooks, or all stepped in step(): the clipped default rule
+    # too, since the rest steps with the unclipped accumulated gradient either way.
+    options = dict(steps=12, rest=rule, sparsity=0.8, clip=clip)
+    big, _, _ = train(**options)
+    micro, _, _ = train(accumulate=2, rest_in_backward=rest_in_backward, **options)
     assert max_difference(big, micro) < 1e-4
 
 
