@@ -47,6 +47,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from blockllm import BlockLLM
+from blockllm.app.bench.allocations import allocation_events
 from blockllm.app.models.presets import build_llama
 from blockllm.app.training.memory import peak_rss_bytes, tensor_bytes
 
@@ -150,7 +151,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
             if getattr(optimizer, "num_selections", 0) != selections:
                 selecting_steps.append(step)
     events = profiler.profiler.kineto_results.events()
-    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    allocations = allocation_events(profiler)
     windows = {
         int(e.name().rsplit("_", 1)[1]): (e.start_ns(), e.end_ns())
         for e in events

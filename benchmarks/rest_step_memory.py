@@ -21,29 +21,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from blockllm.app.bench.allocations import peak_allocated
 
 # Internal: the stepper alone, without a model, a selection or hooks around it.
 from blockllm.distributed.base import SingleProcess
 from blockllm.optim import rest_step
 from blockllm.selection import rest_rules
 from blockllm.selection.rest_rules import FactoredRest
-
-
-def peak_allocated(fn) -> int:
-    """The most bytes ``fn`` holds allocated at once beyond what existed before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in profiler.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def step_peak(rows: int, cols: int, dtype: torch.dtype) -> tuple[int, int]:

@@ -158,9 +158,7 @@ def test_bf16_gradients_are_widened_a_bounded_slice_of_the_block_at_a_time(monke
 def test_a_bf16_step_allocates_the_widened_block_a_slice_at_a_time(monkeypatch):
     # What step() allocates, from the profiler's own allocation events: with the whole block
     # widened at once it is 4 bytes per selected coordinate; in slices, about one tensor's.
-    import itertools
-
-    from torch.profiler import ProfilerActivity, profile
+    from blockllm.app.bench.allocations import peak_allocated
 
     real_chunks = adam_update.widening_chunks
 
@@ -177,14 +175,8 @@ def test_a_bf16_step_allocates_the_widened_block_a_slice_at_a_time(monkeypatch):
             if index < 2:  # the selection, then an ordinary step
                 opt.step()
                 continue
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-                opt.step()
-        events = sorted(
-            (event.start_ns(), event.nbytes())
-            for event in profiler.profiler.kineto_results.events()
-            if event.name() == "[memory]"
-        )
-        return max(itertools.accumulate(nbytes for _, nbytes in events)), opt.num_selected
+            peak = peak_allocated(opt.step)
+        return peak, opt.num_selected
 
     whole, selected = step_peak(1 << 30)
     sliced, _ = step_peak(64)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blockllm.app.bench.allocations import peak_allocated
 from blockllm.app.methods import get_optimizer_spec
 from blockllm.app.models.presets import build_llama
 from blockllm.app.planning import EstimateSettings, estimate_memory
@@ -198,25 +199,6 @@ def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype, precision
     assert measured_total - left_out + measured.rule_unstepped == estimated_total
     assert abs(estimated_total - measured_total) <= 0.10 * measured_total
     assert left_out <= 0.01 * measured_total  # negligible, as the estimate assumes
-
-
-def peak_allocated(fn) -> int:
-    """The most bytes ``fn`` holds allocated at once beyond what existed before it, from the
-    CPU allocator's events (``torch.profiler``, ``profile_memory=True``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in profiler.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize(
