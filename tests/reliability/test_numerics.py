@@ -71,10 +71,12 @@ def inject_and_train(steps, seed, *, selection="tensor", trigger="interval", pat
         params_before = params_snapshot(model)
         state_before = _comparable(state_snapshot(opt))
         skipped_before, steps_before = opt.num_skipped_steps, opt.num_steps
-        # On a selection step the ranking closes with the first backward; a later micro-batch's
-        # gradient of a tensor left out is dropped unused, like a frozen tensor's, and rightly
-        # does not skip the step. So later micro-batches are poisoned only outside selections.
-        poisoned_micro = 0 if opt.selection_pending else rng.randrange(micro_batches)
+        # With rest="none" a selection step's ranking closes with the first backward; a later
+        # micro-batch's gradient of a tensor left out is dropped unused, like a frozen tensor's,
+        # and rightly does not skip the step, so there later micro-batches are poisoned only
+        # outside selections. A rest rule keeps every gradient and scores it at the step.
+        closes_early = opt.selection_pending and rest == "none"
+        poisoned_micro = 0 if closes_early else rng.randrange(micro_batches)
         total = 0.0
         for micro in range(micro_batches):
             handle = None

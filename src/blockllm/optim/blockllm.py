@@ -221,8 +221,10 @@ class BlockLLM(SelectionViews, Optimizer):
         selection step reduces a partly selected tensor's gradient to its candidates. Under
         gradient accumulation the earlier micro-batches' backward passes must keep theirs (in
         ``.grad``), so that the last one uses the step's whole gradient: the same as one big
-        batch. (With a rest rule a second gradient without this is an error; without one the
-        candidates of a partly selected tensor come from the first micro-batch.)
+        batch, selections included with a rest rule. (With a rest rule stepping in backward a
+        second gradient without this is an error; with ``rest="none"`` a selection is ranked
+        on the first micro-batch, and without this the candidates of a partly selected tensor
+        come from it too.)
         """
         return self._flow.hold()
 
@@ -303,6 +305,7 @@ class BlockLLM(SelectionViews, Optimizer):
                 self._flow.end_step()
                 self._skip_step(discard_selection=selector.pending)
                 return closure_loss
+        self._flow.score_held()
         chosen = selector.finish()
         selection = chosen if chosen is not None else selector.selection
         if chosen is not None:

@@ -103,6 +103,10 @@ class GradientFlow:
         self.comm.touched(index)
         selector = self.selector
         if selector.pending:
+            if self.rest is not None and self.rest.holding:
+                # A rest rule keeps every gradient while holding anyway: it is scored once the
+                # step's gradient is whole (the last backward's hooks, or score_held).
+                return
             selector.observe_grad(index, param)
             return
         selection = selector.selection
@@ -115,6 +119,19 @@ class GradientFlow:
             self.compact.capture(index, param, coordinates)
         elif self.rest is not None:  # only a rest rule keeps unselected tensors trainable
             self.rest.release(index)
+
+    def score_held(self) -> None:
+        """At ``step()`` of a selection step with a rest rule: score every gradient still held
+        that no hook scored (all of them when the rest steps in ``step()``; with
+        ``hold_gradients()``, a tensor only earlier micro-batches reached), so that the ranking
+        comes from the step's whole gradient, as for one big batch."""
+        selector = self.selector
+        if self.rest is None or not selector.pending or selector.scoring is None:
+            return
+        scored = selector.scoring.scores
+        for index, param in enumerate(self.candidates.params):
+            if param.grad is not None and index not in scored:
+                selector.observe_grad(index, param)
 
     def holding(self) -> bool:
         """True inside :meth:`hold`: more backward passes of this step are to come."""

@@ -5,11 +5,14 @@ accumulated, :meth:`ScoringPass.observe` scores it and rebuilds the tentative pl
 that the plan can no longer use are freed on the spot. So at any moment only the plan's own
 gradients (about k coordinates, plus the one tensor autograd is producing) are held.
 
-Under gradient accumulation the ranking comes from the first backward of the selection step (the
-scores cannot wait for later micro-batches without holding every gradient); the coordinates of a
-partly selected tensor and the update itself use the step's whole accumulated gradient. The first
-backward is known to be over when a tensor reports a second time (or at ``step()``); from then on
-tensors outside the plan are frozen and their gradients dropped as they arrive.
+Under gradient accumulation with a rest rule every gradient is held until the step's gradient
+is whole, so the optimizer feeds this pass only then (the last backward's hooks, or ``step()``)
+and the ranking is one big batch's. Without one (``rest="none"``) the ranking comes from the
+first backward of the selection step (the scores cannot wait for later micro-batches without
+holding every gradient); the coordinates of a partly selected tensor and the update itself use
+the step's whole accumulated gradient. The first backward is known to be over when a tensor
+reports a second time (or at ``step()``); from then on tensors outside the plan are frozen and
+their gradients dropped as they arrive.
 """
 
 from __future__ import annotations
