@@ -162,7 +162,7 @@ class GradientFlow:
         """
         selection = None if self.selector.pending else self.selector.selection
         consumed = [] if self.rest is None else self.rest.consumed_squares
-        left_for_rest = self._left_for_rest(selection)
+        left_for_rest = set() if self.rest is None else set(self.rest.still_to_step(selection))
         if self.rest is not None and selection is not None:
             # Every coordinate's gradient is used: a held gradient counts whole unless the rest
             # step already took (and counted) its unselected part.
@@ -180,17 +180,6 @@ class GradientFlow:
             self._clip_coefficient = coefficient if pending is None else pending * coefficient
             self._clip_left = left_for_rest
         return total
-
-    def _left_for_rest(self, selection: Coordinates | None) -> set[int]:
-        """Candidates whose held ``.grad`` the rest rule will still step with in ``step()``
-        (whole, or its unselected part); on a selection step every held one may be."""
-        if self.rest is None:
-            return set()
-        return {
-            index for index, param in enumerate(self.candidates.params)
-            if param.grad is not None and index not in self.rest.stepped
-            and (selection is None or selection.get(index, ()) is not None)
-        }  # fmt: skip
 
     def for_update(self, selection: Coordinates) -> dict[int, torch.Tensor]:
         """The gradients Adam applies, by candidate index, averaged over ranks once.

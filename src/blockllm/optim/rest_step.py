@@ -18,9 +18,10 @@ factored rule's running statistics would see two scales otherwise). What clippin
 the rest is its gradient norm, which is measured here before the gradient is freed;
 ``BlockLLM.clip_grad_norm_`` adds it to the norm of the gradients still held, so the total is
 the norm of the whole gradient, as ``torch.nn.utils.clip_grad_norm_`` over all parameters would
-compute it (up to summation order), and the coefficient scales Adam's part exactly as it would. Non-finite gradients: a
-tensor whose gradient holds NaN/inf takes no rest step, and the optimizer skips the step's
-Adam update; rest steps taken earlier in that backward stay taken.
+compute it (up to summation order), and the coefficient scales Adam's part exactly as it would.
+
+Non-finite gradients: a tensor whose gradient holds NaN/inf takes no rest step, and the
+optimizer skips the step's Adam update; rest steps taken earlier in that backward stay taken.
 """
 
 from __future__ import annotations
@@ -303,15 +304,19 @@ class RestStepper:
 
     # ------------------------------------------------------------------ from step()
 
+    def still_to_step(self, selection: Coordinates | None) -> list[int]:
+        """Candidates whose held gradient the rest has yet to step with: whole, or outside its
+        selected coordinates; on a selection step (``selection=None``) every held one may be."""
+        return [
+            index for index, param in enumerate(self.params)
+            if param.grad is not None and index not in self.stepped
+            and (selection is None or selection.get(index, ()) is not None)
+        ]  # fmt: skip
+
     def sweep(self, selection: Coordinates) -> None:
         """Step with every gradient still held that Adam will not use (held or deferred ones)."""
-        for index, param in enumerate(self.params):
-            if param.grad is None or index in self.stepped:
-                continue
-            if index not in selection:
-                self._step(index, None)
-            elif selection[index] is not None:
-                self._step(index, selection[index])
+        for index in self.still_to_step(selection):
+            self._step(index, selection.get(index))
 
     def finite_flag(self) -> torch.Tensor | None:
         """Every gradient the rest stepped with this step was finite (a 0-d bool tensor, not
