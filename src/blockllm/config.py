@@ -109,8 +109,9 @@ class BlockLLMConfig:
         True, "take the rest step in the gradient hooks, freeing each gradient at once (no "
         "full-model gradient); False = in step(), holding every gradient until then")
     stochastic_rounding: bool = _knob(
-        True, "round the rest step of bf16 weights stochastically, so that steps below half a "
-        "bf16 unit survive on average (no extra state); False = round to nearest")
+        True, "round the rest step of bf16 weights (and Adam's, with master_weights=False) "
+        "stochastically, so that steps below half a bf16 unit survive on average (no extra "
+        "state); False = round to nearest")
     max_grad_norm: float | None = _knob(
         None, "clip, inside step(), what the step applies to this total 2-norm of the whole "
         "gradient (for loops that cannot call clip_grad_norm_ themselves); None = no clipping")
@@ -123,6 +124,11 @@ class BlockLLMConfig:
         "optimizer state, so twice the block at the same memory; the update still runs in fp32 "
         "and its moments are rounded stochastically, so that EMA steps below half a bf16 unit "
         "survive on average)")
+    master_weights: bool = _knob(
+        True, "keep an fp32 master copy of each bf16 coordinate Adam updates; False = step a "
+        "widened copy and write it back into the bf16 weight with the rounding "
+        "stochastic_rounding names (4 bytes less per updated coordinate; fp16 weights keep "
+        "their masters)")
 
     def __post_init__(self) -> None:
         value = check_real("sparsity", self.sparsity)
@@ -167,6 +173,7 @@ class BlockLLMConfig:
         if self.always_adam != "auto":
             NameMatcher("always_adam", self.always_adam)
         _choice("moment_dtype", self.moment_dtype, MOMENT_DTYPES)
+        _flag("master_weights", self.master_weights)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:

@@ -8,7 +8,12 @@ same kernels ``torch.optim.AdamW`` runs (fused, foreach or for-loop). BlockLLM o
 * a whole low-precision tensor (bf16/fp16): its fp32 master copy, written back afterwards;
 * a partial tensor: a compact 1-D vector of its selected coordinates (gathered from the master
   copy or the parameter), scattered back afterwards. Its moments are compact too, so a partly
-  selected embedding costs state for the selected coordinates only.
+  selected embedding costs state for the selected coordinates only;
+* a bf16 block without a master copy (``master_weights=False``): its values are widened to fp32
+  a bounded chunk at a time, stepped, and rounded back into the bf16 weight, stochastically
+  unless ``stochastic_rounding=False``. Adam's arithmetic is the same fp32 arithmetic; what is
+  lost is the master's 16 extra bits of each weight, which stochastic rounding keeps right on
+  average instead of exactly (4 bytes less per updated coordinate).
 
 Moments stored in bf16 (``moment_dtype="bfloat16"``) are widened to fp32 one block at a time,
 updated by the same kernel, and rounded back stochastically: with beta2 = 0.999 the second
@@ -39,8 +44,12 @@ WIDENING_CHUNK = 1 << 24
 PARKED_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
-def needs_master(param: torch.Tensor) -> bool:
-    return param.dtype in LOW_PRECISION
+def needs_master(param: torch.Tensor, master_weights: bool = True) -> bool:
+    """Whether a block of ``param`` gets an fp32 master copy. fp16 always does: there is no
+    stochastic rounding to fp16 here, and round-to-nearest would lose Adam's small steps."""
+    if param.dtype == torch.float16:
+        return True
+    return master_weights and param.dtype == torch.bfloat16
 
 
 def init_state(
@@ -48,15 +57,19 @@ def init_state(
     coordinates: Selected | None,
     fused: bool,
     moment_dtype: torch.dtype = torch.float32,
+    master_weights: bool = True,
 ) -> dict[str, Any]:
     """Fresh state for a block entering the selection: zero moments (fp32, or bf16 when
-    ``moment_dtype`` asks), step 0, fp32 master."""
+    ``moment_dtype`` asks), step 0, and for a low-precision block an fp32 master unless
+    ``master_weights`` is False (:func:`needs_master`)."""
     with torch.no_grad():
         value = param.detach() if coordinates is None else gather(param.detach(), coordinates)
-        master = needs_master(param)
+        master = needs_master(param, master_weights)
         work = value.float() if master else value
-        # float32 (the default) means "the update's own dtype", as torch.optim.AdamW keeps them.
-        moments = work.dtype if moment_dtype == torch.float32 else moment_dtype
+        # float32 (the default) means "the update's own dtype", as torch.optim.AdamW keeps them:
+        # fp32 for a low-precision block, with or without its master.
+        update_dtype = torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+        moments = update_dtype if moment_dtype == torch.float32 else moment_dtype
         state: dict[str, Any] = {
             # Same placement as torch.optim.AdamW so the bias corrections match bit for bit.
             "step": torch.zeros((), dtype=torch.float32, device=param.device)
@@ -89,7 +102,13 @@ class UpdateBatch:
     # Blocks whose moments are stored narrower than their update runs: (param, grad, exp_avg,
     # exp_avg_sq, step), each run on its own so that only one block's fp32 moments exist at once.
     narrow: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # bf16 blocks without a master copy: (param, coordinates or None, grad, state).
+    unmastered: list[tuple[torch.Tensor, Selected | None, torch.Tensor, dict]] = field(
+        default_factory=list
+    )
     rounding: RoundingGenerators | None = None
+    # How an unmastered block's fp32 result is written into its bf16 weight.
+    stochastic: bool = True
 
     def add(
         self,
@@ -100,6 +119,9 @@ class UpdateBatch:
     ) -> None:
         """Queue one block; ``grad`` is already gathered to ``coordinates`` when they are set."""
         master = state.get("master")
+        if master is None and param.dtype in LOW_PRECISION:
+            self.unmastered.append((param, coordinates, grad, state))
+            return
         if coordinates is None:
             target = master if master is not None else param
             if master is not None:
@@ -142,12 +164,67 @@ class UpdateBatch:
             generator = self.rounding.for_tensor(param)
             exp_avg.copy_(stochastic_round_to_bf16(wide_avg.float(), generator))
             exp_avg_sq.copy_(stochastic_round_to_bf16(wide_avg_sq.float(), generator))
+        for param, coordinates, grad, state in self.unmastered:
+            self._step_unmastered(group, param, coordinates, grad, state)
         with torch.no_grad():
             for param, coordinates, updated in self.write_back:
                 if coordinates is None:
                     param.copy_(updated)
                 else:
                     scatter_(param, coordinates, updated)
+
+
+    def _step_unmastered(
+        self,
+        group: dict[str, Any],
+        param: torch.Tensor,
+        coordinates: Selected | None,
+        grad: torch.Tensor,
+        state: dict,
+    ) -> None:
+        """Adam on a bf16 block with no master: fp32 copies of its values, gradient and (bf16)
+        moments exist one chunk of ``WIDENING_CHUNK`` entries at a time, so the step's transient
+        memory stays bounded whatever the block's size.
+
+        Adam is elementwise, so chunks change no bit of the update; the step counter, which
+        torch's kernel increments per call, is advanced once for the block.
+        """
+        generator = None
+        narrow = state["exp_avg"].dtype != torch.float32
+        if narrow or (self.stochastic and param.dtype == torch.bfloat16):
+            if self.rounding is None:
+                raise RuntimeError("BlockLLM: bf16 steps without masters need rounding generators")
+            generator = self.rounding.for_tensor(param)
+        with torch.no_grad():
+            values = param.detach() if coordinates is None else gather(param.detach(), coordinates)
+            parts = (values, grad, state["exp_avg"], state["exp_avg_sq"])
+            if all(part.is_contiguous() for part in parts):
+                flat = [part.view(-1) for part in parts]
+                bounds = range(0, values.numel(), WIDENING_CHUNK) or range(1)
+                chunks = [[part[start : start + WIDENING_CHUNK] for part in flat] for start in bounds]
+            else:  # a strided tensor (rare): one chunk, as it is
+                chunks = [list(parts)]
+            done = state["step"].clone()
+            for value, chunk_grad, exp_avg, exp_avg_sq in chunks:
+                wide = value.float()
+                # fp32 moments are their own .float(): the kernel updates them in place.
+                wide_avg, wide_avg_sq = exp_avg.float(), exp_avg_sq.float()
+                counter = done.clone()
+                _adamw(group, [wide], [chunk_grad.float()], [wide_avg], [wide_avg_sq], [counter])
+                if narrow:
+                    exp_avg.copy_(stochastic_round_to_bf16(wide_avg, generator))
+                    exp_avg_sq.copy_(stochastic_round_to_bf16(wide_avg_sq, generator))
+                value.copy_(self._rounded(wide, value.dtype, generator))
+            state["step"].copy_(counter)
+            if coordinates is not None:
+                scatter_(param, coordinates, values)
+
+    def _rounded(
+        self, wide: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if self.stochastic and dtype == torch.bfloat16 and generator is not None:
+            return stochastic_round_to_bf16(wide, generator)
+        return wide.to(dtype)
 
 
 def widening_chunks(
@@ -216,6 +293,8 @@ def update_selected_(
     parked: dict[int, dict[str, torch.Tensor]] | None = None,
     moment_dtype: torch.dtype = torch.float32,
     rounding: RoundingGenerators | None = None,
+    master_weights: bool = True,
+    stochastic_rounding: bool = True,
 ) -> None:
     """One AdamW step on every selected block that has a gradient in ``grads``.
 
@@ -223,10 +302,14 @@ def update_selected_(
     without state gets fresh state (zero moments, master copy) here, or, entering whole with
     moments ``parked`` from an earlier turn (``keep_moments``), those moments and their step
     count. Blocks still in their entry warmup run in batches of their own, at a scaled lr.
-    Fresh moments are stored in ``moment_dtype``; bf16 ones are rounded with ``rounding``.
+    Fresh moments are stored in ``moment_dtype``; bf16 ones are rounded with ``rounding``, and
+    so are the weights of bf16 blocks without masters (``master_weights=False``), stochastically
+    unless ``stochastic_rounding`` is False.
     """
     for group in param_groups:
-        batches: dict[float, UpdateBatch] = defaultdict(lambda: UpdateBatch(rounding=rounding))
+        batches: dict[float, UpdateBatch] = defaultdict(
+            lambda: UpdateBatch(rounding=rounding, stochastic=stochastic_rounding)
+        )
         for param in group["params"]:
             index = index_of(param)
             if index is None or index not in grads:
@@ -235,7 +318,9 @@ def update_selected_(
             held = state[param]
             if not held:
                 fused, _ = resolve_implementation(group, [param])
-                held.update(init_state(local(param), coordinates, fused, moment_dtype))
+                held.update(
+                    init_state(local(param), coordinates, fused, moment_dtype, master_weights)
+                )
                 if parked and coordinates is None and index in parked:
                     held.update(parked.pop(index))
             factor = _warmup_factor(held, num_steps, entry_warmup)

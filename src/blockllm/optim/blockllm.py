@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from blockllm.config import DEFAULTS, BlockLLMConfig
 from blockllm.distributed.base import Communicator, choose_communicator
 from blockllm.errors import BlockLLMError
-from blockllm.optim.adam_update import PARKED_KEYS, update_selected_
+from blockllm.optim.adam_update import PARKED_KEYS, needs_master, update_selected_
 from blockllm.optim.grad_hooks import GradHooks
 from blockllm.optim.gradient_flow import GradientFlow
 from blockllm.optim.inspection import SelectionViews
@@ -131,7 +131,8 @@ class BlockLLM(SelectionViews, Optimizer):
         # keep_moments: candidate index -> the Adam moments and step of a whole tensor away
         # from the selection, taken up again when it comes back whole.
         self._parked: dict[int, dict[str, torch.Tensor]] = {}
-        # Stochastic rounding of bf16 moments (moment_dtype), apart from the rest step's stream.
+        # Stochastic rounding of Adam's bf16 moments (moment_dtype) and of bf16 weights stepped
+        # without masters (master_weights=False), apart from the rest step's stream.
         self._moment_rounding = RoundingGenerators(config.seed + 1)
         self._warned: set[str] = set()
         defaults = dict(
@@ -384,6 +385,7 @@ class BlockLLM(SelectionViews, Optimizer):
             self.param_groups, self.state, grads, self._selector.selection, self._candidates.index,
             self._comm.local, self.num_steps, self.config.entry_warmup, self._parked,
             getattr(torch, self.config.moment_dtype), self._moment_rounding,
+            self.config.master_weights, self.config.stochastic_rounding,
         )  # fmt: skip
 
     def _warn_once(self, key: str, message: str, *args: Any) -> bool:
@@ -426,7 +428,9 @@ class BlockLLM(SelectionViews, Optimizer):
         check_same_model(section, names, params, self.budget, self.sparsity)
         every = [param for group in self.param_groups for param in group["params"]]
         by_id = {id(param): name for name, param in zip(names, params)}
-        check_state(state_dict["state"], every, by_id, section, self._comm.local)
+        check_state(
+            state_dict["state"], every, by_id, section, self._comm.local, self.config.master_weights
+        )
         # Checked before anything changes; older checkpoints keep no moments.
         parked = restored_parked(section.get("parked", {}), names, params, self._comm.local)
         super().load_state_dict({key: value for key, value in state_dict.items() if key != "blockllm"})
@@ -435,6 +439,12 @@ class BlockLLM(SelectionViews, Optimizer):
         self._flow.candidates_changed()
         # Exact copies: torch's loader would cast the fp32 moments of bf16 blocks to bf16.
         self.state = restored_state(state_dict["state"], every)
+        if not self.config.master_weights:
+            # Saved with masters, resumed without: the bf16 weights hold the masters rounded to
+            # nearest, and the masters' extra bits are dropped with them.
+            for param, held in self.state.items():
+                if not needs_master(self._comm.local(param), master_weights=False):
+                    held.pop("master", None)
         self.num_skipped_steps = int(section["num_skipped_steps"])
         self.num_steps = int(section["num_steps"])
         self._selector.load_state_dict(section)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from blockllm.errors import StateDictMismatchError
+from blockllm.optim.adam_update import needs_master
 
 STATE_FORMAT_VERSION = 1
 
@@ -78,12 +79,14 @@ def check_state(
     names: dict[int, str],
     section: dict[str, Any],
     local: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
+    master_weights: bool = True,
 ) -> None:
     """Raise ``StateDictMismatchError`` for Adam state that does not fit its parameter.
 
     A whole selected tensor's moments (and master copy) must have its shape; a partly selected
     one's must hold one entry per saved coordinate, and the coordinates must lie inside it. A
-    bf16/fp16 parameter needs the fp32 master copy its update runs on.
+    bf16/fp16 parameter needs the fp32 master copy its update runs on, unless the optimizer
+    steps bf16 without masters (``master_weights=False``).
 
     Args:
         saved_state: torch's ``"state"`` (position over all param groups -> entries).
@@ -117,10 +120,11 @@ def check_state(
                     f"Invalid state_dict: its {key_name} of {name!r} has shape "
                     f"{tuple(value.shape)}, {expected} expected here"
                 )
-        if param.dtype in (torch.bfloat16, torch.float16) and "master" not in entries:
+        if needs_master(param, master_weights) and "master" not in entries:
             raise StateDictMismatchError(
                 f"Invalid state_dict: {name!r} is {param.dtype} here, but its state has no fp32 "
-                "master copy (it was saved for a full-precision parameter)"
+                "master copy (it was saved for a full-precision parameter, or with "
+                "master_weights=False: resume with master_weights=False)"
             )
 
 

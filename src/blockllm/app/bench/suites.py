@@ -215,6 +215,9 @@ _PRETRAIN_METHODS: tuple[MethodEntry, ...] = (
     # The same two modes with 0.6's rule (the factored rule on every matrix at 0.99).
     *(entry for precision in ("bf16", "bf16-pure")
       for entry in _with_flags((_BLOCKLLM_FACTORED_TUNED,), precision, "--precision", precision)),
+    # bf16-pure without the block's fp32 masters: Adam's step rounded stochastically into bf16.
+    *_with_flags((_BLOCKLLM_FACTORED_TUNED,), "bf16-pure-no-masters", "--precision", "bf16-pure",
+                 "--no-master-weights"),
 )
 
 # Finetuning: full finetuning (AdamW, on a grid), BlockLLM at the paper's finetuning sparsity
@@ -548,6 +551,8 @@ SUITES: dict[str, Suite] = {
         methods=(*plain("adamw", "adamw-8bit", "blockllm"),
                  MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
                  MethodEntry("blockllm-bf16-pure", "blockllm", ("--precision", "bf16-pure")),
+                 MethodEntry("blockllm-bf16-pure-no-masters", "blockllm",
+                             ("--precision", "bf16-pure", "--no-master-weights")),
                  *plain("galore", "badam", "lisa", "lora")),
         flags=("--batch-size", "2", "--seq-len", "128", "--eval-batches", "1", "--lr", "1e-3",
                "--patience", "50"),
@@ -572,6 +577,10 @@ SUITES: dict[str, Suite] = {
                 # bf16 moments (level in quality on both CPU models): the block's state halved.
                 ("blockllm-bf16-pure-m16", "blockllm",
                  (*_PRETRAIN_RECIPE, "--precision", "bf16-pure", "--moment-dtype", "bfloat16")),
+                # And without the block's fp32 masters: 4 + 4 bytes less per block coordinate.
+                ("blockllm-bf16-pure-m16-no-masters", "blockllm",
+                 (*_PRETRAIN_RECIPE, "--precision", "bf16-pure", "--moment-dtype", "bfloat16",
+                  "--no-master-weights")),
                 ("badam", "badam", ()), ("galore", "galore", ()),
             )
             for suffix, extra in (("", ()), ("-ckpt", ("--gradient-checkpointing",)))

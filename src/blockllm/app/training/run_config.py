@@ -44,12 +44,12 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 BLOCKLLM_KNOBS = (
     "sparsity", "patience", "trigger", "selection", "max_tensor_share", "partial", "entry_warmup",
     "exclude", "rest", "vocab_rest", "factored_beta2", "rest_lr_scale", "always_adam",
-    "moment_dtype",
+    "moment_dtype", "master_weights",
 )  # fmt: skip
 #: What a ``config.json`` written before a knob existed meant by leaving it out.
 _ABSENT_MEANS = {
     "rest": "none", "vocab_rest": None, "rest_lr_scale": 1.0, "always_adam": None,
-    "moment_dtype": "float32", "factored_beta2": 0.999,
+    "moment_dtype": "float32", "factored_beta2": 0.999, "master_weights": True,
     "gradient_checkpointing": False,
 }  # fmt: skip
 
@@ -145,6 +145,7 @@ class RunConfig:
     rest_lr_scale: float = _knob("rest_lr_scale")
     always_adam: str | None = _knob("always_adam")
     moment_dtype: str = _knob("moment_dtype")
+    master_weights: bool = _knob("master_weights")
     eval_every: int = _field(100, "evaluate every N steps (and at the end); 0 = only at the end")
     eval_batches: int | None = _field(
         20, "eval batches per evaluation (pretrain); 0 = the whole eval split", command="pretrain"
