@@ -69,7 +69,7 @@ def single_process_reference(
 ) -> dict:
     """The same training on one process with the whole batch."""
     model = make_model(dtype)
-    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
+    opt = BlockLLM(model.named_parameters(), **{**OPTIMIZER_KWARGS, **(options or {})})
 
     def on_step(step, entry):
         entry["partial"] = partial_record(opt, lambda name: 0)
@@ -107,7 +107,7 @@ def _setup(
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = BlockLLM(model.named_parameters(), **OPTIMIZER_KWARGS, **(options or {}))
+    opt = BlockLLM(model.named_parameters(), **{**OPTIMIZER_KWARGS, **(options or {})})
     return mesh, model, opt
 
 
@@ -183,7 +183,10 @@ def fsdp_options_worker(
             entry["partial"] = partial_record(opt, shard_start)
 
         history = train(model, opt, 0, STEPS, rank, world_size, on_step, vocabulary)
-        outcome = {"history": history, "reselections": opt.num_reselections}
+        outcome = {
+            "history": history, "reselections": opt.num_reselections,
+            "memory": opt.memory_report(),
+        }  # fmt: skip
         outcome["params"] = _full_params(model)
         torch.save(outcome, Path(out_dir) / f"options{rank}.pt")
         leave_together()

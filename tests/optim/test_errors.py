@@ -46,6 +46,7 @@ CASES = [
      "Invalid moment_dtype: 'float16' (choose from 'float32', 'bfloat16')"),
     (dict(moment_dtype=torch.bfloat16), ValueError,
      "Invalid moment_dtype: torch.bfloat16 (choose from 'float32', 'bfloat16')"),
+    (dict(master_weights="no"), TypeError, "Invalid master_weights: expected a bool, got 'no'"),
     (dict(rest="adam"), ValueError,
      "Invalid rest: 'adam' (choose from 'none', 'sign', 'colnorm', 'factored', 'auto')"),
     (dict(factored_beta2=1.0), ValueError, "Invalid factored_beta2: 1.0 (must be in [0, 1))"),

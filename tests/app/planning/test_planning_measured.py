@@ -150,18 +150,21 @@ def run_steps(
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "moment_dtype", "precision"),
-    [("adamw", "float32", "fp32"), ("blockllm", "float32", "fp32"),
-     ("blockllm", "bfloat16", "fp32"), ("blockllm", "float32", "bf16-pure")],
+    ("optimizer", "moment_dtype", "precision", "masters"),
+    [("adamw", "float32", "fp32", True), ("blockllm", "float32", "fp32", True),
+     ("blockllm", "bfloat16", "fp32", True), ("blockllm", "float32", "bf16-pure", True),
+     ("blockllm", "float32", "bf16-pure", False)],
 )  # fmt: skip
-def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype, precision):
-    knobs = {} if optimizer == "adamw" else {"moment_dtype": moment_dtype}
+def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype, precision, masters):
+    knobs = (
+        {} if optimizer == "adamw" else {"moment_dtype": moment_dtype, "master_weights": masters}
+    )
     measured, tracker, model = run_steps(optimizer, precision=precision, **knobs)
     peak = tracker.peak
     plan = estimate_memory(
         shape_of_config(model.config, name="tiny"),
         EstimateSettings(batch_size=BATCH, seq_len=SEQ_LEN, precision=precision, sparsity=0.9,
-                         moment_dtype=moment_dtype),
+                         moment_dtype=moment_dtype, master_weights=masters),
         [optimizer],
     )  # fmt: skip
     row = plan.rows[0]
@@ -175,7 +178,7 @@ def test_estimate_matches_a_measured_tiny_run(optimizer, moment_dtype, precision
     assert row.gradient_transient == (measured.landing if optimizer == "blockllm" else 0)
     # fp32 masters of the block's coordinates under bf16-pure (4 bytes each), none in fp32.
     assert row.master_weights == peak["master_weights"]
-    assert (row.master_weights > 0) == (precision == "bf16-pure")
+    assert (row.master_weights > 0) == (precision == "bf16-pure" and masters)
     # 8 (bf16 moments: 4) bytes per block coordinate, plus the default rest rule's statistics
     # (factored: fp32 per row and column) for every candidate, counting those that have had no
     # rest step yet (all the block's so far: their statistics appear when they leave it).

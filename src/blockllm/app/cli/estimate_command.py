@@ -68,6 +68,11 @@ def add_estimate_parser(subparsers: Any) -> None:
         "--moment-dtype", choices=builtin_names("moment_dtype"), default="float32",
         help="BlockLLM: the dtype of the block's Adam moments (default: float32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--master-weights", action=argparse.BooleanOptionalAction, default=True,
+        help="BlockLLM under bf16-pure: fp32 master copies of the block (default: on; "
+             "--no-master-weights: Adam's step rounded stochastically into the bf16 weights)",
+    )  # fmt: skip
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="override the model's vocabulary size")  # fmt: skip
     parser.add_argument(
@@ -96,6 +101,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 1, seq_len=args.seq_len, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, sparsity=args.sparsity,
         exclude=args.exclude, always_adam=args.always_adam, moment_dtype=args.moment_dtype,
+        master_weights=args.master_weights,
     )  # fmt: skip
     plan = estimate_memory(args.model, settings, args.optimizer, vocab_size=args.vocab_size)
     batches = None

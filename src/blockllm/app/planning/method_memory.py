@@ -33,6 +33,7 @@ import torch
 from blockllm.app.planning.activation_memory import PRECISIONS, ActivationMemory, activation_memory
 from blockllm.app.planning.model_shapes import ModelShape, TensorInfo
 from blockllm.config import BlockLLMConfig
+from blockllm.optim.adam_update import WIDENING_CHUNK
 from blockllm.selection.candidates import VOCABULARY_NAMES, auto_pinned
 from blockllm.selection.names import NameMatcher
 from blockllm.selection.packing import budget_for
@@ -56,6 +57,8 @@ class EstimateSettings:
         exclude: BlockLLM: names never selected (frozen), a regex.
         always_adam: BlockLLM: names trained with Adam whole at every step, a regex.
         moment_dtype: BlockLLM: the dtype of the block's Adam moments (its ``moment_dtype``).
+        master_weights: BlockLLM: fp32 masters of the block under ``bf16-pure`` (its
+            ``master_weights``).
     """
 
     batch_size: int
@@ -66,6 +69,7 @@ class EstimateSettings:
     exclude: str | None = None
     always_adam: str | None = None
     moment_dtype: str = "float32"
+    master_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -76,7 +80,7 @@ class EstimateSettings:
         # BlockLLM's own checks (sparsity in [0, 1), valid regexes, dtypes), with its messages.
         BlockLLMConfig(
             sparsity=self.sparsity, exclude=self.exclude, always_adam=self.always_adam,
-            moment_dtype=self.moment_dtype,
+            moment_dtype=self.moment_dtype, master_weights=self.master_weights,
         )  # fmt: skip
 
     @property
@@ -177,7 +181,7 @@ def blockllm_memory(
     """
     config = BlockLLMConfig(
         sparsity=settings.sparsity, exclude=settings.exclude, always_adam=settings.always_adam,
-        moment_dtype=settings.moment_dtype,
+        moment_dtype=settings.moment_dtype, master_weights=settings.master_weights,
     ).replace(**(knobs or {}))  # fmt: skip
     excluded = NameMatcher("exclude", config.exclude)
     candidates = [t for t in shape.tensors if not excluded.matches([t.name])]
@@ -209,6 +213,11 @@ def blockllm_memory(
         )
     elif config.rest != "none":
         notes.append(f"rest={config.rest} stepped in step(): every gradient is held until then")
+    if settings.master_bytes and not config.master_weights:
+        notes.append(
+            "master_weights=False: no fp32 masters; step() widens the block to fp32 at most "
+            f"{WIDENING_CHUNK:,} entries at a time (after the backward, not counted)"
+        )
     stepped = [t for t in candidates if not is_pinned(t)]
     rule_state = _rest_rule_state(config, stepped)
     if rule_state:
@@ -231,7 +240,7 @@ def blockllm_memory(
             + (_INDEX32 * budget if single else 0)
             + rule_state
         ),
-        master_weights=settings.master_bytes * (budget + pinned),
+        master_weights=settings.master_bytes * (budget + pinned) if config.master_weights else 0,
         activations=activations.total,
         activations_checkpointed=activations.checkpointed,
         notes=tuple(notes),
