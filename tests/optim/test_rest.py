@@ -47,6 +47,13 @@ def max_difference(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def differing_fraction(a, b, tolerance):
+    """The share of all weight entries of ``a`` and ``b`` more than ``tolerance`` apart."""
+    pairs = list(zip(a.parameters(), b.parameters()))
+    apart = sum(int(((p - q).abs() > tolerance).sum()) for p, q in pairs)
+    return apart / sum(p.numel() for p, _ in pairs)
+
+
 @pytest.mark.parametrize("rule", ["sign", "colnorm", "factored"])
 def test_stepping_in_the_hooks_equals_stepping_in_step(rule):
     in_hooks, optimizer, _ = train(rest=rule)
@@ -174,8 +181,17 @@ def test_clipping_then_stepping_in_hooks_or_in_step_agree_across_a_reselection(r
     in_hooks, optimizer, norms_hooks = train(**options)
     in_step, _, norms_step = train(rest_in_backward=False, **options)
     assert optimizer.num_reselections >= 1
-    assert max_difference(in_hooks, in_step) < 1e-5
-    assert norms_hooks == pytest.approx(norms_step, rel=1e-6)
+    if rule != "sign":
+        assert max_difference(in_hooks, in_step) < 1e-5
+        assert norms_hooks == pytest.approx(norms_step, rel=1e-6)
+        return
+    # The sign of a gradient entry near zero turns a rounding-level difference (the two paths
+    # sum the clip's norm in another order) into a whole step of 2 lr, and which entries sit
+    # near zero depends on the CPU's kernels: on one machine the runs were equal, on another
+    # 2.7 % of the entries differed after 12 steps (the norms by 3e-4). So the sign rule is held
+    # to what separates the semantics: 0.6.4 parted on 50 % of the entries, the norms by 2e-2.
+    assert differing_fraction(in_hooks, in_step, 1e-5) < 0.1
+    assert norms_hooks == pytest.approx(norms_step, rel=2e-3)
 
 
 @pytest.mark.parametrize("rest", ["auto", "none"])
