@@ -493,7 +493,11 @@ SUITES: dict[str, Suite] = {
                  # covers 27 % here and s = 0.82 (worse here) 48 %. Seeds 0-1: level to worse
                  # than s = 0.9 (+0.002, +0.017), so the share does not carry over.
                  _tuned_blockllm("s0.92", "--sparsity", "0.92"), *_BLOCKLLM_TUNED_FB2,
-                 *_BLOCKLLM_FACTORED),
+                 *_BLOCKLLM_FACTORED,
+                 # bf16-pure with and without the block's fp32 masters, at 0.6's tuned point.
+                 *_with_flags((_BLOCKLLM_FACTORED_TUNED,), "bf16-pure", "--precision", "bf16-pure"),
+                 *_with_flags((_BLOCKLLM_FACTORED_TUNED,), "bf16-pure-no-masters", "--precision",
+                              "bf16-pure", "--no-master-weights")),
         flags=("--batch-size", "8", "--seq-len", "256", "--eval-batches", "8", "--lr", "1e-3",
                "--patience", "50", "--warmup-steps", "20", "--min-lr-ratio", "0.1"),
         corpus=(3_000_000, 32000),
