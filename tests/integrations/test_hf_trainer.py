@@ -238,3 +238,24 @@ def test_a_norm_trainer_clipped_with_itself_stays_in_the_logs(make_llama, make_a
     trainer.train()
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == trainers.values and min(logged) > 0.1
+
+
+@pytest.mark.parametrize("masters", [True, False])
+def test_trainer_trains_a_bf16_model_with_or_without_masters(make_args, dataset, masters):
+    # A model loaded in bf16 (from_pretrained(..., torch_dtype=torch.bfloat16)): masters for
+    # the block by default, none with master_weights=False; both learn.
+    from tests.integrations.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+    args = make_args(max_steps=20)
+    optimizer = create_blockllm_optimizer(model, args, sparsity=0.8, patience=5,
+                                          master_weights=masters)  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   optimizers=(optimizer, None))  # fmt: skip
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.3
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with_master = [state for state in optimizer.state.values() if "master" in state]
+    assert bool(with_master) == masters and optimizer.state
