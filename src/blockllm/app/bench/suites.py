@@ -535,7 +535,11 @@ SUITES: dict[str, Suite] = {
                  MethodEntry("blockllm-sign-lr2e-5", "blockllm", (*_SIGN_REST, "--lr", "2e-5")),
                  MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
                  MethodEntry("blockllm-paper", PAPER_METHOD),
-                 *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3"))),
+                 *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3")),
+                 # Gemma stored in bf16, with and without the block's fp32 masters.
+                 MethodEntry("blockllm-bf16-pure", "blockllm", ("--precision", "bf16-pure")),
+                 MethodEntry("blockllm-bf16-pure-no-masters", "blockllm",
+                             ("--precision", "bf16-pure", "--no-master-weights"))),
         # 300 held-out tweets: one point of accuracy is three tweets, not one.
         flags=("--task", "tweet-sentiment", "--batch-size", "4", "--seq-len", "64",
                "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "300"),
