@@ -173,7 +173,6 @@ class UpdateBatch:
                 else:
                     scatter_(param, coordinates, updated)
 
-
     def _step_unmastered(
         self,
         group: dict[str, Any],
@@ -186,8 +185,11 @@ class UpdateBatch:
         moments exist one chunk of ``WIDENING_CHUNK`` entries at a time, so the step's transient
         memory stays bounded whatever the block's size.
 
-        Adam is elementwise, so chunks change no bit of the update; the step counter, which
-        torch's kernel increments per call, is advanced once for the block.
+        Adam is elementwise, so chunks change no bit of the update, nor of the stochastic
+        rounding of the weights (one stream, drawn in entry order); with bf16 moments the three
+        roundings of a chunk interleave their draws, so chunks change which noise rounds what,
+        not its distribution. The step counter, which torch's kernel increments per call, is
+        advanced once for the block.
         """
         generator = None
         narrow = state["exp_avg"].dtype != torch.float32
