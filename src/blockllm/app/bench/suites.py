@@ -536,10 +536,12 @@ SUITES: dict[str, Suite] = {
                  MethodEntry("blockllm-frozen", "blockllm", ("--rest", "none")),
                  MethodEntry("blockllm-paper", PAPER_METHOD),
                  *plain("lora", "badam"), *grid("galore", ("1e-4", "1e-3")),
-                 # Gemma stored in bf16, with and without the block's fp32 masters.
-                 MethodEntry("blockllm-bf16-pure", "blockllm", ("--precision", "bf16-pure")),
-                 MethodEntry("blockllm-bf16-pure-no-masters", "blockllm",
-                             ("--precision", "bf16-pure", "--no-master-weights"))),
+                 # Gemma stored in bf16, with and without the block's fp32 masters, at the
+                 # shared lr and at the CLI's default for Gemma (full finetuning's best).
+                 *(MethodEntry(f"blockllm{suffix}-bf16-pure{masters}", "blockllm",
+                               (*lr, "--precision", "bf16-pure", *flag))
+                   for suffix, lr in (("", ()), ("-lr2e-5", ("--lr", "2e-5")))
+                   for masters, flag in (("", ()), ("-no-masters", ("--no-master-weights",))))),
         # 300 held-out tweets: one point of accuracy is three tweets, not one.
         flags=("--task", "tweet-sentiment", "--batch-size", "4", "--seq-len", "64",
                "--lr", "1e-4", "--patience", "10", "--max-eval-examples", "300"),
