@@ -11,7 +11,13 @@ from blockllm import BlockLLM
 from blockllm.errors import StateDictMismatchError
 from blockllm.optim import adam_update
 from tests.optim.helpers import TinyNet, loss_of, make_batches, snapshot
-from tests.optim.test_state import one_step, resume, save_load
+from tests.optim.test_state import (
+    assert_same_weights,
+    one_step,
+    resume,
+    save_load,
+    train_both,
+)
 
 
 def _bf16_net(**kwargs):
@@ -140,12 +146,9 @@ def test_resume_without_masters_is_bit_for_bit_across_a_reselection(rest):
     batches = make_batches(24)
     _train(model, opt, batches[:7])
     clone, resumed, _ = resume(model, opt, lambda: TinyNet(width=24).to(torch.bfloat16), **kwargs)
-    for batch in batches[7:]:
-        one_step(model, opt, batch)
-        one_step(clone, resumed, batch)
+    train_both([(model, opt), (clone, resumed)], batches[7:])
     assert opt.num_reselections >= 3
-    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_weights(model, clone)
 
 
 def test_a_checkpoint_with_masters_resumes_without_them_and_not_the_other_way():

@@ -5,7 +5,7 @@ import torch
 
 from blockllm import BlockLLM
 from tests.optim.helpers import TinyNet, expected_state_bytes, make_batches, train_steps
-from tests.optim.test_state import one_step, resume
+from tests.optim.test_state import assert_same_weights, one_step, resume, train_both
 
 
 def _moments(opt):
@@ -85,9 +85,6 @@ def test_resume_with_bf16_moments_is_bit_for_bit_across_a_reselection(rest):
         one_step(model, opt, batch)
     clone, resumed, _ = resume(model, opt, lambda: TinyNet(width=24), **kwargs)
     assert {m.dtype for m in _moments(resumed)} == {torch.bfloat16}
-    for batch in batches[7:]:
-        one_step(model, opt, batch)
-        one_step(clone, resumed, batch)
+    train_both([(model, opt), (clone, resumed)], batches[7:])
     assert opt.num_reselections >= 3
-    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_weights(model, clone)

@@ -74,6 +74,18 @@ def resume(model, opt, build, **kwargs):
     return clone, resumed, saved_opt
 
 
+def train_both(runs, batches):
+    """One step per batch of each (model, optimizer) pair: the uninterrupted run and the resumed."""
+    for batch in batches:
+        for model, opt in runs:
+            one_step(model, opt, batch)
+
+
+def assert_same_weights(model, clone):
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("selection", ["tensor", "mask"])
 @pytest.mark.parametrize("trigger", ["loss", "interval"])
 def test_resume_is_bit_for_bit_across_a_reselection(selection, trigger):
@@ -98,8 +110,7 @@ def test_resume_is_bit_for_bit_across_a_reselection(selection, trigger):
         assert resumed.selected == opt.selected
     assert opt.num_reselections >= 3
     assert resumed.num_reselections == opt.num_reselections
-    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_weights(model, clone)
 
 
 def test_random_scoring_resumes_with_the_same_generator_state():
@@ -244,8 +255,7 @@ def test_keep_moments_resume_is_bit_for_bit_with_tensors_away():
     assert set(saved_opt["blockllm"]["parked"]) == {"4.weight", "5.weight", "6.weight", "7.weight"}
     _sweep_steps(model, opt, inputs[3:])
     _sweep_steps(clone, resumed, inputs[3:])
-    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_weights(model, clone)
     assert resumed.memory_report() == opt.memory_report()
 
 

@@ -193,7 +193,8 @@ class UpdateBatch:
         """
         generator = None
         narrow = state["exp_avg"].dtype != torch.float32
-        if narrow or (self.stochastic and param.dtype == torch.bfloat16):
+        stochastic = self.stochastic and param.dtype == torch.bfloat16
+        if narrow or stochastic:
             if self.rounding is None:
                 raise RuntimeError("BlockLLM: bf16 steps without masters need rounding generators")
             generator = self.rounding.for_tensor(param)
@@ -216,17 +217,12 @@ class UpdateBatch:
                 if narrow:
                     exp_avg.copy_(stochastic_round_to_bf16(wide_avg, generator))
                     exp_avg_sq.copy_(stochastic_round_to_bf16(wide_avg_sq, generator))
-                value.copy_(self._rounded(wide, value.dtype, generator))
+                value.copy_(
+                    stochastic_round_to_bf16(wide, generator) if stochastic else wide.to(value.dtype)
+                )
             state["step"].copy_(counter)
             if coordinates is not None:
                 scatter_(param, coordinates, values)
-
-    def _rounded(
-        self, wide: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        if self.stochastic and dtype == torch.bfloat16 and generator is not None:
-            return stochastic_round_to_bf16(wide, generator)
-        return wide.to(dtype)
 
 
 def widening_chunks(
