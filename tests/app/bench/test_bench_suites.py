@@ -76,6 +76,19 @@ def test_pretrain_suite_follows_the_issue():
     assert (short.steps, short.eval_every) == (10, 10) and suite.with_steps(100).eval_every == 25
 
 
+def test_pretrain_long_runs_the_tuned_points_of_pretrain_cpu_over_a_longer_run():
+    long, short = SUITES["pretrain-long"], SUITES["pretrain-lr"]
+    tuned = {entry.label: entry for entry in short.methods}
+    for entry in long.methods:  # the points found in 400 steps, not retuned for the longer run
+        assert tuned[entry.label] == entry
+    assert {entry.optimizer for entry in long.methods} == {"adamw", "blockllm", "galore"}
+    assert long.flags == short.flags and long.model == short.model
+    # Nearly four times the steps on more than five times the text: pretrain-cpu's 400 steps pass
+    # over its text about 1.1 times (0.73 M tokens), this suite's 1,500 about 0.75 times.
+    assert long.steps >= 3 * short.steps
+    assert long.corpus[0] >= 5 * short.corpus[0] and long.corpus[1] == short.corpus[1]
+
+
 def test_select_entries_by_label_optimizer_or_registered_name():
     suite = SUITES["pretrain-cpu"]
     registered = tuple(OPTIMIZERS)
