@@ -62,7 +62,11 @@ def clip_selected_(
     measured: list[torch.Tensor] = []
     pairs: list[tuple[int, torch.Tensor]] = []
     owed: list[int] = []  # positions in `measured` of gradients the pending coefficient is owed
+    # The precision the squares are summed in: fp32, fp64 when a weight is fp64. Read from the
+    # weights, not the gradients held, so that under FSDP2 every rank all-reduces one dtype.
+    summed = torch.float32
     for param in parameters:
+        summed = torch.promote_types(summed, param.dtype)
         grad = comm.local(param.grad)
         if grad is None:
             continue
@@ -105,11 +109,11 @@ def clip_selected_(
         # FSDP2: every rank takes part (a rank may hold nothing), and the shards' squares are
         # summed over the ranks, so that every rank clips against the whole gradient's norm.
         device = _device_of(consumed_squares, total, grads, comm)
-        squares = torch.zeros((), dtype=torch.float32, device=device)
+        squares = torch.zeros((), dtype=summed, device=device)
         if consumed_squares:
-            squares = torch.stack([s.to(device) for s in consumed_squares]).sum()
+            squares = torch.stack([s.to(device, summed) for s in consumed_squares]).sum()
         if total is not None:
-            squares = squares + total.float().to(device).square()
+            squares = squares + total.to(device, summed).square()
         comm.sum_over_shards_(squares)
         total = squares.sqrt()
     if math.isinf(max_norm):  # a measurement: nothing to scale (nor to poison with inf / inf)

@@ -44,7 +44,7 @@ from blockllm.selection.coordinates import (
 )
 from blockllm.selection.packing import Coordinates
 from blockllm.selection.rest_rules import FactoredStep, RestRule, SignRest
-from blockllm.selection.scorers import grad_norm
+from blockllm.selection.scorers import squared_norm
 
 
 def _zero_unless_finite(update: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -341,9 +341,9 @@ class RestStepper:
         self.comm.average_grads_([(index, param.grad)])
         grad, weight = self.comm.local(param.grad), self.comm.local(param)
         self.stepped.add(index)
-        squares = grad_norm(grad).float().square()  # no squared copy: this runs for every tensor
+        squares = squared_norm(grad)  # no squared copy: this runs for every tensor
         if selected is not None and not defer:
-            squares = squares - gather(grad, selected).float().square().sum()
+            squares = squares - gather(grad, selected).to(squares.dtype).square().sum()
         finite = torch.isfinite(squares)
         if not defer:
             self.consumed_squares.append(squares)

@@ -85,6 +85,12 @@ def grad_norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(pieces))
 
 
+def squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """``||grad||^2`` for clipping: fp32 at least, fp64 for an fp64 gradient (torch's clip sums
+    each tensor's norm in its own dtype)."""
+    return grad_norm(grad).to(torch.promote_types(grad.dtype, torch.float32)).square()
+
+
 def row_norms(by_row: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each row of a matrix: in its own dtype when fp32/fp64, else in fp32
     a block of rows at a time (as :func:`grad_norm`, no fp32 copy of the whole matrix)."""
@@ -119,4 +125,5 @@ __all__ = [
     "grad_norm",
     "make_scorer",
     "row_norms",
+    "squared_norm",
 ]

@@ -23,7 +23,7 @@ import torch
 
 from blockllm.selection.coordinates import RowCoordinates, Selected, compact_index, gather
 from blockllm.selection.packing import _top_outside_rows, top_coordinates
-from blockllm.selection.scorers import grad_norm, row_norms
+from blockllm.selection.scorers import row_norms, squared_norm
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Shortlist:
         self.values.add_(gather(grad, self.kept).to(self.values.dtype))
         # No squared copy: a vocabulary matrix's would be one more full-size tensor at the
         # selecting step's peak.
-        self.squares = self.squares + grad_norm(grad.detach()).float().square()
+        self.squares = self.squares + squared_norm(grad.detach())
 
 
 def make_shortlist(grad: torch.Tensor, most: int, row_size: int) -> Shortlist:
@@ -72,7 +72,7 @@ def make_shortlist(grad: torch.Tensor, most: int, row_size: int) -> Shortlist:
         )
     else:
         kept = compact_index(top_coordinates(flat.abs(), min(most, flat.numel())), flat.numel())
-    return Shortlist(kept, gather(flat, kept).clone(), grad_norm(flat).float().square())
+    return Shortlist(kept, gather(flat, kept).clone(), squared_norm(flat))
 
 
 def pick(shortlist: Shortlist, count: int) -> tuple[Selected, torch.Tensor]:
