@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.6.6"
+__version__ = "0.6.7"
 
 # The public names, each loaded from its module at first use (PEP 562). Every module of the
 # package, the ``blockllm`` command's included, imports this file first; importing the optimizer
