@@ -99,8 +99,12 @@ def fsdp2_against_one_process() -> None:
             sharded = torch.load(Path(tmp) / "options0.pt", weights_only=True)["params"]
         torch.set_num_threads(1)
         reference = single_process_reference(options, dtype=torch.float64)["params"]
-        gap = max((sharded[name] - value).abs().max().item() for name, value in reference.items())
-        print(f"  rest={rest:5s} weights {gap:.1e} apart")
+        gaps = {name: (sharded[name] - value).abs() for name, value in reference.items()}
+        worst = max(gaps, key=lambda name: gaps[name].max().item())
+        print(f"  rest={rest:5s} weights {gaps[worst].max().item():.1e} apart, in {worst}; entries "
+              f"over 1e-6: {sum(int((g > 1e-6).sum()) for g in gaps.values())}, over 1e-7: "
+              f"{sum(int((g > 1e-7).sum()) for g in gaps.values())} of "
+              f"{sum(g.numel() for g in gaps.values())}")  # fmt: skip
 
 
 def weight_hashes() -> None:

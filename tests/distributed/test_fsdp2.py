@@ -237,10 +237,11 @@ def test_fsdp2_trains_float64_parameters_like_one_process(tmp_path, options, tol
     # that enters the block at the last step: Adam's first step from fresh moments is
     # lr * g / (|g| + eps), which on an entry with a small gradient (the clip makes more of them
     # small) turns the gradient's absolute difference, from weights 1e-7 apart, into a relative
-    # one (the likely mechanism). Measured: 6e-6 on a machine with AMX, 1.8e-5 on an AMD EPYC
-    # (one entry of 2,048 over 1e-6, 15 over 1e-7), where 2e-5 had been the bound. Since 0.6.7
-    # the clip's norm is summed in float64 here; that was not the cause (2.7e-5 before it).
-    # 0.6.4 clipped that rest step first under FSDP2: 0.14 apart.
+    # one (the likely mechanism). Measured (`benchmarks/path_agreement.py --fsdp2`): 6e-6 on a
+    # machine with AMX; on an AMD EPYC 2.7e-5 at 0.6.6 and 1.8e-5 at 0.6.7 (2 entries of 24,544
+    # over 1e-6, 100 over 1e-7), where 2e-5 had been the bound. 0.6.7 sums the clip's norm in
+    # float64 here; that was not the cause. 0.6.4 clipped that rest step first under FSDP2: 0.14
+    # apart.
     worker = functools.partial(fsdp_options_worker, options=options, dtype=torch.float64)
     run_workers(worker, tmp_path)
     ranks = [torch.load(tmp_path / f"options{rank}.pt", weights_only=True) for rank in (0, 1)]
